@@ -1,0 +1,61 @@
+//! Command line (DESIGN §8). Usage errors exit 2 (clap's convention, kept for config errors too).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "hookline", version, about = "Kafka events to signed webhooks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the dispatcher and the admin API.
+    Run(RunArgs),
+    /// Print the `webhook-signature` value for a body read from stdin.
+    Sign(SignArgs),
+    /// Check a `webhook-signature` value against a body read from stdin (exit 0 valid, 1 invalid).
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML); `HOOKLINE_…` variables override it.
+    #[arg(long, env = "HOOKLINE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and the subscriptions, print a summary, and exit (0 ok, 2 invalid).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// Signing secret, `whsec_<base64>`.
+    #[arg(long)]
+    pub secret: String,
+    /// The `webhook-id` value.
+    #[arg(long)]
+    pub id: String,
+    /// Unix seconds (default: now).
+    #[arg(long)]
+    pub timestamp: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[arg(long)]
+    pub secret: String,
+    #[arg(long)]
+    pub id: String,
+    #[arg(long)]
+    pub timestamp: u64,
+    /// The `webhook-signature` header value (one or more space-separated `v1,…`).
+    #[arg(long)]
+    pub signature: String,
+    /// Also reject timestamps further than this many seconds from now (Standard Webhooks uses 300).
+    #[arg(long)]
+    pub tolerance: Option<u64>,
+}

@@ -1,0 +1,834 @@
+//! Configuration: `config/hookline.toml`, overridden by `HOOKLINE_…` environment variables.
+//!
+//! Loading is strict: unknown keys, wrong types and values out of range are rejected at start with a
+//! message naming the setting (`source.topics: must not be empty`). The `[kafka]` table is passed
+//! verbatim to librdkafka; librdkafka itself validates those names and values when the clients are
+//! created, which also happens at start.
+//!
+//! Environment overrides use a double underscore between levels: `HOOKLINE_SOURCE__TOPICS=orders,payments`,
+//! `HOOKLINE_DELIVERY__MAX_BODY_BYTES=8192`. For the `[kafka]` table the property name is written with
+//! underscores for dots: `HOOKLINE_KAFKA__BOOTSTRAP_SERVERS=broker:9092` sets `bootstrap.servers`.
+//! Values are read as TOML when they parse as TOML (`5`, `true`, `["a","b"]`), as plain strings otherwise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem. The message always starts with the setting's dotted path.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// librdkafka properties shared by every client hookline creates (consumers, producer, admin).
+    #[serde(default, deserialize_with = "kafka_props")]
+    pub kafka: BTreeMap<String, String>,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(deserialize_with = "string_or_list")]
+    pub topics: Vec<String>,
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Largest accepted record value; larger records are dead-lettered as `invalid_event`.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    /// Records (not deliveries) taken from one partition and not yet done; the partition is paused above it.
+    #[serde(default = "default_max_in_flight_per_partition")]
+    pub max_in_flight_per_partition: usize,
+    /// Bytes of record values in flight for one partition.
+    #[serde(default = "default_max_bytes_per_partition")]
+    pub max_in_flight_bytes_per_partition: u64,
+    /// Records in flight over all partitions of this instance.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Bytes of record values in flight over all partitions of this instance.
+    #[serde(default = "default_max_bytes")]
+    pub max_in_flight_bytes: u64,
+    /// How often finished offsets are handed to librdkafka (which commits them every `commit_interval`).
+    #[serde(default = "default_store_interval", with = "humantime_serde_compat")]
+    pub store_interval: Duration,
+    #[serde(default = "default_commit_interval", with = "humantime_serde_compat")]
+    pub commit_interval: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight deliveries may take before the process commits and exits.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+    /// On partition revocation: how long in-flight records of the revoked partitions may take.
+    #[serde(default = "default_rebalance_timeout", with = "humantime_serde_compat")]
+    pub rebalance_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "default_tiers", deserialize_with = "string_or_list")]
+    pub tiers: Vec<String>,
+    /// Create the retry and dead-letter topics at start when they are missing.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+    #[serde(default = "default_retry_partitions")]
+    pub partitions: i32,
+    /// -1 = the broker's default.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default = "default_store_kind")]
+    pub kind: StoreKind,
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    #[serde(default = "default_refresh_interval", with = "humantime_serde_compat")]
+    pub refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Yaml,
+    Sqlite,
+    Scylla,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// CIDRs exempt from the refusal of loopback/private/link-local/unspecified destinations.
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub allow_networks: Vec<String>,
+    /// Response bodies are read up to this many bytes and dropped.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_response_bytes: usize,
+    /// Default request timeout for subscriptions that do not set `timeout_ms`.
+    #[serde(default = "default_timeout_ms")]
+    pub default_timeout_ms: u64,
+    /// Default concurrent requests per subscription that does not set `max_in_flight`.
+    #[serde(default = "default_sub_in_flight")]
+    pub default_max_in_flight: u32,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per endpoint host.
+    #[serde(default = "default_pool_idle")]
+    pub pool_max_idle_per_host: usize,
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. `info` or `hookline=debug,rdkafka=warn`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 0 = one per CPU.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+fn default_group() -> String {
+    "hookline".into()
+}
+fn default_max_event_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_in_flight_per_partition() -> usize {
+    10_000
+}
+fn default_max_bytes_per_partition() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_max_in_flight() -> usize {
+    20_000
+}
+fn default_max_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_store_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_rebalance_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_prefix() -> String {
+    "hookline".into()
+}
+fn default_tiers() -> Vec<String> {
+    ["1m", "5m", "30m", "2h", "24h"].map(String::from).to_vec()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_retry_partitions() -> i32 {
+    6
+}
+fn default_replication() -> i32 {
+    -1
+}
+fn default_store_kind() -> StoreKind {
+    StoreKind::Sqlite
+}
+fn default_store_path() -> PathBuf {
+    "hookline.db".into()
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_body_bytes() -> usize {
+    4096
+}
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+fn default_sub_in_flight() -> u32 {
+    64
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_pool_idle() -> usize {
+    256
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            topic_prefix: default_prefix(),
+            tiers: default_tiers(),
+            create_topics: true,
+            partitions: default_retry_partitions(),
+            replication_factor: default_replication(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            path: default_store_path(),
+            refresh_interval: default_refresh_interval(),
+        }
+    }
+}
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            allow_networks: Vec::new(),
+            max_response_bytes: default_max_body_bytes(),
+            default_timeout_ms: default_timeout_ms(),
+            default_max_in_flight: default_sub_in_flight(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            pool_max_idle_per_host: default_pool_idle(),
+            pool_idle_timeout: default_pool_idle_timeout(),
+        }
+    }
+}
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { worker_threads: 0 }
+    }
+}
+
+/// Durations are written as `"1m"`, `"250ms"`, `"2h"` (humantime syntax).
+mod humantime_serde_compat {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\", \"2h\"")
+    })
+}
+
+/// Accepts `["a", "b"]` or `"a,b"` (the latter is what an environment variable naturally holds).
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// librdkafka properties: any scalar TOML value, kept as the string librdkafka expects.
+fn kafka_props<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "kafka.\"{k}\": expected a string, number or boolean, got {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+/// A tier: its name (used in topic names, e.g. `5m`) and its delay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub name: String,
+    pub delay: Duration,
+}
+
+impl Config {
+    /// Reads the file (if any), applies `HOOKLINE_…` overrides from `env`, parses and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::new("--config", format!("cannot read {}: {e}", p.display()))
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| toml_error_to_config(&e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut root, env)?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                // serde's own messages already name unknown fields; keep the path in front.
+                ConfigError::new(if path == "." { "config".into() } else { path }, inner)
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.source.topics.is_empty() {
+            return Err(ConfigError::new(
+                "source.topics",
+                "must name at least one topic",
+            ));
+        }
+        for (i, t) in self.source.topics.iter().enumerate() {
+            validate_topic_name(t)
+                .map_err(|m| ConfigError::new(format!("source.topics[{i}]"), m))?;
+        }
+        if self.source.group.trim().is_empty() {
+            return Err(ConfigError::new("source.group", "must not be empty"));
+        }
+        if !self.kafka.contains_key("bootstrap.servers")
+            && !self.kafka.contains_key("metadata.broker.list")
+        {
+            return Err(ConfigError::new(
+                "kafka.\"bootstrap.servers\"",
+                "is required (e.g. \"127.0.0.1:9092\")",
+            ));
+        }
+        for reserved in [
+            "group.id",
+            "enable.auto.offset.store",
+            "enable.auto.commit",
+            "enable.idempotence",
+        ] {
+            if self.kafka.contains_key(reserved) {
+                return Err(ConfigError::new(
+                    format!("kafka.\"{reserved}\""),
+                    "is managed by hookline (use source.group / source.commit_interval)",
+                ));
+            }
+        }
+        range(
+            "source.max_event_bytes",
+            self.source.max_event_bytes as u64,
+            1,
+            64 << 20,
+        )?;
+        range(
+            "source.max_in_flight_per_partition",
+            self.source.max_in_flight_per_partition as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "source.max_in_flight",
+            self.source.max_in_flight as u64,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "source.max_in_flight_bytes_per_partition",
+            self.source.max_in_flight_bytes_per_partition,
+            1024,
+            u64::MAX,
+        )?;
+        range(
+            "source.max_in_flight_bytes",
+            self.source.max_in_flight_bytes,
+            1024,
+            u64::MAX,
+        )?;
+        if self.source.store_interval.is_zero() {
+            return Err(ConfigError::new(
+                "source.store_interval",
+                "must be greater than 0",
+            ));
+        }
+        if self.source.commit_interval.is_zero() {
+            return Err(ConfigError::new(
+                "source.commit_interval",
+                "must be greater than 0",
+            ));
+        }
+        validate_topic_name(&self.retry.topic_prefix)
+            .map_err(|m| ConfigError::new("retry.topic_prefix", m))?;
+        self.tiers()?;
+        if self.retry.partitions < 1 {
+            return Err(ConfigError::new("retry.partitions", "must be at least 1"));
+        }
+        if self.retry.replication_factor == 0 || self.retry.replication_factor < -1 {
+            return Err(ConfigError::new(
+                "retry.replication_factor",
+                "must be -1 (broker default) or at least 1",
+            ));
+        }
+        for t in &self.source.topics {
+            if t.starts_with(&format!("{}.", self.retry.topic_prefix)) {
+                return Err(ConfigError::new(
+                    "source.topics",
+                    format!("{t:?} is one of hookline's own retry/dead-letter topics"),
+                ));
+            }
+        }
+        self.allow_networks()?;
+        range(
+            "delivery.max_response_bytes",
+            self.delivery.max_response_bytes as u64,
+            0,
+            1 << 20,
+        )?;
+        range(
+            "delivery.default_timeout_ms",
+            self.delivery.default_timeout_ms,
+            1,
+            600_000,
+        )?;
+        range(
+            "delivery.default_max_in_flight",
+            u64::from(self.delivery.default_max_in_flight),
+            1,
+            100_000,
+        )?;
+        range(
+            "delivery.connect_timeout_ms",
+            self.delivery.connect_timeout_ms,
+            1,
+            600_000,
+        )?;
+        self.admin
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                ConfigError::new(
+                    "admin.listen",
+                    format!("{:?} is not host:port ({e})", self.admin.listen),
+                )
+            })?;
+        if let Some(t) = &self.admin.token
+            && t.len() < 8
+        {
+            return Err(ConfigError::new(
+                "admin.token",
+                "must be at least 8 characters",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+        range(
+            "runtime.worker_threads",
+            self.runtime.worker_threads as u64,
+            0,
+            256,
+        )?;
+        Ok(())
+    }
+
+    /// The retry tiers in order, with their delays. Validated by [`Config::validate`].
+    pub fn tiers(&self) -> Result<Vec<Tier>, ConfigError> {
+        if self.retry.tiers.is_empty() {
+            return Err(ConfigError::new(
+                "retry.tiers",
+                "must list at least one tier",
+            ));
+        }
+        let mut out: Vec<Tier> = Vec::new();
+        for (i, name) in self.retry.tiers.iter().enumerate() {
+            let setting = format!("retry.tiers[{i}]");
+            let delay = parse_duration(name).map_err(|m| ConfigError::new(&setting, m))?;
+            if delay.is_zero() {
+                return Err(ConfigError::new(setting, "must be greater than 0"));
+            }
+            validate_topic_name(name).map_err(|m| ConfigError::new(&setting, m))?;
+            if let Some(prev) = out.last()
+                && prev.delay >= delay
+            {
+                return Err(ConfigError::new(
+                    setting,
+                    "tiers must be in increasing order of delay",
+                ));
+            }
+            out.push(Tier {
+                name: name.trim().to_string(),
+                delay,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A librdkafka client configuration: `defaults`, then the `[kafka]` table, then `forced` (hookline's own
+    /// settings, which the user cannot override).
+    pub fn kafka_client(
+        &self,
+        defaults: &[(&str, &str)],
+        forced: &[(&str, &str)],
+    ) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.kafka {
+            c.set(k, v);
+        }
+        for (k, v) in forced {
+            c.set(*k, *v);
+        }
+        c
+    }
+
+    pub fn allow_networks(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.delivery
+            .allow_networks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::new(
+                            format!("delivery.allow_networks[{i}]"),
+                            format!("{s:?} is not a CIDR such as \"127.0.0.0/8\""),
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+fn range(setting: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError::new(
+            setting,
+            format!("{v} is out of range {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_topic_name(t: &str) -> Result<(), String> {
+    let ok = !t.is_empty()
+        && t.len() <= 249
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{t:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
+        ))
+    }
+}
+
+fn toml_error_to_config(msg: &str) -> ConfigError {
+    ConfigError::new("config", format!("invalid TOML: {}", msg.trim()))
+}
+
+/// Applies `HOOKLINE_A__B=value` overrides to the parsed TOML table.
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("HOOKLINE_") && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (key, value) in vars {
+        let rest = &key["HOOKLINE_".len()..];
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::new(
+                key.clone(),
+                "empty level in variable name",
+            ));
+        }
+        let parsed = if parts[0] == "kafka" {
+            // librdkafka property: kafka.<name with dots>, always a string.
+            if parts.len() != 2 {
+                return Err(ConfigError::new(
+                    key.clone(),
+                    "use HOOKLINE_KAFKA__<PROPERTY_WITH_UNDERSCORES>",
+                ));
+            }
+            let prop = parts[1].replace('_', ".");
+            let table = root
+                .entry("kafka")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(t) = table.as_table_mut() else {
+                return Err(ConfigError::new("kafka", "must be a table"));
+            };
+            t.insert(prop, toml::Value::String(value));
+            continue;
+        } else {
+            parse_env_value(&value)
+        };
+        let mut cur = &mut *root;
+        for (i, part) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                cur.insert(part.clone(), parsed);
+                break;
+            }
+            let next = cur
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = next
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::new(parts[..=i].join("."), "is not a table"))?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(v: &str) -> toml::Value {
+    let doc = format!("v = {v}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(_) => toml::Value::String(v.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[source]
+topics = ["orders"]
+"#;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn minimal_config_has_documented_defaults() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.source.group, "hookline");
+        assert_eq!(c.retry.topic_prefix, "hookline");
+        let tiers = c.tiers().unwrap();
+        assert_eq!(tiers.len(), 5);
+        assert_eq!(tiers[0].delay, Duration::from_secs(60));
+        assert_eq!(tiers[4].delay, Duration::from_secs(24 * 3600));
+        assert_eq!(c.store.kind, StoreKind::Sqlite);
+        assert_eq!(c.delivery.max_response_bytes, 4096);
+        assert_eq!(c.source.max_event_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_lists_and_kafka_properties() {
+        let c = load(
+            MIN,
+            &[
+                ("HOOKLINE_SOURCE__TOPICS", "a, b"),
+                ("HOOKLINE_SOURCE__MAX_EVENT_BYTES", "2048"),
+                ("HOOKLINE_RETRY__TIERS", r#"["1s","2s"]"#),
+                ("HOOKLINE_KAFKA__BOOTSTRAP_SERVERS", "other:9093"),
+                ("HOOKLINE_DELIVERY__ALLOW_NETWORKS", "127.0.0.0/8"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.source.topics, vec!["a", "b"]);
+        assert_eq!(c.source.max_event_bytes, 2048);
+        assert_eq!(c.retry.tiers, vec!["1s", "2s"]);
+        assert_eq!(c.kafka["bootstrap.servers"], "other:9093");
+        assert_eq!(c.allow_networks().unwrap().len(), 1);
+    }
+
+    fn err_of(toml: &str, env: &[(&str, &str)]) -> String {
+        load(toml, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        assert!(err_of(MIN, &[("HOOKLINE_SOURCE__TOPICS", "")]).starts_with("source.topics:"));
+        assert!(
+            err_of(MIN, &[("HOOKLINE_RETRY__TIERS", "1m,banana")]).starts_with("retry.tiers[1]:")
+        );
+        assert!(err_of(MIN, &[("HOOKLINE_RETRY__TIERS", "5m,1m")]).starts_with("retry.tiers[1]:"));
+        assert!(
+            err_of(
+                MIN,
+                &[("HOOKLINE_DELIVERY__ALLOW_NETWORKS", "10.0.0.0/8,nope")]
+            )
+            .starts_with("delivery.allow_networks[1]:")
+        );
+        assert!(
+            err_of(MIN, &[("HOOKLINE_SOURCE__MAX_EVENT_BYTES", "0")])
+                .starts_with("source.max_event_bytes:")
+        );
+        assert!(err_of(MIN, &[("HOOKLINE_ADMIN__LISTEN", "nowhere")]).starts_with("admin.listen:"));
+        let e = err_of(&format!("{MIN}\n[delivery]\ntimeout = 5\n"), &[]);
+        assert!(e.starts_with("delivery"), "{e}");
+        assert!(e.contains("timeout"), "{e}");
+        let e = err_of(&format!("{MIN}\nmax_event_bytes = \"big\"\n"), &[]);
+        assert!(e.starts_with("source.max_event_bytes:"), "{e}");
+        let e = err_of("[source]\ntopics=[\"a\"]\n", &[]);
+        assert!(e.starts_with("kafka.\"bootstrap.servers\":"), "{e}");
+        let e = err_of(&format!("{MIN}\n[store]\nkind = \"postgres\"\n"), &[]);
+        assert!(e.starts_with("store.kind:"), "{e}");
+        let e = err_of(MIN, &[("HOOKLINE_KAFKA__GROUP_ID", "x")]);
+        assert!(e.starts_with("kafka.\"group.id\":"), "{e}");
+        let e = err_of(MIN, &[("HOOKLINE_SOURCE__TOPICS", "hookline.dlq")]);
+        assert!(e.starts_with("source.topics:"), "{e}");
+        let e = err_of(MIN, &[("HOOKLINE_SOURCE__SHUTDOWN_TIMEOUT", "soon")]);
+        assert!(e.starts_with("source.shutdown_timeout:"), "{e}");
+        let e = err_of("[source\n", &[]);
+        assert!(e.starts_with("config: invalid TOML"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookline.toml");
+        let c = Config::load(Some(&p), std::iter::empty()).unwrap();
+        assert!(!c.source.topics.is_empty());
+    }
+}

@@ -1,0 +1,16 @@
+//! hookline: Kafka events to signed webhook deliveries. See ARCHITECTURE.md for the flow and invariants.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod deliver;
+pub mod dispatch;
+pub mod matching;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod retry;
+pub mod shutdown;
+pub mod source;
+pub mod store;

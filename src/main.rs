@@ -1,0 +1,122 @@
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hookline::cli::{Cli, Command, RunArgs, SignArgs, VerifyArgs};
+use hookline::config::{Config, LogFormat};
+use hookline::deliver::sign;
+use hookline::model::SigningKey;
+use hookline::pipeline::{self, RunError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Sign(args) => sign_cmd(args),
+        Command::Verify(args) => verify_cmd(args),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("hookline: {msg}");
+    ExitCode::from(code)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, format!("config error: {e}")),
+    };
+    init_logging(&config);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        rt.worker_threads(config.runtime.worker_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start runtime: {e}")),
+    };
+    let result = if args.check_config {
+        rt.block_on(pipeline::check(&config))
+            .map(|summary| println!("{summary}"))
+    } else {
+        rt.block_on(pipeline::run(config))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::Config(_)) => fail(2, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn read_stdin() -> Result<Vec<u8>, ExitCode> {
+    let mut body = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .map_err(|e| fail(1, format!("reading stdin: {e}")))?;
+    Ok(body)
+}
+
+fn key(secret: &str) -> Result<SigningKey, ExitCode> {
+    SigningKey::parse(secret).map_err(|m| fail(2, format!("--secret: {m}")))
+}
+
+fn sign_cmd(a: SignArgs) -> ExitCode {
+    let k = match key(&a.secret) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let body = match read_stdin() {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    let ts = a.timestamp.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let sig = sign::signature_header(std::slice::from_ref(&k), a.id.as_bytes(), ts, &body);
+    println!("{}", String::from_utf8_lossy(sig.as_bytes()));
+    ExitCode::SUCCESS
+}
+
+fn verify_cmd(a: VerifyArgs) -> ExitCode {
+    let k = match key(&a.secret) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let body = match read_stdin() {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    if let Some(tol) = a.tolerance {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if now.abs_diff(a.timestamp) > tol {
+            println!("invalid: timestamp outside tolerance");
+            return ExitCode::from(1);
+        }
+    }
+    if sign::verify(&k, a.id.as_bytes(), a.timestamp, &a.signature, &body) {
+        println!("valid");
+        ExitCode::SUCCESS
+    } else {
+        println!("invalid");
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,262 @@
+//! Prometheus metrics (DESIGN §7), registered once. Hot-path code holds pre-resolved handles (plain atomics)
+//! instead of looking up label sets per event.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicReasonLabels {
+    pub topic: String,
+    pub reason: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    pub tier: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+pub const ATTEMPT_RESULTS: [&str; 8] = [
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "timeout",
+    "connect",
+    "circuit_open",
+    "rate_limited",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_consumed: Family<TopicLabel, Counter>,
+    pub events_invalid: Family<TopicReasonLabels, Counter>,
+    pub events_matched: Counter,
+    pub events_unmatched: Counter,
+    pub delivery_attempts: Family<ResultLabel, Counter>,
+    pub delivered: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub retry_published: Family<TierLabel, Counter>,
+    pub dlq_published: Family<ReasonLabel, Counter>,
+    pub delivery_duration: Histogram,
+    pub end_to_end: Histogram,
+    pub in_flight: Gauge,
+    pub endpoints: Family<StateLabel, Gauge>,
+    pub subscriptions_cached: Gauge,
+    pub subscription_cache_age_seconds: Gauge<f64, AtomicU64>,
+    attempts_by_result: Vec<Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let events_consumed = Family::<TopicLabel, Counter>::default();
+        r.register(
+            "hookline_events_consumed",
+            "Records read from source topics",
+            events_consumed.clone(),
+        );
+        let events_invalid = Family::<TopicReasonLabels, Counter>::default();
+        r.register(
+            "hookline_events_invalid",
+            "Records that could not be decoded (dead-lettered as invalid_event)",
+            events_invalid.clone(),
+        );
+        let events_matched = Counter::default();
+        r.register(
+            "hookline_events_matched",
+            "Events that matched at least one subscription",
+            events_matched.clone(),
+        );
+        let events_unmatched = Counter::default();
+        r.register(
+            "hookline_events_unmatched",
+            "Events that matched no subscription",
+            events_unmatched.clone(),
+        );
+        let delivery_attempts = Family::<ResultLabel, Counter>::default();
+        r.register(
+            "hookline_delivery_attempts",
+            "HTTP delivery attempts by result",
+            delivery_attempts.clone(),
+        );
+        let deliveries = Family::<OutcomeLabel, Counter>::default();
+        r.register(
+            "hookline_deliveries",
+            "Deliveries (event x subscription) finished by outcome of this instance's attempt",
+            deliveries.clone(),
+        );
+        let retry_published = Family::<TierLabel, Counter>::default();
+        r.register(
+            "hookline_retry_published",
+            "Records published to a retry tier",
+            retry_published.clone(),
+        );
+        let dlq_published = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "hookline_dlq_published",
+            "Records published to the dead-letter topic",
+            dlq_published.clone(),
+        );
+        let delivery_duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
+        r.register(
+            "hookline_delivery_duration_seconds",
+            "Duration of one HTTP attempt",
+            delivery_duration.clone(),
+        );
+        let end_to_end = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0, 1800.0, 7200.0, 86400.0,
+        ]);
+        r.register(
+            "hookline_end_to_end_seconds",
+            "Record timestamp to successful delivery",
+            end_to_end.clone(),
+        );
+        let in_flight = Gauge::default();
+        r.register(
+            "hookline_in_flight_deliveries",
+            "Deliveries currently in progress",
+            in_flight.clone(),
+        );
+        let endpoints = Family::<StateLabel, Gauge>::default();
+        r.register(
+            "hookline_endpoints",
+            "Endpoints by circuit breaker state",
+            endpoints.clone(),
+        );
+        let subscriptions_cached = Gauge::default();
+        r.register(
+            "hookline_subscriptions_cached",
+            "Enabled subscriptions in the cache",
+            subscriptions_cached.clone(),
+        );
+        let subscription_cache_age_seconds = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "hookline_subscription_cache_age_seconds",
+            "Seconds since the subscription cache was last loaded successfully",
+            subscription_cache_age_seconds.clone(),
+        );
+        // Make every documented series exist from the start (a zero is information; absence is not).
+        let attempts_by_result = ATTEMPT_RESULTS
+            .iter()
+            .map(|l| {
+                delivery_attempts
+                    .get_or_create(&ResultLabel {
+                        result: (*l).into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let outcome = |o: &str| {
+            deliveries
+                .get_or_create(&OutcomeLabel { outcome: o.into() })
+                .clone()
+        };
+        let (delivered, retried, dead_lettered) = (
+            outcome("delivered"),
+            outcome("retried"),
+            outcome("dead_lettered"),
+        );
+        for s in ["closed", "open", "half_open"] {
+            let _ = endpoints.get_or_create(&StateLabel { state: s.into() });
+        }
+        for reason in ["exhausted", "rejected", "gone", "invalid_event"] {
+            let _ = dlq_published.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        Metrics {
+            registry: r,
+            events_consumed,
+            events_invalid,
+            events_matched,
+            events_unmatched,
+            delivery_attempts,
+            delivered,
+            retried,
+            dead_lettered,
+            retry_published,
+            dlq_published,
+            delivery_duration,
+            end_to_end,
+            in_flight,
+            endpoints,
+            subscriptions_cached,
+            subscription_cache_age_seconds,
+            attempts_by_result,
+        }
+    }
+
+    /// The pre-resolved attempt counter for a result label.
+    pub fn attempt(&self, label: &str) -> &Counter {
+        let i = ATTEMPT_RESULTS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(5);
+        &self.attempts_by_result[i]
+    }
+
+    pub fn consumed_for(&self, topic: &str) -> Counter {
+        self.events_consumed
+            .get_or_create(&TopicLabel {
+                topic: topic.into(),
+            })
+            .clone()
+    }
+
+    pub fn tier_counter(&self, tier: &str) -> Counter {
+        self.retry_published
+            .get_or_create(&TierLabel { tier: tier.into() })
+            .clone()
+    }
+
+    pub fn dlq_counter(&self, reason: &str) -> Counter {
+        self.dlq_published
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// Text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,489 @@
+//! Plain data types shared by every stage: the decoded [`Event`], the stored [`SubscriptionSpec`] and its
+//! prepared runtime form [`Subscription`]. Stages and stores depend on these, never on each other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::matching::filter::Filter;
+
+/// How a record was encoded on the source topic (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    CloudEventsStructured,
+    CloudEventsBinary,
+    Plain,
+}
+
+/// Where a record came from; kept for retry/dead-letter headers and offset tracking.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Record timestamp (CreateTime or LogAppendTime), epoch ms.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A decoded event. Cheap to share: deliveries to several subscriptions hold the same `Arc<Event>`,
+/// and the body is never copied after it left librdkafka's buffer.
+#[derive(Debug)]
+pub struct Event {
+    pub id: Box<str>,
+    pub event_type: Box<str>,
+    pub tenant: Option<Box<str>>,
+    pub encoding: Encoding,
+    /// The request body: the record value, byte for byte.
+    pub body: Bytes,
+    /// `content-type` of the delivery.
+    pub content_type: HeaderValue,
+    /// `webhook-id` (stable across retries, see [`webhook_id`]).
+    pub webhook_id: HeaderValue,
+    /// Original Kafka headers, re-published unchanged on retry/dead-letter topics.
+    pub headers: Vec<(Box<str>, Bytes)>,
+    pub origin: Origin,
+}
+
+/// `webhook-id` for an event id (DESIGN §4): the id itself when it is at most 128 bytes with no `.` and no
+/// whitespace, else `evt_` + the first 32 hex digits of SHA-256(id). Ids containing bytes that are not
+/// visible ASCII (control characters, non-ASCII) are also hashed, because they cannot travel in an HTTP
+/// header unchanged.
+pub fn webhook_id(event_id: &str) -> HeaderValue {
+    let usable = event_id.len() <= 128
+        && !event_id.is_empty()
+        && event_id.bytes().all(|b| b.is_ascii_graphic() && b != b'.');
+    if usable && let Ok(v) = HeaderValue::from_str(event_id) {
+        return v;
+    }
+    let digest = Sha256::digest(event_id.as_bytes());
+    let hex = hex::encode(&digest[..16]);
+    HeaderValue::from_str(&format!("evt_{hex}")).expect("hex is a valid header value")
+}
+
+/// A subscription as stored and as written in YAML (DESIGN §3).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSpec {
+    #[serde(default = "Uuid::new_v4")]
+    pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub url: String,
+    pub event_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<BTreeMap<String, serde_json::Value>>,
+    pub secrets: Vec<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Secrets never appear in debug output (and so never in logs).
+impl std::fmt::Debug for SubscriptionSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionSpec")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("url", &self.url)
+            .field("event_types", &self.event_types)
+            .field("filter", &self.filter)
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .field("enabled", &self.enabled)
+            .field("rate_limit_per_sec", &self.rate_limit_per_sec)
+            .field("burst", &self.burst)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Why a subscription is invalid; `field` names the offending field (for API errors and config checks).
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn spec_err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// An event-type pattern: exact `order.created`, prefix `order.*` (stored as `order.`), or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Any,
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        if s == "*" {
+            return Ok(Pattern::Any);
+        }
+        let (body, prefix) = match s.strip_suffix(".*") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let ok = !body.is_empty()
+            && body.len() <= 255
+            && !body.contains('*')
+            && !body.starts_with('.')
+            && !body.ends_with('.')
+            && !body.contains("..")
+            && body.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            return Err(format!(
+                "{s:?} is not an event-type pattern (use \"order.created\", \"order.*\" or \"*\")"
+            ));
+        }
+        Ok(if prefix {
+            Pattern::Prefix(format!("{body}.").into())
+        } else {
+            Pattern::Exact(body.into())
+        })
+    }
+}
+
+pub type HmacSha256 = Hmac<Sha256>;
+
+/// A signing secret `whsec_<base64>`, with its HMAC key state prepared once.
+#[derive(Clone)]
+pub struct SigningKey(pub HmacSha256);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+impl SigningKey {
+    pub fn parse(secret: &str) -> Result<SigningKey, String> {
+        use base64::Engine;
+        let b64 = secret
+            .strip_prefix("whsec_")
+            .ok_or_else(|| "must start with \"whsec_\"".to_string())?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "the part after \"whsec_\" is not valid base64".to_string())?;
+        if key.len() < 16 || key.len() > 128 {
+            return Err(format!("key must be 16 to 128 bytes, got {}", key.len()));
+        }
+        let mac = HmacSha256::new_from_slice(&key).map_err(|e| e.to_string())?;
+        Ok(SigningKey(mac))
+    }
+}
+
+/// A subscription prepared for the hot path: URL parsed, keys derived, headers built, once per load.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: Uuid,
+    /// `id` as text, kept for headers and logs.
+    pub id_str: Box<str>,
+    pub tenant: Option<Box<str>>,
+    pub url: reqwest::Url,
+    pub patterns: Vec<Pattern>,
+    pub filter: Option<Filter>,
+    pub keys: Vec<SigningKey>,
+    pub timeout: Duration,
+    pub headers: HeaderMap,
+    pub rate_limit_per_sec: Option<u32>,
+    pub burst: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    /// Caps concurrent requests to this endpoint (`max_in_flight`, or the configured default).
+    pub concurrency: Arc<tokio::sync::Semaphore>,
+    pub spec: SubscriptionSpec,
+}
+
+/// Values used where a subscription leaves a field unset (from `[delivery]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub timeout_ms: u64,
+    pub max_in_flight: u32,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            timeout_ms: 10_000,
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// Headers a subscription may not set: hop-by-hop, framing, and the ones hookline itself sends.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+impl Subscription {
+    /// Validates a spec and prepares it. Errors name the field (`url`, `event_types[1]`, `secrets[0]`, …).
+    pub fn prepare(spec: SubscriptionSpec, defaults: &Defaults) -> Result<Subscription, SpecError> {
+        let url = reqwest::Url::parse(&spec.url)
+            .map_err(|e| spec_err("url", format!("{:?} is not a URL ({e})", spec.url)))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(spec_err("url", "scheme must be http or https"));
+        }
+        if url.host().is_none() {
+            return Err(spec_err("url", "must have a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(spec_err("url", "must not contain credentials; use headers"));
+        }
+        if spec.event_types.is_empty() {
+            return Err(spec_err("event_types", "must list at least one pattern"));
+        }
+        let patterns = spec
+            .event_types
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Pattern::parse(p).map_err(|m| spec_err(format!("event_types[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(t) = &spec.tenant
+            && t.is_empty()
+        {
+            return Err(spec_err("tenant", "must not be empty when present"));
+        }
+        if spec.secrets.is_empty() {
+            return Err(spec_err("secrets", "must list at least one secret"));
+        }
+        let keys = spec
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SigningKey::parse(s).map_err(|m| spec_err(format!("secrets[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = match &spec.filter {
+            Some(f) => Some(
+                Filter::compile(f).map_err(|(path, m)| spec_err(format!("filter.{path}"), m))?,
+            ),
+            None => None,
+        };
+        if let Some(r) = spec.rate_limit_per_sec
+            && !(1..=1_000_000).contains(&r)
+        {
+            return Err(spec_err("rate_limit_per_sec", "must be 1..=1000000"));
+        }
+        if let Some(b) = spec.burst {
+            if !(1..=1_000_000).contains(&b) {
+                return Err(spec_err("burst", "must be 1..=1000000"));
+            }
+            if spec.rate_limit_per_sec.is_none() {
+                return Err(spec_err("burst", "needs rate_limit_per_sec"));
+            }
+        }
+        if let Some(m) = spec.max_in_flight
+            && !(1..=100_000).contains(&m)
+        {
+            return Err(spec_err("max_in_flight", "must be 1..=100000"));
+        }
+        let timeout_ms = spec.timeout_ms.unwrap_or(defaults.timeout_ms);
+        if !(1..=600_000).contains(&timeout_ms) {
+            return Err(spec_err("timeout_ms", "must be 1..=600000"));
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &spec.headers {
+            let field = format!("headers.{name}");
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| spec_err(&field, "is not a valid header name"))?;
+            if FORBIDDEN_HEADERS.contains(&n.as_str()) {
+                return Err(spec_err(
+                    &field,
+                    "is set by hookline or is hop-by-hop and cannot be overridden",
+                ));
+            }
+            let mut v = HeaderValue::from_str(value)
+                .map_err(|_| spec_err(&field, "is not a valid header value"))?;
+            // Extra headers often carry credentials; keep them out of debug output.
+            v.set_sensitive(true);
+            headers.insert(n, v);
+        }
+        Ok(Subscription {
+            id: spec.id,
+            id_str: spec.id.to_string().into(),
+            tenant: spec.tenant.as_deref().map(Into::into),
+            url,
+            patterns,
+            filter,
+            keys,
+            timeout: Duration::from_millis(timeout_ms),
+            headers,
+            rate_limit_per_sec: spec.rate_limit_per_sec,
+            burst: spec.burst,
+            max_in_flight: spec.max_in_flight,
+            concurrency: Arc::new(tokio::sync::Semaphore::new(
+                spec.max_in_flight.unwrap_or(defaults.max_in_flight) as usize,
+            )),
+            spec,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SubscriptionSpec {
+        serde_yaml_ng::from_str(
+            "url: http://127.0.0.1:9/x\nevent_types: [\"order.*\"]\nsecrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn webhook_id_rule() {
+        assert_eq!(webhook_id("evt_123-abc"), "evt_123-abc");
+        let long = "x".repeat(129);
+        for id in [
+            "has.dot",
+            "has space",
+            "tab\there",
+            long.as_str(),
+            "caf\u{e9}",
+            "",
+        ] {
+            let w = webhook_id(id);
+            let s = w.to_str().unwrap();
+            assert!(s.starts_with("evt_") && s.len() == 36, "{id:?} -> {s}");
+            let want = hex::encode(&Sha256::digest(id.as_bytes())[..16]);
+            assert_eq!(&s[4..], want);
+        }
+        assert_eq!(
+            webhook_id(&"y".repeat(128)).to_str().unwrap(),
+            "y".repeat(128)
+        );
+        // Stable: same id, same webhook-id.
+        assert_eq!(webhook_id("a.b"), webhook_id("a.b"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(Pattern::parse("*").unwrap(), Pattern::Any);
+        assert_eq!(
+            Pattern::parse("order.*").unwrap(),
+            Pattern::Prefix("order.".into())
+        );
+        assert_eq!(
+            Pattern::parse("order.created").unwrap(),
+            Pattern::Exact("order.created".into())
+        );
+        for bad in [
+            "",
+            "order.",
+            ".x",
+            "a..b",
+            "*.created",
+            "or*der",
+            "a.*.b",
+            "has space",
+            ".*",
+        ] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn prepare_validates_and_names_fields() {
+        assert!(Subscription::prepare(spec(), &Defaults::default()).is_ok());
+        let cases: Vec<(Box<dyn Fn(&mut SubscriptionSpec)>, &str)> = vec![
+            (Box::new(|s| s.url = "ftp://x/".into()), "url"),
+            (Box::new(|s| s.url = "not a url".into()), "url"),
+            (Box::new(|s| s.event_types = vec![]), "event_types"),
+            (
+                Box::new(|s| s.event_types = vec!["a".into(), "b*".into()]),
+                "event_types[1]",
+            ),
+            (Box::new(|s| s.secrets = vec!["nope".into()]), "secrets[0]"),
+            (
+                Box::new(|s| s.secrets.push("whsec_!!!".into())),
+                "secrets[1]",
+            ),
+            (Box::new(|s| s.timeout_ms = Some(0)), "timeout_ms"),
+            (Box::new(|s| s.burst = Some(5)), "burst"),
+            (
+                Box::new(|s| s.rate_limit_per_sec = Some(0)),
+                "rate_limit_per_sec",
+            ),
+            (Box::new(|s| s.max_in_flight = Some(0)), "max_in_flight"),
+            (
+                Box::new(|s| {
+                    s.headers.insert("webhook-id".into(), "x".into());
+                }),
+                "headers.webhook-id",
+            ),
+            (
+                Box::new(|s| {
+                    s.headers.insert("Connection".into(), "x".into());
+                }),
+                "headers.Connection",
+            ),
+            (
+                Box::new(|s| {
+                    s.headers.insert("bad header".into(), "x".into());
+                }),
+                "headers.bad header",
+            ),
+            (Box::new(|s| s.tenant = Some(String::new())), "tenant"),
+        ];
+        for (mutate, field) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let e = Subscription::prepare(s, &Defaults::default()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn signing_key_debug_is_redacted() {
+        let s = Subscription::prepare(spec(), &Defaults::default()).unwrap();
+        let dbg = format!("{:?}", s);
+        assert!(!dbg.contains("MfKQ9r8"), "{dbg}");
+    }
+}

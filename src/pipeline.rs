@@ -1,0 +1,125 @@
+//! Wires the stages together: store → cache → (source → decode → match → dispatch → deliver | retry) and
+//! the admin server, then runs until a signal.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::config::{Config, ConfigError};
+use crate::deliver::Deliverer;
+use crate::deliver::policy::AddressPolicy;
+use crate::dispatch::Dispatcher;
+use crate::matching::cache::{Cache, LoadError};
+use crate::metrics::Metrics;
+use crate::model::Defaults;
+use crate::retry::publish::Publisher;
+use crate::source::Source;
+use crate::store::{self, StoreError};
+
+/// Why `run` stopped with an error. Config errors exit 2, the rest 1.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+pub fn defaults(config: &Config) -> Defaults {
+    Defaults {
+        timeout_ms: config.delivery.default_timeout_ms,
+        max_in_flight: config.delivery.default_max_in_flight,
+    }
+}
+
+/// Loads the subscriptions once; invalid ones are configuration errors naming the subscription and field.
+pub async fn load_cache(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<Cache>, Arc<dyn store::Store>), RunError> {
+    let store = store::open(config)?;
+    let cache = Arc::new(Cache::new(defaults(config), metrics));
+    match cache.refresh(store.as_ref()).await {
+        Ok(_) => Ok((cache, store)),
+        Err(LoadError::Spec { id, err }) => {
+            Err(ConfigError::new(format!("subscription {id}: {}", err.field), err.message).into())
+        }
+        Err(LoadError::Store(StoreError::Invalid { at, message })) => {
+            Err(ConfigError::new(format!("{} {at}", store.describe()), message).into())
+        }
+        Err(LoadError::Store(e @ StoreError::Unavailable(_))) => {
+            Err(ConfigError::new("store.path", e.to_string()).into())
+        }
+    }
+}
+
+/// `hookline run --check-config`: everything that can be checked without contacting Kafka.
+pub async fn check(config: &Config) -> Result<String, RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let (cache, store) = load_cache(config, metrics).await?;
+    Ok(format!(
+        "config ok: topics {:?}, group {:?}, {} retry tiers ({}), store {}, {} enabled subscriptions",
+        config.source.topics,
+        config.source.group,
+        config.retry.tiers.len(),
+        config.retry.tiers.join(", "),
+        store.describe(),
+        cache.index().len()
+    ))
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let (cache, store) = load_cache(&config, metrics.clone()).await?;
+    tracing::info!(subscriptions = cache.index().len(), store = %store.describe(), "subscriptions loaded");
+
+    let policy = AddressPolicy::new(config.allow_networks()?);
+    let deliverer = Deliverer::new(&config.delivery, policy)
+        .map_err(|e| RunError::Runtime(format!("http client: {e}")))?;
+    let publisher = Publisher::new(&config, metrics.clone())
+        .map_err(|e| RunError::Runtime(format!("kafka producer: {e}")))?;
+    publisher
+        .ensure_topics(&config)
+        .await
+        .map_err(RunError::Runtime)?;
+    let tier_delays = config.tiers()?.into_iter().map(|t| t.delay).collect();
+    let dispatcher = Arc::new(Dispatcher {
+        deliverer,
+        publisher,
+        metrics: metrics.clone(),
+        tier_delays,
+    });
+    let source = Source::new(&config, cache.clone(), dispatcher, metrics.clone())
+        .map_err(|e| RunError::Runtime(format!("kafka consumer: {e}")))?;
+
+    let stop = CancellationToken::new();
+    crate::shutdown::on_signal(stop.clone());
+
+    let listener = tokio::net::TcpListener::bind(&config.admin.listen)
+        .await
+        .map_err(|e| RunError::Runtime(format!("admin.listen {}: {e}", config.admin.listen)))?;
+    let app = admin::router(admin::AdminState {
+        metrics: metrics.clone(),
+        cache: cache.clone(),
+        source: source.handle(),
+    });
+    let admin_stop = stop.clone();
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tokio::spawn(
+        cache
+            .clone()
+            .run_refresh(store, config.store.refresh_interval, stop.clone()),
+    );
+
+    tracing::info!(topics = ?config.source.topics, group = %config.source.group, "hookline running");
+    source.run(stop).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! The `hookline-*` headers of retry and dead-letter records (DESIGN §5).
+
+pub const SUBSCRIPTION: &str = "hookline-subscription";
+pub const ATTEMPT: &str = "hookline-attempt";
+pub const DUE_MS: &str = "hookline-due-ms";
+pub const ORIGIN_TOPIC: &str = "hookline-origin-topic";
+pub const ORIGIN_PARTITION: &str = "hookline-origin-partition";
+pub const ORIGIN_OFFSET: &str = "hookline-origin-offset";
+pub const FIRST_FAILURE_MS: &str = "hookline-first-failure-ms";
+pub const LAST_STATUS: &str = "hookline-last-status";
+pub const LAST_ERROR: &str = "hookline-last-error";
+pub const DLQ_REASON: &str = "hookline-dlq-reason";
+
+/// Headers hookline sets itself; any earlier value is replaced (origin ones are carried over explicitly).
+pub fn is_hookline_header(name: &str) -> bool {
+    name.len() > 9 && name[..9].eq_ignore_ascii_case("hookline-")
+}

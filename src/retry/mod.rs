@@ -1,0 +1,42 @@
+//! Failure hand-off: re-publishing failed deliveries to the retry tier topics and the dead-letter topic
+//! (DESIGN §5). A source record counts as done only once Kafka acknowledged its re-publish.
+
+pub mod headers;
+pub mod publish;
+
+/// Topic names derived from the configured prefix and tiers.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub tiers: Vec<String>,
+    pub dlq: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, tier_names: &[String]) -> Topics {
+        Topics {
+            tiers: tier_names
+                .iter()
+                .map(|t| format!("{prefix}.retry.{t}"))
+                .collect(),
+            dlq: format!("{prefix}.dlq"),
+        }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        self.tiers
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.dlq.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_names() {
+        let t = super::Topics::new("hookline", &["1m".into(), "5m".into()]);
+        assert_eq!(t.tiers, vec!["hookline.retry.1m", "hookline.retry.5m"]);
+        assert_eq!(t.dlq, "hookline.dlq");
+        assert_eq!(t.all().count(), 3);
+    }
+}

@@ -1,0 +1,539 @@
+//! The source consumer: one consumer-group member reading the source topics.
+//!
+//! Flow per record: decode → match → one [`Completion`] per matching subscription, pushed into the
+//! partition's [`PartitionTracker`] → deliveries run concurrently as tasks. Every `store_interval` the loop
+//! advances the trackers and hands the committable offsets to librdkafka in one batch (one
+//! `TopicPartitionList` per tick, never per record); librdkafka's auto-commit sends them to the broker.
+//!
+//! Backpressure: when a partition holds too many records or bytes, or the instance as a whole does, the
+//! partition is paused (librdkafka keeps heartbeating and the poll loop keeps running for the others) and
+//! resumed once below three quarters of the bounds. librdkafka resumes after the last record handed out,
+//! so pausing never skips or repeats a record.
+//!
+//! Revocation drains the revoked partitions' in-flight records for up to `rebalance_timeout` and commits
+//! synchronously before the partitions are given up; shutdown does the same for all partitions within
+//! `shutdown_timeout`. Records still unfinished then are simply not committed: the next owner redelivers
+//! them (at-least-once).
+
+pub mod tracker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::decode::{self, RawRecord};
+use crate::dispatch::Dispatcher;
+use crate::matching::cache::Cache;
+use crate::metrics::Metrics;
+use crate::model::Origin;
+use tracker::PartitionTracker;
+
+/// Bounds on in-flight records (DESIGN §6).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_partition: usize,
+    pub per_partition_bytes: u64,
+    pub total: usize,
+    pub total_bytes: u64,
+}
+
+impl Limits {
+    fn over(&self, p: &PartitionTracker, total: usize, total_bytes: u64) -> bool {
+        p.len() >= self.per_partition
+            || p.bytes() >= self.per_partition_bytes
+            || total >= self.total
+            || total_bytes >= self.total_bytes
+    }
+
+    fn may_resume(&self, p: &PartitionTracker, total: usize, total_bytes: u64) -> bool {
+        p.len() < self.per_partition * 3 / 4
+            && p.bytes() < self.per_partition_bytes * 3 / 4
+            && total < self.total * 3 / 4
+            && total_bytes < self.total_bytes * 3 / 4
+    }
+}
+
+struct PartitionState {
+    tracker: PartitionTracker,
+    paused: bool,
+}
+
+/// State shared by the poll loop and the rebalance callbacks (which run inside the loop's `recv`, on the
+/// same task, so the mutex is never contended in practice).
+#[derive(Default)]
+struct State {
+    parts: HashMap<(Arc<str>, i32), PartitionState>,
+    records: usize,
+    bytes: u64,
+    /// Set once the group assigned this member partitions (possibly none) at least once.
+    joined: bool,
+    /// Set when shutdown has drained; later revocations (from close) only commit.
+    closing: bool,
+}
+
+impl State {
+    /// Advances every tracker; returns the offsets to store.
+    fn advance_all(&mut self) -> Vec<(Arc<str>, i32, i64)> {
+        let mut out = Vec::new();
+        for ((topic, partition), p) in self.parts.iter_mut() {
+            let (r, b) = p.tracker.advance();
+            self.records -= r;
+            self.bytes -= b;
+            if let Some(o) = p.tracker.take_store() {
+                out.push((topic.clone(), *partition, o));
+            }
+        }
+        out
+    }
+}
+
+struct SourceContext {
+    state: Arc<Mutex<State>>,
+    topics: Vec<Arc<str>>,
+    rebalance_timeout: Duration,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock would be a bug; the data (counters, trackers) stays usable.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ClientContext for SourceContext {}
+
+impl SourceContext {
+    fn topic(&self, name: &str) -> Option<Arc<str>> {
+        self.topics.iter().find(|t| ***t == *name).cloned()
+    }
+
+    /// Waits (blocking this thread) until the given partitions have nothing in flight or the deadline passes.
+    fn drain(&self, keys: &[(Arc<str>, i32)], deadline: Instant) -> usize {
+        let check = || {
+            let mut st = lock(&self.state);
+            let mut left = 0;
+            for k in keys {
+                if let Some(p) = st.parts.get_mut(k) {
+                    let (r, b) = p.tracker.advance();
+                    left += p.tracker.len();
+                    st.records -= r;
+                    st.bytes -= b;
+                }
+            }
+            left
+        };
+        let wait = || loop {
+            let left = check();
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if check() == 0 {
+            return 0;
+        }
+        // The callback runs inside the poll loop's task; let the runtime move other tasks (the deliveries
+        // being waited for) to another worker while this thread waits.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let keys: Vec<(Arc<str>, i32)> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| self.topic(e.topic()).map(|t| (t, e.partition())))
+            .collect();
+        let closing = lock(&self.state).closing;
+        let left = if closing {
+            0
+        } else {
+            self.drain(&keys, Instant::now() + self.rebalance_timeout)
+        };
+        let mut st = lock(&self.state);
+        let mut commit = TopicPartitionList::new();
+        for k in &keys {
+            if let Some(mut p) = st.parts.remove(k) {
+                p.tracker.advance();
+                if let Some(o) = p.tracker.committable() {
+                    let _ = commit.add_partition_offset(&k.0, k.1, Offset::Offset(o));
+                }
+                st.records -= p.tracker.len();
+                st.bytes -= p.tracker.bytes();
+            }
+        }
+        drop(st);
+        if commit.count() > 0 {
+            let _ = consumer.store_offsets(&commit);
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revocation failed; the next owner may repeat deliveries");
+            }
+        }
+        tracing::info!(
+            partitions = keys.len(),
+            unfinished = left,
+            "partitions revoked"
+        );
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut st = lock(&self.state);
+                st.joined = true;
+                for e in tpl.elements() {
+                    if let Some(t) = self.topic(e.topic()) {
+                        st.parts.insert(
+                            (t, e.partition()),
+                            PartitionState {
+                                tracker: PartitionTracker::new(),
+                                paused: false,
+                            },
+                        );
+                    }
+                }
+                drop(st);
+                // librdkafka keeps a partition's pause flag across rebalances; a newly assigned partition
+                // starts unpaused in our state, so make librdkafka agree.
+                if tpl.count() > 0 {
+                    let _ = consumer.resume(tpl);
+                }
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Observable state of the source for `/readyz` and metrics.
+#[derive(Clone)]
+pub struct SourceHandle {
+    state: Arc<Mutex<State>>,
+}
+
+impl SourceHandle {
+    pub fn joined(&self) -> bool {
+        lock(&self.state).joined
+    }
+}
+
+pub struct Source {
+    consumer: StreamConsumer<SourceContext>,
+    state: Arc<Mutex<State>>,
+    topics: Vec<Arc<str>>,
+    limits: Limits,
+    max_event_bytes: usize,
+    store_interval: Duration,
+    shutdown_timeout: Duration,
+    cache: Arc<Cache>,
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn consumer_config(config: &Config) -> ClientConfig {
+    let commit_ms = config.source.commit_interval.as_millis().to_string();
+    config.kafka_client(
+        &[
+            ("partition.assignment.strategy", "cooperative-sticky"),
+            ("auto.offset.reset", "earliest"),
+            ("client.id", "hookline"),
+            ("enable.partition.eof", "false"),
+        ],
+        &[
+            ("group.id", config.source.group.as_str()),
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.commit.interval.ms", commit_ms.as_str()),
+        ],
+    )
+}
+
+impl Source {
+    pub fn new(
+        config: &Config,
+        cache: Arc<Cache>,
+        dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Source, rdkafka::error::KafkaError> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let topics: Vec<Arc<str>> = config
+            .source
+            .topics
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
+        let ctx = SourceContext {
+            state: state.clone(),
+            topics: topics.clone(),
+            rebalance_timeout: config.source.rebalance_timeout,
+        };
+        let consumer: StreamConsumer<SourceContext> =
+            consumer_config(config).create_with_context(ctx)?;
+        let names: Vec<&str> = config.source.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
+        Ok(Source {
+            consumer,
+            state,
+            topics,
+            limits: Limits {
+                per_partition: config.source.max_in_flight_per_partition,
+                per_partition_bytes: config.source.max_in_flight_bytes_per_partition,
+                total: config.source.max_in_flight,
+                total_bytes: config.source.max_in_flight_bytes,
+            },
+            max_event_bytes: config.source.max_event_bytes,
+            store_interval: config.source.store_interval,
+            shutdown_timeout: config.source.shutdown_timeout,
+            cache,
+            dispatcher,
+            metrics,
+        })
+    }
+
+    pub fn handle(&self) -> SourceHandle {
+        SourceHandle {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Runs until `stop` is cancelled, then drains, commits and leaves the group.
+    pub async fn run(self, stop: CancellationToken) {
+        let consumed: Vec<_> = self
+            .topics
+            .iter()
+            .map(|t| self.metrics.consumed_for(t))
+            .collect();
+        let mut tick = tokio::time::interval(self.store_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => self.housekeeping(),
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => self.handle_record(&m, &consumed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error");
+                    }
+                },
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn handle_record(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        consumed: &[prometheus_client::metrics::counter::Counter],
+    ) {
+        let Some(ti) = self.topics.iter().position(|t| **t == *m.topic()) else {
+            return;
+        };
+        consumed[ti].inc();
+        let topic = &self.topics[ti];
+        let key = (topic.clone(), m.partition());
+        let value = m.payload();
+        let mut header_buf: Vec<(&str, Option<&[u8]>)> = Vec::new();
+        if let Some(hs) = m.headers() {
+            header_buf.extend(hs.iter().map(|h| (h.key, h.value)));
+        }
+        let timestamp_ms = m.timestamp().to_millis();
+        let origin = Origin {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms,
+        };
+        let bytes = value.map_or(0, <[u8]>::len) as u32;
+        let decoded = decode::decode(
+            &RawRecord {
+                value,
+                headers: &header_buf,
+            },
+            origin,
+            self.max_event_bytes,
+        );
+        let (event, subs, invalid_detail) = match decoded {
+            Ok(ev) => {
+                let ev = Arc::new(ev);
+                let subs = self
+                    .cache
+                    .index()
+                    .matches(&ev, || decode::filter_document(&ev));
+                if subs.is_empty() {
+                    self.metrics.events_unmatched.inc();
+                } else {
+                    self.metrics.events_matched.inc();
+                }
+                (Some(ev), subs, None)
+            }
+            Err(invalid) => {
+                self.metrics
+                    .events_invalid
+                    .get_or_create(&crate::metrics::TopicReasonLabels {
+                        topic: topic.to_string(),
+                        reason: invalid.reason.to_string(),
+                    })
+                    .inc();
+                tracing::warn!(topic = %topic, partition = m.partition(), offset = m.offset(), reason = invalid.reason, detail = %invalid.detail, "invalid event; dead-lettering");
+                (None, Vec::new(), Some(invalid.to_string()))
+            }
+        };
+        let work = if event.is_some() {
+            subs.len() as u32
+        } else {
+            1
+        };
+
+        let mut st = lock(&self.state);
+        let State {
+            parts,
+            records,
+            bytes: total_bytes,
+            ..
+        } = &mut *st;
+        let Some(part) = parts.get_mut(&key) else {
+            // Not (or no longer) assigned here: leave it to its owner.
+            return;
+        };
+        let (r, b) = part.tracker.advance();
+        *records -= r;
+        *total_bytes -= b;
+        let completions =
+            match part
+                .tracker
+                .push(m.offset(), bytes, timestamp_ms.unwrap_or(0), work)
+            {
+                Ok(c) => c,
+                Err(tracker::AlreadySeen) => return,
+            };
+        if work > 0 {
+            *records += 1;
+            *total_bytes += u64::from(bytes);
+        }
+        if !part.paused && self.limits.over(&part.tracker, *records, *total_bytes) {
+            part.paused = true;
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(topic, m.partition());
+            if let Err(e) = self.consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pause failed");
+            }
+            tracing::debug!(topic = %topic, partition = m.partition(), in_flight = part.tracker.len(), "partition paused (in-flight bound)");
+        }
+        drop(st);
+
+        match event {
+            Some(ev) => {
+                for (sub, done) in subs.into_iter().zip(completions) {
+                    self.dispatcher.dispatch(ev.clone(), sub, done);
+                }
+            }
+            None => {
+                let dispatcher = self.dispatcher.clone();
+                let value = value.unwrap_or_default().to_vec();
+                let key_bytes = m.key().map(<[u8]>::to_vec);
+                let headers: Vec<(Box<str>, Option<bytes::Bytes>)> = header_buf
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), v.map(bytes::Bytes::copy_from_slice)))
+                    .collect();
+                let origin = Origin {
+                    topic: topic.clone(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp_ms,
+                };
+                let detail = invalid_detail.unwrap_or_default();
+                let mut completions = completions;
+                let done = completions.pop();
+                tokio::spawn(async move {
+                    dispatcher
+                        .publisher
+                        .publish_invalid(key_bytes.as_deref(), &value, &headers, &origin, &detail)
+                        .await;
+                    if let Some(d) = done {
+                        d.done();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stores finished offsets and resumes partitions that are below their bounds.
+    fn housekeeping(&self) {
+        let mut st = lock(&self.state);
+        let offsets = st.advance_all();
+        let (records, bytes) = (st.records, st.bytes);
+        let mut resume = TopicPartitionList::new();
+        for ((topic, partition), p) in st.parts.iter_mut() {
+            if p.paused && self.limits.may_resume(&p.tracker, records, bytes) {
+                p.paused = false;
+                let _ = resume.add_partition(topic, *partition);
+            }
+        }
+        drop(st);
+        if !offsets.is_empty() {
+            let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+            for (t, p, o) in &offsets {
+                let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+            }
+            if let Err(e) = self.consumer.store_offsets(&tpl) {
+                tracing::debug!(error = %e, "storing offsets failed (partition revoked meanwhile?)");
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    async fn shutdown(self) {
+        tracing::info!("stopping: no new records; draining in-flight deliveries");
+        if let Ok(assigned) = self.consumer.assignment()
+            && assigned.count() > 0
+        {
+            let _ = self.consumer.pause(&assigned);
+        }
+        let deadline = Instant::now() + self.shutdown_timeout;
+        loop {
+            self.housekeeping();
+            let left = lock(&self.state).records;
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    unfinished = left,
+                    "shutdown deadline reached; unfinished records will be redelivered"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.housekeeping();
+        lock(&self.state).closing = true;
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            Err(e) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+        }
+        self.consumer.unsubscribe();
+        drop(self.consumer);
+        self.dispatcher.publisher.flush(Duration::from_secs(5));
+    }
+}
