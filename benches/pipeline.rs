@@ -1,0 +1,347 @@
+//! End-to-end benchmark: a tansu broker, a lean HTTP receiver (in this process) and the hookline release
+//! binary (its own process, measured through /proc). Prints one JSON line per mode.
+//!
+//!   cargo bench --bench pipeline -- [--events N] [--subs M] [--matching K] [--partitions P]
+//!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
+//!
+//! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
+//!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
+//!   and deliveries per hookline CPU-second (utime+stime from /proc/<pid>/stat between the first and the
+//!   last delivery), and peak RSS (VmHWM).
+//! latency: events produced at R/s for S seconds while hookline runs; each carries its produce time; the
+//!   receiver records produce → received. Reports p50/p99/max.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Broker, Hookline, Record, base_config, sub};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+struct Args {
+    events: usize,
+    subs: usize,
+    matching: usize,
+    partitions: i32,
+    rate: usize,
+    seconds: u64,
+    mode: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        events: 100_000,
+        subs: 10,
+        matching: 1,
+        partitions: 4,
+        rate: 2000,
+        seconds: 10,
+        mode: "both".into(),
+    };
+    let v: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < v.len() {
+        let val = v.get(i + 1).cloned().unwrap_or_default();
+        match v[i].as_str() {
+            "--events" => a.events = val.parse().expect("--events"),
+            "--subs" => a.subs = val.parse().expect("--subs"),
+            "--matching" => a.matching = val.parse().expect("--matching"),
+            "--partitions" => a.partitions = val.parse().expect("--partitions"),
+            "--rate" => a.rate = val.parse().expect("--rate"),
+            "--seconds" => a.seconds = val.parse().expect("--seconds"),
+            "--mode" => a.mode = val,
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    assert!(
+        a.matching >= 1 && a.matching <= a.subs,
+        "--matching must be 1..=--subs"
+    );
+    a
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Counts requests; for bodies carrying `"t":<µs>` records the produce → received latency.
+#[derive(Default)]
+struct Counter {
+    n: AtomicU64,
+    first_us: AtomicU64,
+    last_us: AtomicU64,
+    lat_us: std::sync::Mutex<Vec<u64>>,
+}
+
+async fn serve(counter: Arc<Counter>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let c = counter.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let now = now_us();
+                        if let Some(pos) = memchr_t(&body) {
+                            let digits: &[u8] = &body[pos..];
+                            let end = digits
+                                .iter()
+                                .position(|b| !b.is_ascii_digit())
+                                .unwrap_or(digits.len());
+                            if let Ok(t) = std::str::from_utf8(&digits[..end])
+                                .unwrap_or("x")
+                                .parse::<u64>()
+                            {
+                                c.lat_us.lock().unwrap().push(now.saturating_sub(t));
+                            }
+                        }
+                        if c.n.fetch_add(1, Ordering::Relaxed) == 0 {
+                            c.first_us.store(now, Ordering::Relaxed);
+                        }
+                        c.last_us.store(now, Ordering::Relaxed);
+                        Ok::<_, Infallible>(Response::new(http_body_util::Empty::<
+                            hyper::body::Bytes,
+                        >::new()))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn memchr_t(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\"t\":").map(|p| p + 4)
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn subscriptions(a: &Args, url: &str) -> Vec<serde_json::Value> {
+    (0..a.subs)
+        .map(|i| {
+            let ty = if i < a.matching {
+                "bench.event".to_string()
+            } else {
+                format!("other.type{i}")
+            };
+            let mut s = sub(i as u32 + 1, url, &[&ty]);
+            s["max_in_flight"] = serde_json::json!(256);
+            s
+        })
+        .collect()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} cpus, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}
+
+async fn throughput(a: &Args) -> serde_json::Value {
+    let broker = Broker::start();
+    broker.create_topic("bench", a.partitions);
+    let counter = Arc::new(Counter::default());
+    let addr = serve(counter.clone()).await;
+    let url = format!("http://{addr}/hook");
+    // Pre-produce, in chunks, ~300-byte events.
+    let pad = "x".repeat(200);
+    let mut i = 0;
+    while i < a.events {
+        let n = (a.events - i).min(20_000);
+        let recs: Vec<Record> = (i..i + n)
+            .map(|k| Record::json((k % a.partitions as usize) as i32, serde_json::json!({"id": format!("b{k}"), "type": "bench.event", "data": {"k": k, "pad": pad}})))
+            .collect();
+        broker.produce("bench", &recs).await;
+        i += n;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        base_config(&broker, &["bench"], "bench").replace("level = \"info\"", "level = \"warn\"");
+    let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
+    let pid = h_pid(&h);
+    let expected = (a.events * a.matching) as u64;
+    // CPU is sampled when the first delivery arrives and when the last one does.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while counter.n.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "no delivery; log:\n{}", h.log());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let n0 = counter.n.load(Ordering::Relaxed);
+    while counter.n.load(Ordering::Relaxed) < expected {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {expected} deliveries; log:\n{}",
+            counter.n.load(Ordering::Relaxed),
+            h.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let n = (counter.n.load(Ordering::Relaxed) - n0) as f64;
+    let rss_kb = status_kb(pid, "VmHWM:");
+    h.kill9();
+    serde_json::json!({
+        "mode": "throughput",
+        "events": a.events, "subscriptions": a.subs, "matching_per_event": a.matching, "partitions": a.partitions,
+        "deliveries": expected,
+        "deliveries_per_s": (n / wall).round(),
+        "hookline_cpu_s_per_1000_deliveries": (cpu / n * 1000.0 * 10000.0).round() / 10000.0,
+        "deliveries_per_hookline_cpu_s": (n / cpu).round(),
+        "peak_rss_mib": (rss_kb as f64 / 1024.0).round(),
+        "machine": machine(),
+    })
+}
+
+fn h_pid(h: &Hookline) -> u32 {
+    h.pid()
+}
+
+async fn latency(a: &Args) -> serde_json::Value {
+    let broker = Broker::start();
+    broker.create_topic("bench", a.partitions);
+    let counter = Arc::new(Counter::default());
+    let addr = serve(counter.clone()).await;
+    let url = format!("http://{addr}/hook");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(&broker, &["bench"], "bench-lat")
+        .replace("level = \"info\"", "level = \"warn\"");
+    let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
+    h.wait_ready(Duration::from_secs(30)).await;
+    let pid = h.pid();
+    // Warm up the connection pool and the consumer fetch path.
+    broker
+        .produce(
+            "bench",
+            &[Record::json(
+                0,
+                serde_json::json!({"id": "warm", "type": "bench.event"}),
+            )],
+        )
+        .await;
+    while counter.n.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    counter.lat_us.lock().unwrap().clear();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let total = a.rate * a.seconds as usize;
+    let start = Instant::now();
+    let cpu0 = cpu_seconds(pid);
+    let mut futs = Vec::new();
+    for k in 0..total {
+        let due = start + Duration::from_secs_f64(k as f64 / a.rate as f64);
+        if let Some(w) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(w).await;
+        }
+        let v = format!(
+            r#"{{"id":"l{k}","type":"bench.event","data":{{"t":{}}}}}"#,
+            now_us()
+        );
+        let p = (k % a.partitions as usize) as i32;
+        let rec = rdkafka::producer::FutureRecord::<(), str>::to("bench")
+            .payload(&v)
+            .partition(p);
+        futs.push(producer.send_result(rec).expect("queue"));
+    }
+    for f in futs {
+        let _ = f.await;
+    }
+    let expected = (total * a.matching) as u64 + a.matching as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter.n.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = cpu_seconds(pid) - cpu0;
+    let rss_kb = status_kb(pid, "VmHWM:");
+    h.kill9();
+    let mut l = counter.lat_us.lock().unwrap().clone();
+    l.sort_unstable();
+    let pct = |p: f64| {
+        if l.is_empty() {
+            0.0
+        } else {
+            l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64 / 1000.0
+        }
+    };
+    serde_json::json!({
+        "mode": "latency",
+        "rate_per_s": a.rate, "seconds": a.seconds, "partitions": a.partitions, "matching_per_event": a.matching,
+        "received": l.len(), "expected": total * a.matching,
+        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": l.last().map_or(0.0, |m| *m as f64 / 1000.0),
+        "hookline_cpu_s": (cpu * 100.0).round() / 100.0,
+        "peak_rss_mib": (rss_kb as f64 / 1024.0).round(),
+        "machine": machine(),
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let a = args();
+    if a.mode == "throughput" || a.mode == "both" {
+        println!("{}", throughput(&a).await);
+    }
+    if a.mode == "latency" || a.mode == "both" {
+        println!("{}", latency(&a).await);
+    }
+}

@@ -1,0 +1,755 @@
+//! Test harness: a real tansu broker process, real HTTP receivers on 127.0.0.1, and hookline run as its
+//! own process (the binary under test), exactly as an operator would run it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where the tansu binary is: `TANSU_BIN`, then `PATH`, then the location `scripts/setup` installs to.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("tansu");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = PathBuf::from(home).join(".local/share/hookline-tools/bin/tansu");
+    assert!(
+        p.is_file(),
+        "tansu broker not found (set TANSU_BIN or run scripts/setup): looked at {}",
+        p.display()
+    );
+    p
+}
+
+fn wait_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("port {port} did not open within {timeout:?}");
+}
+
+fn signal(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// A tansu broker process with sqlite storage in its own temp dir.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
+        let child = Command::new(tansu_bin())
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL after 5 s) and starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGTERM);
+            wait_child(&mut c, Duration::from_secs(5));
+        }
+        self.spawn();
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let res = rt
+            .block_on(admin.create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ))
+            .unwrap();
+        for r in res {
+            r.unwrap();
+        }
+    }
+
+    /// Produces records and waits for every acknowledgement.
+    pub async fn produce(&self, topic: &str, records: &[Record]) {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("linger.ms", "5")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let mut futs = Vec::with_capacity(records.len());
+        for r in records {
+            let mut hs = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                hs = hs.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let mut fr = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(&r.value)
+                .headers(hs);
+            if let Some(p) = r.partition {
+                fr = fr.partition(p);
+            }
+            if let Some(k) = &r.key {
+                fr = fr.key(k.as_bytes());
+            }
+            futs.push(p.send(fr, Duration::from_secs(10)));
+        }
+        for f in futs {
+            f.await.map_err(|(e, _)| e).expect("produce");
+        }
+    }
+
+    /// Reads a whole topic (all partitions) from the beginning up to its current end.
+    pub fn read_all(&self, topic: &str) -> Vec<ReadRecord> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", format!("reader-{}", rand_suffix()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        let mut ends = HashMap::new();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in &parts {
+            let (lo, hi) = c
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .unwrap();
+            if hi > lo {
+                ends.insert(*p, hi);
+                tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(lo))
+                    .unwrap();
+            }
+        }
+        let mut out = Vec::new();
+        if ends.is_empty() {
+            return out;
+        }
+        c.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut done: HashMap<i32, bool> = HashMap::new();
+        while done.len() < ends.len() {
+            assert!(Instant::now() < deadline, "reading {topic} timed out");
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(ReadRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                if m.offset() + 1 >= ends[&m.partition()] {
+                    done.insert(m.partition(), true);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum over partitions of (high watermark - committed offset) for a group.
+    pub fn group_lag(&self, group: &str, topic: &str) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+        let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        let mut lag = 0;
+        for e in committed.elements() {
+            let (_, hi) = c
+                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+                .unwrap();
+            let off = match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            };
+            lag += hi - off;
+        }
+        lag
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_child(c: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn rand_suffix() -> String {
+    format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            ^ (std::process::id() as u128) << 64
+    )
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    pub partition: Option<i32>,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    pub fn json(partition: i32, v: serde_json::Value) -> Record {
+        Record {
+            partition: Some(partition),
+            key: None,
+            value: serde_json::to_vec(&v).unwrap(),
+            headers: vec![],
+        }
+    }
+    pub fn raw(partition: i32, value: &[u8]) -> Record {
+        Record {
+            partition: Some(partition),
+            key: None,
+            value: value.to_vec(),
+            headers: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub webhook_id: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+    /// Status the receiver answered with (None while it is still hanging).
+    pub status: Option<u16>,
+}
+
+/// What a receiver does with a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Reply {
+    Status(u16),
+    /// Answer this status after a delay.
+    Delayed(u16, Duration),
+    /// Hold the request until [`Receiver::release`], then answer 200.
+    Hang,
+}
+
+type Behaviour = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+#[derive(Clone)]
+struct RecvState {
+    log: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A real HTTP server on 127.0.0.1 recording every request.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let behaviour: Arc<Mutex<Behaviour>> = Arc::new(Mutex::new(Arc::new(behaviour)));
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let state = RecvState {
+            log: log.clone(),
+            behaviour: behaviour.clone(),
+            release: rx,
+        };
+        let app = axum::Router::new().fallback(handle).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            addr,
+            log,
+            behaviour,
+            release: tx,
+            task,
+        }
+    }
+
+    pub async fn ok() -> Receiver {
+        Receiver::start(|_| Reply::Status(200)).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn set_behaviour(&self, b: impl Fn(&Received) -> Reply + Send + Sync + 'static) {
+        *self.behaviour.lock().unwrap() = Arc::new(b);
+    }
+
+    /// Lets every hanging request (and every later one that would hang) answer 200.
+    pub fn release(&self) {
+        let _ = self.release.send(true);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Requests answered with a 2xx.
+    pub fn acked_ids(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+            .map(|r| r.webhook_id.clone())
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until `pred` holds for the log, or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.log.lock().unwrap()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} (have {} requests)",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the set of acknowledged ids contains all of `ids`.
+    pub async fn wait_acked(&self, ids: &std::collections::HashSet<String>, timeout: Duration) {
+        let n = ids.len();
+        self.wait_for(&format!("{n} acknowledged ids"), timeout, |log| {
+            let got: std::collections::HashSet<&str> = log
+                .iter()
+                .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+                .map(|r| r.webhook_id.as_str())
+                .collect();
+            ids.iter().all(|i| got.contains(i.as_str()))
+        })
+        .await;
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(
+    State(s): State<RecvState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    let hs: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let rec = Received {
+        webhook_id: hs.get("webhook-id").cloned().unwrap_or_default(),
+        headers: hs,
+        body: body.to_vec(),
+        at: Instant::now(),
+        status: None,
+    };
+    let reply = (s.behaviour.lock().unwrap())(&rec);
+    let idx = {
+        let mut log = s.log.lock().unwrap();
+        log.push(rec);
+        log.len() - 1
+    };
+    let status = match reply {
+        Reply::Status(c) => c,
+        Reply::Delayed(c, d) => {
+            tokio::time::sleep(d).await;
+            c
+        }
+        Reply::Hang => {
+            let mut rx = s.release.clone();
+            let _ = rx.wait_for(|r| *r).await;
+            200
+        }
+    };
+    s.log.lock().unwrap()[idx].status = Some(status);
+    (StatusCode::from_u16(status).unwrap(), "ok")
+}
+
+/// hookline run as a child process with a generated config.
+pub struct Hookline {
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+pub const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const SECRET_B: &str = "whsec_dGhpcyBpcyBhIHNlY29uZCBzZWNyZXQgZm9yIGhvb2tsaW5l";
+
+/// A subscription entry for the YAML store.
+pub fn sub(id: u32, url: &str, types: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("00000000-0000-4000-8000-{id:012}"),
+        "url": url,
+        "event_types": types,
+        "secrets": [SECRET_A],
+    })
+}
+
+pub fn sub_id(id: u32) -> String {
+    format!("00000000-0000-4000-8000-{id:012}")
+}
+
+impl Hookline {
+    /// Writes `config` (TOML, without [admin] and [store]) and `subs` into a temp dir and starts hookline.
+    pub fn start(dir: &Path, config: &str, subs: &[serde_json::Value]) -> Hookline {
+        Self::start_with_env(dir, config, subs, &[])
+    }
+
+    pub fn start_with_env(
+        dir: &Path,
+        config: &str,
+        subs: &[serde_json::Value],
+        env: &[(&str, &str)],
+    ) -> Hookline {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let subs_path = dir.join("subscriptions.yaml");
+        std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
+        let cfg = format!(
+            "{config}\n[admin]\nlisten = \"{admin}\"\n[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
+            subs_path.display()
+        );
+        let config_path = dir.join("hookline.toml");
+        std::fs::write(&config_path, cfg).unwrap();
+        let mut h = Hookline {
+            admin,
+            dir: dir.to_path_buf(),
+            config: config_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            log_path: dir.join("hookline.log"),
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hookline"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "RUST_LOG",
+                std::env::var("HOOKLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start hookline");
+        self.child = Some(child);
+    }
+
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "restart after the previous process ended"
+        );
+        self.spawn();
+    }
+
+    /// Waits until `/readyz` answers 200 (group joined, cache loaded).
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::Client::new();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("hookline exited early with {status}; log:\n{}", self.log());
+            }
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hookline not ready within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample line of `/metrics` (`name{labels}` exactly as exposed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&self) {
+        signal(self.child.as_ref().expect("running"), libc::SIGTERM);
+    }
+
+    /// Waits for the process to exit; returns its status and how long that took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+        let start = Instant::now();
+        let mut c = self.child.take().expect("running");
+        let s = wait_child(&mut c, timeout);
+        (s, start.elapsed())
+    }
+}
+
+impl Drop for Hookline {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(series)
+            && let Some(v) = rest.strip_prefix(' ')
+        {
+            return v.trim().parse().unwrap_or(f64::NAN);
+        }
+    }
+    0.0
+}
+
+/// Base config for tests: the broker, topics, short tiers, loopback allowed.
+pub fn base_config(broker: &Broker, topics: &[&str], group: &str) -> String {
+    format!(
+        r#"[kafka]
+"bootstrap.servers" = "{}"
+"topic.metadata.refresh.interval.ms" = "1000"
+[source]
+topics = {:?}
+group = "{group}"
+store_interval = "50ms"
+commit_interval = "200ms"
+shutdown_timeout = "10s"
+[retry]
+topic_prefix = "hl{}"
+tiers = ["1s", "2s", "3s"]
+partitions = 2
+[delivery]
+allow_networks = ["127.0.0.0/8"]
+[log]
+level = "info"
+"#,
+        broker.bootstrap(),
+        topics,
+        rand_suffix()
+    )
+}
+
+/// Python interpreter with the `standardwebhooks` package (created by scripts/setup).
+pub fn verifier_python() -> PathBuf {
+    if let Ok(p) = std::env::var("HOOKLINE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/setup (creates the venv with standardwebhooks)",
+        p.display()
+    );
+    p
+}
