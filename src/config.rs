@@ -395,8 +395,14 @@ impl Config {
                 let text = std::fs::read_to_string(p).map_err(|e| {
                     ConfigError::new("--config", format!("cannot read {}: {e}", p.display()))
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| toml_error_to_config(&e.to_string()))?
+                text.parse::<toml::Table>().map_err(|e| {
+                    let line = e.span().map(|sp| text[..sp.start].lines().count().max(1));
+                    let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+                    ConfigError::new(
+                        "config",
+                        format!("invalid TOML{at}: {}", e.message().trim()),
+                    )
+                })?
             }
             None => toml::Table::new(),
         };
@@ -404,7 +410,15 @@ impl Config {
         let cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
                 let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
+                // toml appends multi-line context; the path already says where.
+                let inner = e
+                    .into_inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
                 // serde's own messages already name unknown fields; keep the path in front.
                 ConfigError::new(if path == "." { "config".into() } else { path }, inner)
             })?;
@@ -655,10 +669,6 @@ fn validate_topic_name(t: &str) -> Result<(), String> {
             "{t:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
         ))
     }
-}
-
-fn toml_error_to_config(msg: &str) -> ConfigError {
-    ConfigError::new("config", format!("invalid TOML: {}", msg.trim()))
 }
 
 /// Applies `HOOKLINE_A__B=value` overrides to the parsed TOML table.

@@ -19,6 +19,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+/// An HTTP client for talking to hookline's admin server.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -135,16 +141,22 @@ impl Broker {
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let res = rt
-            .block_on(admin.create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            ))
-            .unwrap();
+        // Callable from sync and async tests alike: its own runtime on its own thread.
+        let res = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(admin.create_topics(
+                    &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                ))
+            })
+            .join()
+            .unwrap()
+        })
+        .unwrap();
         for r in res {
             r.unwrap();
         }
@@ -630,7 +642,7 @@ impl Hookline {
     /// Waits until `/readyz` answers 200 (group joined, cache loaded).
     pub async fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let client = reqwest::Client::new();
+        let client = http();
         loop {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
