@@ -282,7 +282,7 @@ async fn latency(a: &Args) -> serde_json::Value {
     counter.lat_us.lock().unwrap().clear();
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
-        .set("linger.ms", "0")
+        .set("linger.ms", "2")
         .create()
         .unwrap();
     let total = a.rate * a.seconds as usize;
