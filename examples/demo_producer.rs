@@ -16,7 +16,10 @@ async fn main() {
         std::process::exit(2);
     };
     let interval = Duration::from_millis(args.next().and_then(|a| a.parse().ok()).unwrap_or(1000));
-    let producer: FutureProducer = match ClientConfig::new().set("bootstrap.servers", &bootstrap).create() {
+    let producer: FutureProducer = match ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+    {
         Ok(p) => p,
         Err(e) => {
             eprintln!("demo_producer: {e}");
@@ -25,11 +28,22 @@ async fn main() {
     };
     for i in 1u64.. {
         let tenant = if i % 2 == 0 { "acme" } else { "globex" };
-        let order = format!(r#"{{"id":"ord-{i:05}","type":"order.created","data":{{"amount":{}}}}}"#, i * 7 % 500);
-        let payment = format!(r#"{{"id":"pay-{i:05}","type":"payment.captured","tenant":"{tenant}","data":{{}}}}"#);
+        let order = format!(
+            r#"{{"id":"ord-{i:05}","type":"order.created","data":{{"amount":{}}}}}"#,
+            i * 7 % 500
+        );
+        let payment = format!(
+            r#"{{"id":"pay-{i:05}","type":"payment.captured","tenant":"{tenant}","data":{{}}}}"#
+        );
         for (topic, value) in [("orders", &order), ("payments", &payment)] {
             let key = i.to_string();
-            if let Err((e, _)) = producer.send(FutureRecord::to(topic).key(&key).payload(value), Duration::from_secs(5)).await {
+            if let Err((e, _)) = producer
+                .send(
+                    FutureRecord::to(topic).key(&key).payload(value),
+                    Duration::from_secs(5),
+                )
+                .await
+            {
                 eprintln!("demo_producer: {topic}: {e}");
             }
         }

@@ -42,6 +42,9 @@ fn run(args: RunArgs) -> ExitCode {
     } else {
         rt.block_on(pipeline::run(config))
     };
+    // Blocking tasks that outlived their timeouts (a close against an unreachable broker) must not hold
+    // the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ RunError::Config(_)) => fail(2, e),

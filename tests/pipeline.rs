@@ -641,3 +641,30 @@ fn sign_and_verify_commands() {
         "a 2021 timestamp is outside a 5 minute tolerance"
     );
 }
+
+/// SIGTERM after the broker went away while failed deliveries were being handed to the retry tier: the drain,
+/// the final commit and the group leave are all bounded, and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_broker_gone_still_exits() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start(|_| Reply::Delayed(503, Duration::from_millis(300))).await;
+    let cfg = base_config(&broker, &["events"], "g7")
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"3s\"");
+    let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &r.url(), &["*"])]);
+    h.wait_ready(Duration::from_secs(30)).await;
+    let records: Vec<Record> = (0..200)
+        .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))
+        .collect();
+    broker.produce("events", &records).await;
+    r.wait_for("requests", Duration::from_secs(30), |l| l.len() >= 10)
+        .await;
+    drop(broker);
+    h.sigterm();
+    let (status, took) = h.wait_exit(Duration::from_secs(60));
+    println!("exit {status:?} after {took:?} with the broker gone");
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "log:\n{}", h.log());
+    // 3 s drain + at most 5 s each for commit, group leave and producer flush.
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+}

@@ -36,6 +36,9 @@ use crate::metrics::Metrics;
 use crate::model::Origin;
 use tracker::PartitionTracker;
 
+/// How long the final commit and the group leave may take at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Bounds on in-flight records (DESIGN §6).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -528,12 +531,30 @@ impl Source {
         }
         self.housekeeping();
         lock(&self.state).closing = true;
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("offsets committed"),
-            Err(e) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+        // Committing and leaving the group talk to the broker, and librdkafka's close has no timeout of
+        // its own: run them off the async threads and give up after CLOSE_TIMEOUT (an unreachable broker
+        // must not keep the process alive; uncommitted records are redelivered).
+        let consumer = Arc::new(self.consumer);
+        let c = consumer.clone();
+        let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync));
+        match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
+            Ok(Ok(Ok(()))) => tracing::info!("offsets committed"),
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+            _ => {
+                tracing::warn!("final commit did not finish in time; the broker may be unreachable")
+            }
         }
-        self.consumer.unsubscribe();
-        drop(self.consumer);
-        self.dispatcher.publisher.flush(Duration::from_secs(5));
+        let close = tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+        });
+        if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
+            tracing::warn!("leaving the consumer group did not finish in time");
+        }
+        let publisher_flush = {
+            let d = self.dispatcher.clone();
+            tokio::task::spawn_blocking(move || d.publisher.flush(CLOSE_TIMEOUT))
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), publisher_flush).await;
     }
 }
