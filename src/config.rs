@@ -176,7 +176,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Tokio worker threads; 0 = one per CPU.
@@ -313,11 +313,6 @@ impl Default for LogConfig {
             format: default_log_format(),
             level: default_log_level(),
         }
-    }
-}
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self { worker_threads: 0 }
     }
 }
 

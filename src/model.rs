@@ -432,7 +432,8 @@ mod tests {
     #[test]
     fn prepare_validates_and_names_fields() {
         assert!(Subscription::prepare(spec(), &Defaults::default()).is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut SubscriptionSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut SubscriptionSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.url = "ftp://x/".into()), "url"),
             (Box::new(|s| s.url = "not a url".into()), "url"),
             (Box::new(|s| s.event_types = vec![]), "event_types"),

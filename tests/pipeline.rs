@@ -517,7 +517,9 @@ fn config_and_cli_errors_exit_2_naming_the_setting() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("1 enabled subscriptions"), "{out}");
 
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    // (config text, environment, setting the error must name)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             base.clone(),
             vec![("HOOKLINE_SOURCE__TOPICS", "")],

@@ -188,10 +188,34 @@ impl Broker {
             if let Some(k) = &r.key {
                 fr = fr.key(k.as_bytes());
             }
-            futs.push(p.send(fr, Duration::from_secs(10)));
+            // send_result enqueues now (send() would only enqueue when awaited, one at a time).
+            loop {
+                match p.send_result(fr) {
+                    Ok(f) => {
+                        futs.push(f);
+                        break;
+                    }
+                    Err((e, back)) => {
+                        assert!(
+                            matches!(
+                                e,
+                                rdkafka::error::KafkaError::MessageProduction(
+                                    rdkafka::types::RDKafkaErrorCode::QueueFull
+                                )
+                            ),
+                            "produce: {e}"
+                        );
+                        fr = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
         }
         for f in futs {
-            f.await.map_err(|(e, _)| e).expect("produce");
+            f.await
+                .expect("delivery future cancelled")
+                .map_err(|(e, _)| e)
+                .expect("produce");
         }
     }
 
