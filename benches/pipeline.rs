@@ -280,6 +280,43 @@ async fn latency(a: &Args) -> serde_json::Value {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     counter.lat_us.lock().unwrap().clear();
+    // Baseline: a bare consumer (own group, same fetch settings) measuring produce → consumed, i.e. what
+    // the broker and librdkafka cost before hookline does anything.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let baseline = {
+        let (bootstrap, stop) = (broker.bootstrap(), stop.clone());
+        std::thread::spawn(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            use rdkafka::message::Message;
+            let mut cfg = rdkafka::ClientConfig::new();
+            cfg.set("bootstrap.servers", &bootstrap)
+                .set("group.id", "bench-baseline")
+                .set("auto.offset.reset", "latest");
+            if let Ok(w) = std::env::var("HOOKLINE_KAFKA__FETCH_WAIT_MAX_MS") {
+                cfg.set("fetch.wait.max.ms", w);
+            }
+            let c: BaseConsumer = cfg.create().unwrap();
+            c.subscribe(&["bench"]).unwrap();
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100))
+                    && let Some(body) = m.payload()
+                    && let Some(pos) = memchr_t(body)
+                {
+                    let d = &body[pos..];
+                    let end = d
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .unwrap_or(d.len());
+                    if let Ok(t) = std::str::from_utf8(&d[..end]).unwrap_or("x").parse::<u64>() {
+                        lat.push(now_us().saturating_sub(t));
+                    }
+                }
+            }
+            lat
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await; // let the baseline consumer join
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("linger.ms", "2")
@@ -315,20 +352,26 @@ async fn latency(a: &Args) -> serde_json::Value {
     let cpu = cpu_seconds(pid) - cpu0;
     let rss_kb = status_kb(pid, "VmHWM:");
     h.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let mut base = baseline.join().unwrap();
+    base.sort_unstable();
     let mut l = counter.lat_us.lock().unwrap().clone();
     l.sort_unstable();
-    let pct = |p: f64| {
+    let pct_of = |l: &[u64], p: f64| {
         if l.is_empty() {
             0.0
         } else {
             l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64 / 1000.0
         }
     };
+    let pct = |p: f64| pct_of(&l, p);
     serde_json::json!({
         "mode": "latency",
         "rate_per_s": a.rate, "seconds": a.seconds, "partitions": a.partitions, "matching_per_event": a.matching,
         "received": l.len(), "expected": total * a.matching,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": l.last().map_or(0.0, |m| *m as f64 / 1000.0),
+        "baseline_consumer_received": base.len(),
+        "baseline_consumer_p50_ms": pct_of(&base, 0.50), "baseline_consumer_p99_ms": pct_of(&base, 0.99),
         "hookline_cpu_s": (cpu * 100.0).round() / 100.0,
         "peak_rss_mib": (rss_kb as f64 / 1024.0).round(),
         "machine": machine(),
