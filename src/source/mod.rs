@@ -82,7 +82,37 @@ struct State {
     closing: bool,
 }
 
+/// What [`State::push`] did with a record.
+struct Pushed {
+    completions: Vec<tracker::Completion>,
+    /// The partition just went over a bound and must be paused in librdkafka.
+    pause: bool,
+}
+
 impl State {
+    /// Pushes a record into its partition's tracker, keeping the instance totals equal to the sum of what
+    /// the trackers hold (records with no work queued behind unfinished ones count too). `None` when the
+    /// partition is not assigned here or the offset was already seen.
+    fn push(
+        &mut self,
+        key: &(Arc<str>, i32),
+        offset: i64,
+        bytes: u32,
+        ts_ms: i64,
+        work: u32,
+        limits: &Limits,
+    ) -> Option<Pushed> {
+        let part = self.parts.get_mut(key)?;
+        let (r, b) = part.tracker.advance();
+        let (len0, bytes0) = (part.tracker.len(), part.tracker.bytes());
+        let completions = part.tracker.push(offset, bytes, ts_ms, work).ok()?;
+        self.records = self.records - r + (part.tracker.len() - len0);
+        self.bytes = self.bytes - b + (part.tracker.bytes() - bytes0);
+        let pause = !part.paused && limits.over(&part.tracker, self.records, self.bytes);
+        part.paused |= pause;
+        Some(Pushed { completions, pause })
+    }
+
     /// Advances every tracker; returns the offsets to store.
     fn advance_all(&mut self) -> Vec<(Arc<str>, i32, i64)> {
         let mut out = Vec::new();
@@ -404,42 +434,26 @@ impl Source {
             1
         };
 
-        let mut st = lock(&self.state);
-        let State {
-            parts,
-            records,
-            bytes: total_bytes,
-            ..
-        } = &mut *st;
-        let Some(part) = parts.get_mut(&key) else {
-            // Not (or no longer) assigned here: leave it to its owner.
+        let pushed = lock(&self.state).push(
+            &key,
+            m.offset(),
+            bytes,
+            timestamp_ms.unwrap_or(0),
+            work,
+            &self.limits,
+        );
+        // Not (or no longer) assigned here, or a re-fetch of a record already taken: leave it.
+        let Some(Pushed { completions, pause }) = pushed else {
             return;
         };
-        let (r, b) = part.tracker.advance();
-        *records -= r;
-        *total_bytes -= b;
-        let completions =
-            match part
-                .tracker
-                .push(m.offset(), bytes, timestamp_ms.unwrap_or(0), work)
-            {
-                Ok(c) => c,
-                Err(tracker::AlreadySeen) => return,
-            };
-        if work > 0 {
-            *records += 1;
-            *total_bytes += u64::from(bytes);
-        }
-        if !part.paused && self.limits.over(&part.tracker, *records, *total_bytes) {
-            part.paused = true;
+        if pause {
             let mut tpl = TopicPartitionList::new();
             let _ = tpl.add_partition(topic, m.partition());
             if let Err(e) = self.consumer.pause(&tpl) {
                 tracing::warn!(error = %e, "pause failed");
             }
-            tracing::debug!(topic = %topic, partition = m.partition(), in_flight = part.tracker.len(), "partition paused (in-flight bound)");
+            tracing::debug!(topic = %topic, partition = m.partition(), "partition paused (in-flight bound)");
         }
-        drop(st);
 
         match event {
             Some(ev) => {
@@ -556,5 +570,79 @@ impl Source {
             tokio::task::spawn_blocking(move || d.publisher.flush(CLOSE_TIMEOUT))
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), publisher_flush).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with(key: &(Arc<str>, i32)) -> State {
+        let mut st = State::default();
+        st.parts.insert(
+            key.clone(),
+            PartitionState {
+                tracker: PartitionTracker::new(),
+                paused: false,
+            },
+        );
+        st
+    }
+
+    const LIMITS: Limits = Limits {
+        per_partition: 3,
+        per_partition_bytes: 1 << 20,
+        total: 100,
+        total_bytes: 1 << 30,
+    };
+
+    #[test]
+    fn totals_follow_the_trackers_including_records_without_work() {
+        let key: (Arc<str>, i32) = (Arc::from("t"), 0);
+        let mut st = state_with(&key);
+        let mut a = st.push(&key, 0, 10, 0, 1, &LIMITS).unwrap().completions;
+        // A record matching nothing, queued behind the unfinished one.
+        assert!(
+            st.push(&key, 1, 10, 0, 0, &LIMITS)
+                .unwrap()
+                .completions
+                .is_empty()
+        );
+        assert_eq!((st.records, st.bytes), (2, 10));
+        a.pop().unwrap().done();
+        let stored = st.advance_all();
+        assert_eq!(stored, vec![(key.0.clone(), 0, 2)]);
+        assert_eq!((st.records, st.bytes), (0, 0));
+        // Later pushes advance over finished work first.
+        let mut b = st.push(&key, 2, 5, 0, 2, &LIMITS).unwrap().completions;
+        b.pop().unwrap().done();
+        b.pop().unwrap().done();
+        st.push(&key, 3, 5, 0, 0, &LIMITS).unwrap();
+        assert_eq!((st.records, st.bytes), (0, 0));
+        assert_eq!(st.advance_all(), vec![(key.0.clone(), 0, 4)]);
+    }
+
+    #[test]
+    fn pause_is_signalled_once_when_a_bound_is_reached() {
+        let key: (Arc<str>, i32) = (Arc::from("t"), 0);
+        let mut st = state_with(&key);
+        let mut held = Vec::new();
+        let mut pauses = Vec::new();
+        for off in 0..5 {
+            let p = st.push(&key, off, 1, 0, 1, &LIMITS).unwrap();
+            pauses.push(p.pause);
+            held.extend(p.completions);
+        }
+        assert_eq!(pauses, vec![false, false, true, false, false]);
+        assert!(st.parts[&key].paused);
+        assert!(
+            st.push(&(Arc::from("other"), 0), 0, 1, 0, 1, &LIMITS)
+                .is_none(),
+            "unassigned partition"
+        );
+        assert!(
+            st.push(&key, 2, 1, 0, 1, &LIMITS).is_none(),
+            "re-fetched offset"
+        );
     }
 }
