@@ -28,6 +28,11 @@ fn id_set(ids: impl IntoIterator<Item = String>) -> HashSet<String> {
     ids.into_iter().collect()
 }
 
+/// The ids `plain_event` gives events `range`.
+fn ids(range: std::ops::Range<usize>) -> HashSet<String> {
+    range.map(|i| format!("evt-{i:05}")).collect()
+}
+
 /// Must show 1: each receiver gets exactly its matching set, nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_receiver_gets_exactly_its_matching_set() {
@@ -234,7 +239,7 @@ async fn one_partition_is_delivered_concurrently() {
         .collect();
     let start = Instant::now();
     broker.produce("events", &records).await;
-    let ids = id_set((0..100).map(|i| format!("evt-{i:05}")));
+    let ids = ids(0..100);
     r.wait_acked(&ids, Duration::from_secs(30)).await;
     let took = start.elapsed();
     println!(
@@ -275,18 +280,16 @@ async fn kill9_loses_nothing() {
             .collect()
     };
     broker.produce("events", &batch(0..200)).await;
-    let first = id_set((0..200).map(|i| format!("evt-{i:05}")));
+    let first = ids(0..200);
     good.wait_acked(&first, Duration::from_secs(30)).await;
     hang.wait_acked(&first, Duration::from_secs(30)).await;
     // Let the first batch's offsets be committed (commit_interval 200 ms).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while broker.group_lag("g4", "events") > 0 {
-        assert!(Instant::now() < deadline, "first batch never committed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .wait_committed("g4", "events", Duration::from_secs(10))
+        .await;
 
     broker.produce("events", &batch(200..400)).await;
-    let all = id_set((0..400).map(|i| format!("evt-{i:05}")));
+    let all = ids(0..400);
     good.wait_acked(&all, Duration::from_secs(30)).await;
     hang.wait_for("hung requests", Duration::from_secs(30), |l| {
         l.iter().filter(|r| r.status.is_none()).count() >= 20
@@ -308,9 +311,6 @@ async fn kill9_loses_nothing() {
     good.wait_acked(&all, Duration::from_secs(60)).await;
     hang.wait_acked(&all, Duration::from_secs(60)).await;
 
-    let dups = |r: &Receiver| {
-        r.received().len() - id_set(r.received().into_iter().map(|x| x.webhook_id)).len()
-    };
     let resent_first: usize = good
         .received()
         .iter()
@@ -319,8 +319,8 @@ async fn kill9_loses_nothing() {
         - first.len();
     println!(
         "after kill -9 and restart: good receiver {} duplicates, hanging receiver {} duplicates, first batch re-sent {}",
-        dups(&good),
-        dups(&hang),
+        good.duplicates(),
+        hang.duplicates(),
         resent_first
     );
     assert_eq!(
@@ -328,7 +328,7 @@ async fn kill9_loses_nothing() {
         "records committed before the kill were delivered again"
     );
     assert!(
-        dups(&good) > 0,
+        good.duplicates() > 0,
         "the unfinished second batch must have been redelivered after the kill"
     );
 }
@@ -410,14 +410,9 @@ async fn malformed_records_do_not_stop_the_partition() {
         bad.len() as f64
     );
     // Still alive and everything committed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while broker.group_lag("g5", "events") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "offsets not committed past the invalid records"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .wait_committed("g5", "events", Duration::from_secs(10))
+        .await;
     h.sigterm();
     let (status, _) = h.wait_exit(Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
@@ -467,7 +462,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
 
     h.restart();
     h.wait_ready(Duration::from_secs(30)).await;
-    let all = id_set((0..n).map(|i| format!("evt-{i:05}")));
+    let all = ids(0..n);
     r.wait_acked(&all, Duration::from_secs(60)).await;
     let after: Vec<String> = r.received()[before.len()..]
         .iter()
@@ -708,7 +703,7 @@ async fn rebalance_drains_revoked_partitions() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     broker.produce("events", &records[400..]).await;
-    let all = id_set((0..600).map(|i| format!("evt-{i:05}")));
+    let all = ids(0..600);
     r.wait_acked(&all, Duration::from_secs(60)).await;
     let consumed_b = b
         .metric("hookline_events_consumed_total{topic=\"events\"}")
@@ -722,14 +717,13 @@ async fn rebalance_drains_revoked_partitions() {
         .map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
         .collect();
     broker.produce("events", &more).await;
-    let all = id_set((0..700).map(|i| format!("evt-{i:05}")));
+    let all = ids(0..700);
     r.wait_acked(&all, Duration::from_secs(60)).await;
 
-    let got = r.received();
-    let dups = got.len() - id_set(got.iter().map(|q| q.webhook_id.clone())).len();
+    let dups = r.duplicates();
     println!(
         "B consumed {consumed_b} records; {} requests for 700 events, {dups} duplicates",
-        got.len()
+        r.count()
     );
     assert_eq!(
         dups, 0,
@@ -776,9 +770,7 @@ async fn partition_pauses_at_bound_and_resumes_without_gaps() {
     );
 
     r.release();
-    let all = id_set((0..300).map(|i| format!("evt-{i:05}")));
+    let all = ids(0..300);
     r.wait_acked(&all, Duration::from_secs(60)).await;
-    let got = r.received();
-    let dups = got.len() - id_set(got.iter().map(|q| q.webhook_id.clone())).len();
-    assert_eq!(dups, 0, "pause/resume repeated records");
+    assert_eq!(r.duplicates(), 0, "pause/resume repeated records");
 }

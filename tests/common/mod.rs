@@ -283,6 +283,18 @@ impl Broker {
         out
     }
 
+    /// Waits until `group` has committed everything in `topic`.
+    pub async fn wait_committed(&self, group: &str, topic: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.group_lag(group, topic) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "group {group} did not commit {topic} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sum over partitions of (high watermark - committed offset) for a group.
     pub fn group_lag(&self, group: &str, topic: &str) -> i64 {
         let c: BaseConsumer = ClientConfig::new()
@@ -483,6 +495,14 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.log.lock().unwrap().len()
+    }
+
+    /// Requests beyond the first for each webhook-id.
+    pub fn duplicates(&self) -> usize {
+        let log = self.log.lock().unwrap();
+        let distinct: std::collections::HashSet<&str> =
+            log.iter().map(|r| r.webhook_id.as_str()).collect();
+        log.len() - distinct.len()
     }
 
     /// Waits until `pred` holds for the log, or panics after `timeout`.
