@@ -1,4 +1,9 @@
 use std::io::Read;
+
+// glibc malloc showed ~12 % of delivery CPU (arena growth, free lists across threads); mimalloc's
+// thread-local heaps fit the allocate-on-one-task, free-on-another pattern of deliveries.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::Parser;
