@@ -28,6 +28,17 @@ fn id_set(ids: impl IntoIterator<Item = String>) -> HashSet<String> {
     ids.into_iter().collect()
 }
 
+/// The retry/dead-letter topic prefix `base_config` chose.
+fn prefix_of(cfg: &str) -> String {
+    cfg.split("topic_prefix = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// The ids `plain_event` gives events `range`.
 fn ids(range: std::ops::Range<usize>) -> HashSet<String> {
     range.map(|i| format!("evt-{i:05}")).collect()
@@ -377,14 +388,7 @@ async fn malformed_records_do_not_stop_the_partition() {
             .await;
         assert_eq!(v, 1.0, "invalid counter for {reason}");
     }
-    let prefix = cfg
-        .split("topic_prefix = \"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let prefix = prefix_of(&cfg);
     let dlq = broker.read_all(&format!("{prefix}.dlq"));
     assert_eq!(
         dlq.len(),
@@ -773,4 +777,107 @@ async fn partition_pauses_at_bound_and_resumes_without_gaps() {
     let all = ids(0..300);
     r.wait_acked(&all, Duration::from_secs(60)).await;
     assert_eq!(r.duplicates(), 0, "pause/resume repeated records");
+}
+
+/// Failed deliveries are handed off durably before their records count as done: 503 → the first retry
+/// tier, 400 → dead-letter `rejected`, 410 → dead-letter `gone`, each with the DESIGN §5 headers, keyed
+/// by subscription; the source offsets are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deliveries_are_handed_off_durably() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let unavailable = Receiver::start(|_| Reply::Status(503)).await;
+    let bad = Receiver::start(|_| Reply::Status(400)).await;
+    let gone = Receiver::start(|_| Reply::Status(410)).await;
+    let subs = vec![
+        sub(1, &unavailable.url(), &["*"]),
+        sub(2, &bad.url(), &["*"]),
+        sub(3, &gone.url(), &["*"]),
+    ];
+    let cfg = base_config(&broker, &["events"], "g10");
+    let mut h = Hookline::start(dir.path(), &cfg, &subs);
+    h.wait_ready(Duration::from_secs(30)).await;
+    let records: Vec<Record> = (0..10)
+        .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))
+        .collect();
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    broker.produce("events", &records).await;
+    broker
+        .wait_committed("g10", "events", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        (unavailable.count(), bad.count(), gone.count()),
+        (10, 10, 10)
+    );
+
+    let prefix = prefix_of(&cfg);
+    let tier1 = broker.read_all(&format!("{prefix}.retry.1s"));
+    assert_eq!(tier1.len(), 10, "every 503 is in the first tier");
+    for r in &tier1 {
+        let hd = &r.headers;
+        assert_eq!(
+            r.key.as_deref(),
+            Some(sub_id(1).as_str()),
+            "keyed by subscription"
+        );
+        assert_eq!(hd["hookline-subscription"], sub_id(1));
+        assert_eq!(hd["hookline-attempt"], "1");
+        assert_eq!(hd["hookline-last-status"], "503");
+        assert_eq!(hd["hookline-origin-topic"], "events");
+        let first: u64 = hd["hookline-first-failure-ms"].parse().unwrap();
+        let due: u64 = hd["hookline-due-ms"].parse().unwrap();
+        assert!(
+            first >= before_ms && due >= first + 1000,
+            "due {due} must be a tier delay after {first}"
+        );
+        assert!(
+            hd.contains_key("hookline-origin-partition")
+                && hd.contains_key("hookline-origin-offset")
+        );
+        assert!(!hd.contains_key("hookline-dlq-reason"));
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        assert!(
+            v["id"].as_str().unwrap().starts_with("evt-"),
+            "original value kept"
+        );
+    }
+    let dlq = broker.read_all(&format!("{prefix}.dlq"));
+    let reasons = |sub: u32| -> Vec<String> {
+        dlq.iter()
+            .filter(|r| r.key.as_deref() == Some(sub_id(sub).as_str()))
+            .map(|r| r.headers["hookline-dlq-reason"].clone())
+            .collect()
+    };
+    assert_eq!(reasons(2), vec!["rejected"; 10]);
+    assert_eq!(reasons(3), vec!["gone"; 10]);
+    assert_eq!(dlq.len(), 20);
+    assert_eq!(
+        h.metric("hookline_retry_published_total{tier=\"1s\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(
+        h.metric("hookline_dlq_published_total{reason=\"rejected\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(
+        h.metric("hookline_dlq_published_total{reason=\"gone\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(
+        h.metric("hookline_delivery_attempts_total{result=\"5xx\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(
+        h.metric("hookline_delivery_attempts_total{result=\"4xx\"}")
+            .await,
+        20.0
+    );
 }
