@@ -623,6 +623,52 @@ mod tests {
     }
 
     #[test]
+    fn byte_bounds_pause_too_and_resume_below_three_quarters() {
+        let key: (Arc<str>, i32) = (Arc::from("t"), 0);
+        let limits = Limits {
+            per_partition: 1000,
+            per_partition_bytes: 1000,
+            total: 1000,
+            total_bytes: 1 << 30,
+        };
+        let mut st = state_with(&key);
+        let mut held = st.push(&key, 0, 600, 0, 1, &limits).unwrap().completions;
+        let p = st.push(&key, 1, 400, 0, 1, &limits).unwrap();
+        assert!(
+            p.pause,
+            "1000 bytes held reaches the per-partition byte bound"
+        );
+        held.extend(p.completions);
+        assert!(!limits.may_resume(&st.parts[&key].tracker, st.records, st.bytes));
+        held.remove(0).done();
+        st.advance_all();
+        assert_eq!(st.bytes, 400);
+        assert!(
+            limits.may_resume(&st.parts[&key].tracker, st.records, st.bytes),
+            "400 < 750"
+        );
+        // The instance-wide byte bound applies across partitions.
+        let global = Limits {
+            per_partition: 1000,
+            per_partition_bytes: 1 << 30,
+            total: 1000,
+            total_bytes: 500,
+        };
+        let other: (Arc<str>, i32) = (Arc::from("t"), 1);
+        st.parts.insert(
+            other.clone(),
+            PartitionState {
+                tracker: PartitionTracker::new(),
+                paused: false,
+            },
+        );
+        assert!(
+            st.push(&other, 0, 100, 0, 1, &global).unwrap().pause,
+            "400 + 100 bytes held in the instance"
+        );
+    }
+
+    #[test]
     fn pause_is_signalled_once_when_a_bound_is_reached() {
         let key: (Arc<str>, i32) = (Arc::from("t"), 0);
         let mut st = state_with(&key);
