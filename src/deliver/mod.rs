@@ -4,6 +4,7 @@
 //! proxies, DNS answers filtered by the [`policy`]). Per request it costs one signature per secret and one
 //! small header map; the body is the shared event bytes.
 
+pub mod breaker;
 pub mod outcome;
 pub mod policy;
 pub mod sign;
