@@ -317,8 +317,20 @@ async fn kill9_loses_nothing() {
     );
 
     hang.release();
+    let restarted = Instant::now();
+    let before_restart = hang.count();
     h.restart();
     h.wait_ready(Duration::from_secs(60)).await;
+    hang.wait_for(
+        "a request after the restart",
+        Duration::from_secs(60),
+        |l| l.len() > before_restart,
+    )
+    .await;
+    println!(
+        "restarted instance delivering again after {:?} (session.timeout.ms = 6 s)",
+        restarted.elapsed()
+    );
     good.wait_acked(&all, Duration::from_secs(60)).await;
     hang.wait_acked(&all, Duration::from_secs(60)).await;
 

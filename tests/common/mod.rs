@@ -775,6 +775,9 @@ pub fn base_config(broker: &Broker, topics: &[&str], group: &str) -> String {
         r#"[kafka]
 "bootstrap.servers" = "{}"
 "topic.metadata.refresh.interval.ms" = "1000"
+# A killed member's partitions move after its session times out (librdkafka default 45 s); tests use 6 s.
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
 [source]
 topics = {:?}
 group = "{group}"
