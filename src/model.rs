@@ -219,9 +219,6 @@ pub struct Subscription {
     pub keys: Vec<SigningKey>,
     pub timeout: Duration,
     pub headers: HeaderMap,
-    pub rate_limit_per_sec: Option<u32>,
-    pub burst: Option<u32>,
-    pub max_in_flight: Option<u32>,
     /// Caps concurrent requests to this endpoint (`max_in_flight`, or the configured default).
     pub concurrency: Arc<tokio::sync::Semaphore>,
     pub spec: SubscriptionSpec,
@@ -355,9 +352,6 @@ impl Subscription {
             keys,
             timeout: Duration::from_millis(timeout_ms),
             headers,
-            rate_limit_per_sec: spec.rate_limit_per_sec,
-            burst: spec.burst,
-            max_in_flight: spec.max_in_flight,
             concurrency: Arc::new(tokio::sync::Semaphore::new(
                 spec.max_in_flight.unwrap_or(defaults.max_in_flight) as usize,
             )),

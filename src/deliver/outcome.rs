@@ -55,19 +55,20 @@ impl AttemptResult {
             AttemptResult::Connect(e) | AttemptResult::Refused(e) => e.clone(),
             AttemptResult::CircuitOpen => "circuit breaker open".into(),
         };
-        truncate(s, 200)
+        truncate(&s, 200).to_string()
     }
 }
 
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
-    s
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
 }
 
 /// What to do with the delivery after an attempt.

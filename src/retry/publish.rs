@@ -15,7 +15,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::Topics;
 use super::headers as h;
 use crate::config::Config;
-use crate::deliver::outcome::AttemptResult;
+use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::metrics::Metrics;
 use crate::model::{Event, Subscription};
 
@@ -257,17 +257,6 @@ impl Publisher {
             tracing::warn!(error = %e, "retry producer flush incomplete");
         }
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut cut = max;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &s[..cut]
 }
 
 /// Original headers (minus earlier `hookline-*`) plus this hop's headers. Origin and first-failure

@@ -387,7 +387,7 @@ impl Source {
             header_buf.extend(hs.iter().map(|h| (h.key, h.value)));
         }
         let timestamp_ms = m.timestamp().to_millis();
-        let origin = Origin {
+        let origin = || Origin {
             topic: topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
@@ -399,7 +399,7 @@ impl Source {
                 value,
                 headers: &header_buf,
             },
-            origin,
+            origin(),
             self.max_event_bytes,
         );
         let (event, subs, invalid_detail) = match decoded {
@@ -469,12 +469,7 @@ impl Source {
                     .iter()
                     .map(|(k, v)| ((*k).into(), v.map(bytes::Bytes::copy_from_slice)))
                     .collect();
-                let origin = Origin {
-                    topic: topic.clone(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp_ms,
-                };
+                let origin = origin();
                 let detail = invalid_detail.unwrap_or_default();
                 let mut completions = completions;
                 let done = completions.pop();
