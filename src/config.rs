@@ -105,6 +105,13 @@ pub struct RetryConfig {
     /// -1 = the broker's default.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
+    /// Consumer group of the tier consumers; default `<source.group>.retry`.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Each hop's delay is stretched by a random fraction in `[0, jitter]` (never shortened), so a burst
+    /// of failures does not come back as one burst.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +155,37 @@ pub struct DeliveryConfig {
     pub pool_max_idle_per_host: usize,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
     pub pool_idle_timeout: Duration,
+    /// Deliveries that may wait for one endpoint (for a concurrency slot or a rate-limit token) beyond its
+    /// `max_in_flight`. More are handed to the first retry tier without spending an attempt. For a
+    /// rate-limited endpoint the queue is also capped at one second of its rate plus its burst.
+    #[serde(default = "default_endpoint_queue")]
+    pub endpoint_queue: usize,
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+}
+
+/// Per-subscription circuit breaker (DESIGN §4).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Sliding window over which the failure ratio is computed.
+    #[serde(default = "default_breaker_window", with = "humantime_serde_compat")]
+    pub window: Duration,
+    /// Finished requests needed in the window before the ratio can open the breaker.
+    #[serde(default = "default_breaker_min_requests")]
+    pub min_requests: u32,
+    /// Failure ratio (0 < r <= 1) that opens the breaker.
+    #[serde(default = "default_breaker_ratio")]
+    pub failure_ratio: f64,
+    /// Failures in a row that open the breaker regardless of the window.
+    #[serde(default = "default_breaker_consecutive")]
+    pub consecutive_failures: u32,
+    /// How long the breaker stays open before letting probes through.
+    #[serde(default = "default_breaker_cool_down", with = "humantime_serde_compat")]
+    pub cool_down: Duration,
+    /// Requests let through while half-open; all must succeed to close.
+    #[serde(default = "default_breaker_probes")]
+    pub half_open_probes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +267,42 @@ fn default_retry_partitions() -> i32 {
 fn default_replication() -> i32 {
     -1
 }
+fn default_jitter() -> f64 {
+    0.1
+}
+fn default_endpoint_queue() -> usize {
+    256
+}
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_breaker_min_requests() -> u32 {
+    20
+}
+fn default_breaker_ratio() -> f64 {
+    0.5
+}
+fn default_breaker_consecutive() -> u32 {
+    10
+}
+fn default_breaker_cool_down() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_breaker_probes() -> u32 {
+    3
+}
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            window: default_breaker_window(),
+            min_requests: default_breaker_min_requests(),
+            failure_ratio: default_breaker_ratio(),
+            consecutive_failures: default_breaker_consecutive(),
+            cool_down: default_breaker_cool_down(),
+            half_open_probes: default_breaker_probes(),
+        }
+    }
+}
 fn default_store_kind() -> StoreKind {
     StoreKind::Sqlite
 }
@@ -274,6 +348,8 @@ impl Default for RetryConfig {
             create_topics: true,
             partitions: default_retry_partitions(),
             replication_factor: default_replication(),
+            group: None,
+            jitter: default_jitter(),
         }
     }
 }
@@ -296,6 +372,8 @@ impl Default for DeliveryConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             pool_max_idle_per_host: default_pool_idle(),
             pool_idle_timeout: default_pool_idle_timeout(),
+            endpoint_queue: default_endpoint_queue(),
+            breaker: BreakerSettings::default(),
         }
     }
 }
@@ -543,6 +621,60 @@ impl Config {
             1,
             600_000,
         )?;
+        range(
+            "delivery.endpoint_queue",
+            self.delivery.endpoint_queue as u64,
+            0,
+            1_000_000,
+        )?;
+        let b = &self.delivery.breaker;
+        if b.window < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "delivery.breaker.window",
+                "must be at least 10ms",
+            ));
+        }
+        range(
+            "delivery.breaker.min_requests",
+            u64::from(b.min_requests),
+            1,
+            1_000_000,
+        )?;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return Err(ConfigError::new(
+                "delivery.breaker.failure_ratio",
+                "must be greater than 0 and at most 1",
+            ));
+        }
+        range(
+            "delivery.breaker.consecutive_failures",
+            u64::from(b.consecutive_failures),
+            1,
+            1_000_000,
+        )?;
+        if b.cool_down.is_zero() {
+            return Err(ConfigError::new(
+                "delivery.breaker.cool_down",
+                "must be greater than 0",
+            ));
+        }
+        range(
+            "delivery.breaker.half_open_probes",
+            u64::from(b.half_open_probes),
+            1,
+            10_000,
+        )?;
+        if !(0.0..=1.0).contains(&self.retry.jitter) {
+            return Err(ConfigError::new("retry.jitter", "must be within 0..=1"));
+        }
+        if let Some(g) = &self.retry.group
+            && (g.trim().is_empty() || *g == self.source.group)
+        {
+            return Err(ConfigError::new(
+                "retry.group",
+                "must be non-empty and differ from source.group",
+            ));
+        }
         self.admin
             .listen
             .parse::<std::net::SocketAddr>()
@@ -569,6 +701,14 @@ impl Config {
             256,
         )?;
         Ok(())
+    }
+
+    /// Consumer group of the tier consumers.
+    pub fn retry_group(&self) -> String {
+        self.retry
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("{}.retry", self.source.group))
     }
 
     /// The retry tiers in order, with their delays. Validated by [`Config::validate`].

@@ -1,17 +1,33 @@
-//! Fan-out: one task per (event, subscription). Each task waits for the endpoint's concurrency permit,
-//! makes the attempt, and settles the outcome: delivered, or handed to a retry tier / the dead-letter topic
-//! (and acknowledged by Kafka) — only then is its share of the source record marked done.
+//! Fan-out: one task per (event, subscription). Each task asks the subscription's endpoint for a slot
+//! (queue bound, concurrency, breaker, rate limit — see [`crate::deliver::endpoint`]), makes the attempt,
+//! and settles the outcome: delivered, or handed to a retry tier / the dead-letter topic (and acknowledged
+//! by Kafka) — only then is its share of the record marked done. Source records and due retry records
+//! both come through here; a retry record carries what happened before in [`Prior`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::deliver::Deliverer;
-use crate::deliver::outcome::{Next, Outcome, classify, next_tier};
+use crate::deliver::endpoint::NotNow;
+use crate::deliver::outcome::{
+    AttemptResult, Next, Outcome, classify, healthy, jittered, next_tier,
+};
 use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Subscription};
 use crate::retry::publish::{DlqReason, Failure, Publisher};
 use crate::source::tracker::Completion;
+
+/// What happened to a delivery before this attempt (all zero/`None` for a record from the source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prior {
+    /// Attempts already made.
+    pub attempts: u32,
+    /// Epoch ms of the first failure (or deferral).
+    pub first_failure_ms: Option<u64>,
+    /// Times deferred because the endpoint's queue was full.
+    pub deferrals: u32,
+}
 
 pub struct Dispatcher {
     pub deliverer: Deliverer,
@@ -19,73 +35,94 @@ pub struct Dispatcher {
     pub metrics: Arc<Metrics>,
     /// Tier delays, in order.
     pub tier_delays: Vec<Duration>,
+    /// `retry.jitter`.
+    pub jitter: f64,
 }
 
 impl Dispatcher {
     /// Starts the delivery of `event` to `sub`; `done` is completed when it is settled.
-    pub fn dispatch(self: &Arc<Self>, event: Arc<Event>, sub: Arc<Subscription>, done: Completion) {
+    pub fn dispatch(
+        self: &Arc<Self>,
+        event: Arc<Event>,
+        sub: Arc<Subscription>,
+        prior: Prior,
+        done: Completion,
+    ) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            this.deliver(&event, &sub).await;
+            this.deliver(&event, &sub, prior).await;
             done.done();
         });
     }
 
-    async fn deliver(&self, event: &Event, sub: &Subscription) {
-        let _permit = sub.concurrency.acquire().await;
-        self.metrics.in_flight.inc();
-        let span = tracing::debug_span!("delivery", event_id = %event.id, subscription = %sub.id_str, attempt = 1u32);
+    async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior) {
+        let attempt_no = prior.attempts + 1;
+        let span = tracing::debug_span!("delivery", event_id = %event.id, subscription = %sub.id_str, attempt = attempt_no);
         let _enter = span.enter();
-        let (result, took) = self.deliverer.attempt(event, sub).await;
-        self.metrics.in_flight.dec();
-        self.metrics.attempt(result.metric_label()).inc();
-        self.metrics.delivery_duration.observe(took.as_secs_f64());
-        match classify(&result) {
-            Outcome::Delivered => {
-                self.metrics.delivered.inc();
-                if let Some(ts) = event.origin.timestamp_ms {
-                    let age_ms = now_ms() as i64 - ts;
-                    self.metrics
-                        .end_to_end
-                        .observe(age_ms.max(0) as f64 / 1000.0);
-                }
-                tracing::debug!(
-                    status = result.last_status(),
-                    took_ms = took.as_millis() as u64,
-                    "delivered"
-                );
+        let (result, took) = match sub.endpoint.admit().await {
+            Ok(slot) => {
+                self.metrics.in_flight.inc();
+                let (result, took) = self.deliverer.attempt(event, sub).await;
+                self.metrics.in_flight.dec();
+                slot.finish(healthy(&result));
+                self.metrics.delivery_duration.observe(took.as_secs_f64());
+                (result, took)
             }
-            outcome => {
-                let failure = Failure {
-                    event,
-                    subscription: sub,
-                    attempts: 1,
-                    first_failure_ms: now_ms(),
-                    last: &result,
-                };
-                tracing::debug!(status = result.last_status(), error = %result.last_error(), "attempt failed");
-                match outcome {
-                    Outcome::Retry { retry_after } => {
-                        match next_tier(None, retry_after, &self.tier_delays) {
-                            Next::Tier(t) => {
-                                let due = now_ms() + self.tier_delays[t].as_millis() as u64;
-                                self.publisher.publish_retry(&failure, t, due).await;
-                            }
-                            Next::DeadLetter => {
-                                self.publisher
-                                    .publish_dead(&failure, DlqReason::Exhausted)
-                                    .await
-                            }
-                        }
-                    }
-                    Outcome::Gone => self.publisher.publish_dead(&failure, DlqReason::Gone).await,
-                    _ => {
+            Err(NotNow::CircuitOpen) => (AttemptResult::CircuitOpen, Duration::ZERO),
+            Err(NotNow::QueueFull) => (AttemptResult::Deferred, Duration::ZERO),
+        };
+        self.metrics.attempt(result.metric_label()).inc();
+        let outcome = classify(&result);
+        if outcome == Outcome::Delivered {
+            self.metrics.delivered.inc();
+            if let Some(ts) = event.origin.timestamp_ms {
+                let age_ms = now_ms() as i64 - ts;
+                self.metrics
+                    .end_to_end
+                    .observe(age_ms.max(0) as f64 / 1000.0);
+            }
+            tracing::debug!(
+                status = result.last_status(),
+                took_ms = took.as_millis() as u64,
+                "delivered"
+            );
+            return;
+        }
+        let deferred = result == AttemptResult::Deferred;
+        let failure = Failure {
+            event,
+            subscription_id: &sub.id_str,
+            attempts: if deferred { prior.attempts } else { attempt_no },
+            deferrals: prior.deferrals + u32::from(deferred),
+            first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
+            last: &result,
+        };
+        tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
+        match outcome {
+            // A deferral goes to the first tier whatever the attempt count.
+            Outcome::Retry { .. } if deferred => self.to_tier(&failure, 0).await,
+            Outcome::Retry { retry_after } => {
+                match next_tier(failure.attempts, retry_after, &self.tier_delays) {
+                    Next::Tier(t) => self.to_tier(&failure, t).await,
+                    Next::DeadLetter => {
                         self.publisher
-                            .publish_dead(&failure, DlqReason::Rejected)
+                            .publish_dead(&failure, DlqReason::Exhausted)
                             .await
                     }
                 }
             }
+            Outcome::Gone => self.publisher.publish_dead(&failure, DlqReason::Gone).await,
+            Outcome::Rejected | Outcome::Delivered => {
+                self.publisher
+                    .publish_dead(&failure, DlqReason::Rejected)
+                    .await
+            }
         }
+    }
+
+    async fn to_tier(&self, failure: &Failure<'_>, tier: usize) {
+        let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
+        let due = now_ms() + delay.as_millis() as u64;
+        self.publisher.publish_retry(failure, tier, due).await;
     }
 }

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::deliver::breaker::BreakerConfig;
+use crate::deliver::endpoint::{Endpoint, EndpointLimits};
 use crate::matching::filter::Filter;
 
 /// How a record was encoded on the source topic (DESIGN §2).
@@ -219,8 +221,8 @@ pub struct Subscription {
     pub keys: Vec<SigningKey>,
     pub timeout: Duration,
     pub headers: HeaderMap,
-    /// Caps concurrent requests to this endpoint (`max_in_flight`, or the configured default).
-    pub concurrency: Arc<tokio::sync::Semaphore>,
+    /// Runtime state of the endpoint: concurrency cap, rate limit, wait queue, breaker.
+    pub endpoint: Arc<Endpoint>,
     pub spec: SubscriptionSpec,
 }
 
@@ -229,6 +231,9 @@ pub struct Subscription {
 pub struct Defaults {
     pub timeout_ms: u64,
     pub max_in_flight: u32,
+    /// `delivery.endpoint_queue`.
+    pub endpoint_queue: usize,
+    pub breaker: BreakerConfig,
 }
 
 impl Default for Defaults {
@@ -236,6 +241,8 @@ impl Default for Defaults {
         Defaults {
             timeout_ms: 10_000,
             max_in_flight: 64,
+            endpoint_queue: 256,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -352,8 +359,14 @@ impl Subscription {
             keys,
             timeout: Duration::from_millis(timeout_ms),
             headers,
-            concurrency: Arc::new(tokio::sync::Semaphore::new(
-                spec.max_in_flight.unwrap_or(defaults.max_in_flight) as usize,
+            endpoint: Arc::new(Endpoint::new(
+                EndpointLimits {
+                    max_in_flight: spec.max_in_flight.unwrap_or(defaults.max_in_flight),
+                    rate_per_sec: spec.rate_limit_per_sec,
+                    burst: spec.burst,
+                    queue: defaults.endpoint_queue,
+                },
+                defaults.breaker,
             )),
             spec,
         })

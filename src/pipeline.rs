@@ -8,13 +8,14 @@ use tokio_util::sync::CancellationToken;
 use crate::admin;
 use crate::config::{Config, ConfigError};
 use crate::deliver::Deliverer;
+use crate::deliver::breaker::BreakerConfig;
 use crate::deliver::policy::AddressPolicy;
 use crate::dispatch::Dispatcher;
 use crate::matching::cache::{Cache, LoadError};
 use crate::metrics::Metrics;
 use crate::model::Defaults;
 use crate::retry::publish::Publisher;
-use crate::source::Source;
+use crate::source::{Role, Source};
 use crate::store::{self, StoreError};
 
 /// Why `run` stopped with an error. Config errors exit 2, the rest 1.
@@ -27,9 +28,19 @@ pub enum RunError {
 }
 
 pub fn defaults(config: &Config) -> Defaults {
+    let b = &config.delivery.breaker;
     Defaults {
         timeout_ms: config.delivery.default_timeout_ms,
         max_in_flight: config.delivery.default_max_in_flight,
+        endpoint_queue: config.delivery.endpoint_queue,
+        breaker: BreakerConfig {
+            window: b.window,
+            min_requests: b.min_requests,
+            failure_ratio: b.failure_ratio,
+            consecutive_failures: b.consecutive_failures,
+            cool_down: b.cool_down,
+            half_open_probes: b.half_open_probes,
+        },
     }
 }
 
@@ -89,9 +100,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         publisher,
         metrics: metrics.clone(),
         tier_delays,
+        jitter: config.retry.jitter,
     });
-    let source = Source::new(&config, cache.clone(), dispatcher, metrics.clone())
-        .map_err(|e| RunError::Runtime(format!("kafka consumer: {e}")))?;
+    let source = Source::new(
+        &config,
+        Role::Source,
+        cache.clone(),
+        dispatcher.clone(),
+        metrics.clone(),
+    )
+    .map_err(|e| RunError::Runtime(format!("kafka consumer: {e}")))?;
+    let tiers = Source::new(
+        &config,
+        Role::Retry,
+        cache.clone(),
+        dispatcher.clone(),
+        metrics.clone(),
+    )
+    .map_err(|e| RunError::Runtime(format!("kafka retry consumer: {e}")))?;
 
     let stop = CancellationToken::new();
     crate::shutdown::on_signal(stop.clone());
@@ -119,7 +145,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     );
 
     tracing::info!(topics = ?config.source.topics, group = %config.source.group, "hookline running");
-    source.run(stop).await;
+    // Both consumers stop on the same signal, each draining its own in-flight deliveries; the shared
+    // producer is flushed once both are done, so no hand-off of either is cut off.
+    tokio::join!(source.run(stop.clone()), tiers.run(stop));
+    let flush = tokio::task::spawn_blocking(move || {
+        dispatcher
+            .publisher
+            .flush(std::time::Duration::from_secs(5))
+    });
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(6), flush).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerConfig {
     pub window: Duration,
     pub min_requests: u32,

@@ -5,6 +5,7 @@
 //! small header map; the body is the shared event bytes.
 
 pub mod breaker;
+pub mod endpoint;
 pub mod outcome;
 pub mod policy;
 pub mod sign;

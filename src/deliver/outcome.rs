@@ -18,6 +18,8 @@ pub enum AttemptResult {
     Refused(String),
     /// The breaker is open; no request was sent.
     CircuitOpen,
+    /// The endpoint's queue was full; not sent, no attempt spent (handed to the first tier).
+    Deferred,
 }
 
 impl AttemptResult {
@@ -33,6 +35,7 @@ impl AttemptResult {
             AttemptResult::Timeout => "timeout",
             AttemptResult::Connect(_) | AttemptResult::Refused(_) => "connect",
             AttemptResult::CircuitOpen => "circuit_open",
+            AttemptResult::Deferred => "rate_limited",
         }
     }
 
@@ -44,6 +47,7 @@ impl AttemptResult {
             AttemptResult::Connect(_) => "connect".into(),
             AttemptResult::Refused(_) => "refused".into(),
             AttemptResult::CircuitOpen => "circuit_open".into(),
+            AttemptResult::Deferred => "deferred".into(),
         }
     }
 
@@ -54,6 +58,7 @@ impl AttemptResult {
             AttemptResult::Timeout => "request timed out".into(),
             AttemptResult::Connect(e) | AttemptResult::Refused(e) => e.clone(),
             AttemptResult::CircuitOpen => "circuit breaker open".into(),
+            AttemptResult::Deferred => "endpoint queue full; deferred without an attempt".into(),
         };
         truncate(&s, 200).to_string()
     }
@@ -95,11 +100,18 @@ pub fn classify(r: &AttemptResult) -> Outcome {
             410 => Outcome::Gone,
             _ => Outcome::Rejected,
         },
-        AttemptResult::Timeout | AttemptResult::Connect(_) | AttemptResult::CircuitOpen => {
-            Outcome::Retry { retry_after: None }
-        }
+        AttemptResult::Timeout
+        | AttemptResult::Connect(_)
+        | AttemptResult::CircuitOpen
+        | AttemptResult::Deferred => Outcome::Retry { retry_after: None },
         AttemptResult::Refused(_) => Outcome::Rejected,
     }
+}
+
+/// Whether an attempt's result says the endpoint is healthy, for its breaker: only the retryable
+/// failures count against it (an endpoint answering 400 or 410 is up and deciding).
+pub fn healthy(r: &AttemptResult) -> bool {
+    !matches!(classify(r), Outcome::Retry { .. })
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`). Past dates give zero.
@@ -119,16 +131,14 @@ pub enum Next {
     DeadLetter,
 }
 
-/// Picks the next tier after a retryable failure. `current` is the tier the attempt came from (`None` =
-/// the source topic). The next tier is the one after `current`, or later when `retry_after` asks for
-/// more: the first tier whose delay is at least `retry_after` (the last tier when none is that long).
-/// After the last tier, the delivery is exhausted.
-pub fn next_tier(
-    current: Option<usize>,
-    retry_after: Option<Duration>,
-    delays: &[Duration],
-) -> Next {
-    let first = current.map_or(0, |c| c + 1);
+/// Picks the next tier after a retryable failure, from the number of attempts made so far (including
+/// the one that just failed). Attempt 1 comes from the source topic and attempt `k + 2` from tier `k`, so
+/// the next tier is normally `attempts - 1`; `retry_after` may push it later: the first tier from there
+/// whose delay is at least `retry_after` (the last tier when none is that long). When every tier has been
+/// used (`attempts > tiers`), the delivery is exhausted. Tier choice depends on attempts only, never on
+/// which topic the record sat in, so a deferral (which spends no attempt) cannot add attempts.
+pub fn next_tier(attempts: u32, retry_after: Option<Duration>, delays: &[Duration]) -> Next {
+    let first = attempts.saturating_sub(1) as usize;
     if first >= delays.len() {
         return Next::DeadLetter;
     }
@@ -139,6 +149,13 @@ pub fn next_tier(
         .find(|&i| delays[i] >= wish)
         .unwrap_or(delays.len() - 1);
     Next::Tier(pick)
+}
+
+/// A tier's delay stretched by `jitter_fraction` (in `0..=1`, drawn by the caller) of `jitter`. Never
+/// shorter than the delay, so no hop happens early.
+pub fn jittered(delay: Duration, jitter: f64, jitter_fraction: f64) -> Duration {
+    let extra = delay.as_secs_f64() * jitter.clamp(0.0, 1.0) * jitter_fraction.clamp(0.0, 1.0);
+    delay + Duration::from_secs_f64(extra)
 }
 
 #[cfg(test)]
@@ -228,38 +245,37 @@ mod tests {
     }
 
     #[test]
-    fn tier_selection() {
+    fn tier_selection_follows_attempts() {
         let d: Vec<Duration> = [60, 300, 1800, 7200, 86400]
             .iter()
             .map(|s| Duration::from_secs(*s))
             .collect();
-        assert_eq!(next_tier(None, None, &d), Next::Tier(0));
-        assert_eq!(next_tier(Some(0), None, &d), Next::Tier(1));
-        assert_eq!(next_tier(Some(3), None, &d), Next::Tier(4));
-        assert_eq!(next_tier(Some(4), None, &d), Next::DeadLetter);
-        assert_eq!(
-            next_tier(None, Some(Duration::from_secs(2)), &d),
-            Next::Tier(0)
-        );
-        assert_eq!(
-            next_tier(None, Some(Duration::from_secs(60)), &d),
-            Next::Tier(0)
-        );
-        assert_eq!(
-            next_tier(None, Some(Duration::from_secs(61)), &d),
-            Next::Tier(1)
-        );
-        assert_eq!(
-            next_tier(Some(1), Some(Duration::from_secs(10)), &d),
-            Next::Tier(2)
-        );
-        assert_eq!(
-            next_tier(None, Some(Duration::from_secs(999_999)), &d),
-            Next::Tier(4)
-        );
-        assert_eq!(
-            next_tier(Some(4), Some(Duration::from_secs(1)), &d),
-            Next::DeadLetter
-        );
+        // Attempt 1 (source) fails → tier 0; attempt 2 (from tier 0) → tier 1; … attempt 6 → dead letter.
+        assert_eq!(next_tier(1, None, &d), Next::Tier(0));
+        assert_eq!(next_tier(2, None, &d), Next::Tier(1));
+        assert_eq!(next_tier(5, None, &d), Next::Tier(4));
+        assert_eq!(next_tier(6, None, &d), Next::DeadLetter);
+        assert_eq!(next_tier(0, None, &d), Next::Tier(0), "defensive: no attempt yet");
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(next_tier(1, secs(2), &d), Next::Tier(0));
+        assert_eq!(next_tier(1, secs(60), &d), Next::Tier(0));
+        assert_eq!(next_tier(1, secs(61), &d), Next::Tier(1));
+        assert_eq!(next_tier(2, secs(10), &d), Next::Tier(1), "never earlier than the attempt's tier");
+        assert_eq!(next_tier(3, secs(3600), &d), Next::Tier(3));
+        assert_eq!(next_tier(1, secs(999_999), &d), Next::Tier(4));
+        assert_eq!(next_tier(6, secs(1), &d), Next::DeadLetter);
+        // A Retry-After that jumped to a later tier does not shorten the schedule: the next failure
+        // still goes by attempts.
+        assert_eq!(next_tier(2, None, &d), Next::Tier(1));
+    }
+
+    #[test]
+    fn jitter_only_lengthens() {
+        let d = Duration::from_secs(10);
+        assert_eq!(jittered(d, 0.1, 0.0), d);
+        assert_eq!(jittered(d, 0.1, 1.0), Duration::from_secs(11));
+        assert_eq!(jittered(d, 0.0, 1.0), d);
+        assert_eq!(jittered(d, 0.1, 5.0), Duration::from_secs(11), "fraction clamped");
+        assert_eq!(jittered(d, 0.1, -1.0), d);
     }
 }

@@ -71,17 +71,21 @@ impl Cache {
             old.subscriptions().iter().map(|s| (s.id, s)).collect();
         let mut subs = Vec::with_capacity(specs.len());
         for spec in specs {
-            if let Some(p) = previous.get(&spec.id)
+            let prev = previous.get(&spec.id);
+            if let Some(p) = prev
                 && p.spec == spec
             {
                 subs.push(Arc::clone(p));
                 continue;
             }
             let id = spec.id;
-            subs.push(Arc::new(
-                Subscription::prepare(spec, &self.defaults)
-                    .map_err(|err| LoadError::Spec { id, err })?,
-            ));
+            let sub = Subscription::prepare(spec, &self.defaults)
+                .map_err(|err| LoadError::Spec { id, err })?;
+            // An edited subscription keeps its breaker state (its limits start afresh).
+            if let Some(p) = prev {
+                sub.endpoint.inherit(&p.endpoint);
+            }
+            subs.push(Arc::new(sub));
         }
         let index = Index::build(subs);
         let n = index.len();

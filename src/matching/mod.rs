@@ -51,6 +51,8 @@ pub struct Index {
     /// Keyed by the prefix including its trailing dot (`order.` for `order.*`).
     prefix: HashMap<Box<str>, Bucket>,
     any: Bucket,
+    /// Position in `subs` by id (retry records name their one subscription).
+    by_id: HashMap<uuid::Uuid, u32>,
 }
 
 impl Index {
@@ -71,9 +73,15 @@ impl Index {
                 }
             }
             idx.multi.push(sub.patterns.len() > 1);
+            idx.by_id.insert(sub.id, i);
             idx.subs.push(sub);
         }
         idx
+    }
+
+    /// The enabled subscription with this id.
+    pub fn get(&self, id: &uuid::Uuid) -> Option<Arc<Subscription>> {
+        self.by_id.get(id).map(|&i| self.subs[i as usize].clone())
     }
 
     pub fn len(&self) -> usize {

@@ -10,6 +10,9 @@ pub const FIRST_FAILURE_MS: &str = "hookline-first-failure-ms";
 pub const LAST_STATUS: &str = "hookline-last-status";
 pub const LAST_ERROR: &str = "hookline-last-error";
 pub const DLQ_REASON: &str = "hookline-dlq-reason";
+/// Times a delivery was handed to the first tier because its endpoint's queue was full (no attempt
+/// spent). Absent when zero.
+pub const DEFERRALS: &str = "hookline-deferrals";
 
 /// Headers hookline sets itself; any earlier value is replaced (origin ones are carried over explicitly).
 pub fn is_hookline_header(name: &str) -> bool {

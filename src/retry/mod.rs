@@ -3,6 +3,7 @@
 
 pub mod headers;
 pub mod publish;
+pub mod tier;
 
 /// Topic names derived from the configured prefix and tiers.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use super::headers as h;
 use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::metrics::Metrics;
-use crate::model::{Event, Subscription};
+use crate::model::Event;
 
 /// Dead-letter reasons (`hookline-dlq-reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +42,11 @@ impl DlqReason {
 /// What the publisher needs to know about the failed delivery.
 pub struct Failure<'a> {
     pub event: &'a Event,
-    pub subscription: &'a Subscription,
-    /// Attempts made so far, including the one that just failed.
+    pub subscription_id: &'a str,
+    /// Attempts made so far, including the one that just failed (unchanged by a deferral).
     pub attempts: u32,
+    /// Times the delivery was deferred because the endpoint's queue was full.
+    pub deferrals: u32,
     /// Epoch ms of the first failure of this delivery.
     pub first_failure_ms: u64,
     pub last: &'a AttemptResult,
@@ -147,7 +149,7 @@ impl Publisher {
         let headers = delivery_headers(f, Some(due_ms), None);
         self.send(
             &self.topics.tiers[tier],
-            Some(f.subscription.id_str.as_bytes()),
+            Some(f.subscription_id.as_bytes()),
             &f.event.body,
             headers,
         )
@@ -161,7 +163,7 @@ impl Publisher {
         let headers = delivery_headers(f, None, Some(reason));
         self.send(
             &self.topics.dlq,
-            Some(f.subscription.id_str.as_bytes()),
+            Some(f.subscription_id.as_bytes()),
             &f.event.body,
             headers,
         )
@@ -267,7 +269,7 @@ fn delivery_headers(
     reason: Option<DlqReason>,
 ) -> OwnedHeaders {
     let e = f.event;
-    let mut hs = OwnedHeaders::new_with_capacity(e.headers.len() + 11);
+    let mut hs = OwnedHeaders::new_with_capacity(e.headers.len() + 12);
     for (k, v) in &e.headers {
         if !h::is_hookline_header(k) {
             hs = hs.insert(Header {
@@ -285,7 +287,7 @@ fn delivery_headers(
     hs = hs
         .insert(Header {
             key: h::SUBSCRIPTION,
-            value: Some(f.subscription.id_str.as_bytes()),
+            value: Some(f.subscription_id.as_bytes()),
         })
         .insert(Header {
             key: h::ATTEMPT,
@@ -315,6 +317,13 @@ fn delivery_headers(
             key: h::LAST_ERROR,
             value: Some(err.as_bytes()),
         });
+    if f.deferrals > 0 {
+        let d = f.deferrals.to_string();
+        hs = hs.insert(Header {
+            key: h::DEFERRALS,
+            value: Some(d.as_bytes()),
+        });
+    }
     if let Some(d) = due_ms {
         let d = d.to_string();
         hs = hs.insert(Header {

@@ -14,6 +14,14 @@
 //! synchronously before the partitions are given up; shutdown does the same for all partitions within
 //! `shutdown_timeout`. Records still unfinished then are simply not committed: the next owner redelivers
 //! them (at-least-once).
+//!
+//! The same loop, in its [`Role::Retry`], consumes the retry tier topics under its own group. There a
+//! record that is not yet due is *held*: kept in memory with its tracker entry (so the commit cannot pass
+//! it), its partition paused, and a timer set for its `hookline-due-ms`. Tier delays are fixed per topic,
+//! so due times only grow along a partition and only the head needs checking. When due, the held records
+//! are dispatched and the partition resumed; librdkafka resumes after the last record it handed out, so
+//! nothing is skipped or fetched twice. A rebalance drops held records without committing them; the next
+//! owner fetches and holds them again, and since the due time travels in the header nothing is early.
 
 pub mod tracker;
 
@@ -33,8 +41,38 @@ use crate::decode::{self, RawRecord};
 use crate::dispatch::Dispatcher;
 use crate::matching::cache::Cache;
 use crate::metrics::Metrics;
-use crate::model::Origin;
-use tracker::PartitionTracker;
+use crate::dispatch::Prior;
+use crate::matching::cache::now_ms;
+use crate::model::{Event, Origin};
+use crate::retry::publish::{DlqReason, Failure};
+use crate::retry::tier;
+use tracker::{Completion, PartitionTracker};
+
+/// What the consumer reads: the source topics (decode, match, fan out) or the retry tiers (hold until
+/// due, deliver to the one subscription).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Retry,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Retry => "retry",
+        }
+    }
+}
+
+/// A retry record waiting for its due time.
+struct Held {
+    due_ms: u64,
+    event: Arc<Event>,
+    subscription: uuid::Uuid,
+    prior: Prior,
+    done: Completion,
+}
 
 /// How long the final commit and the group leave may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,7 +104,20 @@ impl Limits {
 
 struct PartitionState {
     tracker: PartitionTracker,
+    /// Paused because an in-flight bound was reached.
     paused: bool,
+    /// Retry records not yet due, oldest first; the partition is paused while this is not empty.
+    held: std::collections::VecDeque<Held>,
+}
+
+impl PartitionState {
+    fn new() -> Self {
+        PartitionState {
+            tracker: PartitionTracker::new(),
+            paused: false,
+            held: Default::default(),
+        }
+    }
 }
 
 /// State shared by the poll loop and the rebalance callbacks (which run inside the loop's `recv`, on the
@@ -113,6 +164,33 @@ impl State {
         Some(Pushed { completions, pause })
     }
 
+    /// Records taken and not finished, not counting held ones (those are given up, not waited for, at
+    /// shutdown and revocation).
+    fn unfinished(&mut self, keys: Option<&[(Arc<str>, i32)]>) -> usize {
+        let mut left = 0;
+        let (mut r, mut b) = (0, 0);
+        for (k, p) in self.parts.iter_mut() {
+            if keys.is_some_and(|ks| !ks.contains(k)) {
+                continue;
+            }
+            let (r1, b1) = p.tracker.advance();
+            r += r1;
+            b += b1;
+            left += p.tracker.len().saturating_sub(p.held.len());
+        }
+        self.records -= r;
+        self.bytes -= b;
+        left
+    }
+
+    /// Earliest due time of a held record, epoch ms.
+    fn next_due(&self) -> Option<u64> {
+        self.parts
+            .values()
+            .filter_map(|p| p.held.front().map(|h| h.due_ms))
+            .min()
+    }
+
     /// Advances every tracker; returns the offsets to store.
     fn advance_all(&mut self) -> Vec<(Arc<str>, i32, i64)> {
         let mut out = Vec::new();
@@ -148,19 +226,7 @@ impl SourceContext {
 
     /// Waits (blocking this thread) until the given partitions have nothing in flight or the deadline passes.
     fn drain(&self, keys: &[(Arc<str>, i32)], deadline: Instant) -> usize {
-        let check = || {
-            let mut st = lock(&self.state);
-            let mut left = 0;
-            for k in keys {
-                if let Some(p) = st.parts.get_mut(k) {
-                    let (r, b) = p.tracker.advance();
-                    left += p.tracker.len();
-                    st.records -= r;
-                    st.bytes -= b;
-                }
-            }
-            left
-        };
+        let check = || lock(&self.state).unfinished(Some(keys));
         let wait = || loop {
             let left = check();
             if left == 0 || Instant::now() >= deadline {
@@ -231,13 +297,7 @@ impl ConsumerContext for SourceContext {
                 st.joined = true;
                 for e in tpl.elements() {
                     if let Some(t) = self.topic(e.topic()) {
-                        st.parts.insert(
-                            (t, e.partition()),
-                            PartitionState {
-                                tracker: PartitionTracker::new(),
-                                paused: false,
-                            },
-                        );
+                        st.parts.insert((t, e.partition()), PartitionState::new());
                     }
                 }
                 drop(st);
@@ -267,6 +327,7 @@ impl SourceHandle {
 }
 
 pub struct Source {
+    role: Role,
     consumer: StreamConsumer<SourceContext>,
     state: Arc<Mutex<State>>,
     topics: Vec<Arc<str>>,
@@ -279,17 +340,25 @@ pub struct Source {
     metrics: Arc<Metrics>,
 }
 
-pub fn consumer_config(config: &Config) -> ClientConfig {
+pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
     let commit_ms = config.source.commit_interval.as_millis().to_string();
+    let group = match role {
+        Role::Source => config.source.group.clone(),
+        Role::Retry => config.retry_group(),
+    };
+    let client_id = match role {
+        Role::Source => "hookline",
+        Role::Retry => "hookline-retry",
+    };
     config.kafka_client(
         &[
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("auto.offset.reset", "earliest"),
-            ("client.id", "hookline"),
+            ("client.id", client_id),
             ("enable.partition.eof", "false"),
         ],
         &[
-            ("group.id", config.source.group.as_str()),
+            ("group.id", group.as_str()),
             ("enable.auto.commit", "true"),
             ("enable.auto.offset.store", "false"),
             ("auto.commit.interval.ms", commit_ms.as_str()),
@@ -300,27 +369,28 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
 impl Source {
     pub fn new(
         config: &Config,
+        role: Role,
         cache: Arc<Cache>,
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
     ) -> Result<Source, rdkafka::error::KafkaError> {
         let state = Arc::new(Mutex::new(State::default()));
-        let topics: Vec<Arc<str>> = config
-            .source
-            .topics
-            .iter()
-            .map(|t| Arc::from(t.as_str()))
-            .collect();
+        let names: Vec<String> = match role {
+            Role::Source => config.source.topics.clone(),
+            Role::Retry => dispatcher.publisher.topics.tiers.clone(),
+        };
+        let topics: Vec<Arc<str>> = names.iter().map(|t| Arc::from(t.as_str())).collect();
         let ctx = SourceContext {
             state: state.clone(),
             topics: topics.clone(),
             rebalance_timeout: config.source.rebalance_timeout,
         };
         let consumer: StreamConsumer<SourceContext> =
-            consumer_config(config).create_with_context(ctx)?;
-        let names: Vec<&str> = config.source.topics.iter().map(String::as_str).collect();
+            consumer_config(config, role).create_with_context(ctx)?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         consumer.subscribe(&names)?;
         Ok(Source {
+            role,
             consumer,
             state,
             topics,
@@ -354,17 +424,38 @@ impl Source {
             .collect();
         let mut tick = tokio::time::interval(self.store_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires at the earliest due time of a held retry record (retry role only).
+        let due_timer = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(due_timer);
+        let mut armed_for: Option<u64> = None;
+        let retry = self.role == Role::Retry;
         loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => self.housekeeping(),
+                () = &mut due_timer, if armed_for.is_some() => {
+                    armed_for = None;
+                    self.release_due();
+                }
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => self.handle_record(&m, &consumed),
                     Err(e) => {
-                        tracing::warn!(error = %e, "consumer error");
+                        tracing::warn!(role = self.role.name(), error = %e, "consumer error");
                     }
                 },
+            }
+            if retry {
+                let next = lock(&self.state).next_due();
+                if next != armed_for {
+                    armed_for = next;
+                    if let Some(due) = next {
+                        let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                        due_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + wait);
+                    }
+                }
             }
         }
         self.shutdown().await;
@@ -394,6 +485,9 @@ impl Source {
             timestamp_ms,
         };
         let bytes = value.map_or(0, <[u8]>::len) as u32;
+        if self.role == Role::Retry {
+            return self.handle_retry_record(m, &key, &header_buf, bytes, origin());
+        }
         let decoded = decode::decode(
             &RawRecord {
                 value,
@@ -458,32 +552,183 @@ impl Source {
         match event {
             Some(ev) => {
                 for (sub, done) in subs.into_iter().zip(completions) {
-                    self.dispatcher.dispatch(ev.clone(), sub, done);
+                    self.dispatcher
+                        .dispatch(ev.clone(), sub, Prior::default(), done);
                 }
             }
-            None => {
-                let dispatcher = self.dispatcher.clone();
-                let value = value.unwrap_or_default().to_vec();
-                let key_bytes = m.key().map(<[u8]>::to_vec);
-                let headers: Vec<(Box<str>, Option<bytes::Bytes>)> = header_buf
-                    .iter()
-                    .map(|(k, v)| ((*k).into(), v.map(bytes::Bytes::copy_from_slice)))
-                    .collect();
-                let origin = origin();
-                let detail = invalid_detail.unwrap_or_default();
-                let mut completions = completions;
-                let done = completions.pop();
-                tokio::spawn(async move {
-                    dispatcher
-                        .publisher
-                        .publish_invalid(key_bytes.as_deref(), &value, &headers, &origin, &detail)
-                        .await;
-                    if let Some(d) = done {
-                        d.done();
-                    }
-                });
+            None => self.dead_letter_invalid(
+                m,
+                &header_buf,
+                origin(),
+                invalid_detail.unwrap_or_default(),
+                completions,
+            ),
+        }
+    }
+
+    /// Dead-letters a record that is not a valid event (original bytes and headers), then marks it done.
+    fn dead_letter_invalid(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        header_buf: &[(&str, Option<&[u8]>)],
+        origin: Origin,
+        detail: String,
+        mut completions: Vec<Completion>,
+    ) {
+        let dispatcher = self.dispatcher.clone();
+        let value = m.payload().unwrap_or_default().to_vec();
+        let key_bytes = m.key().map(<[u8]>::to_vec);
+        let headers: Vec<(Box<str>, Option<bytes::Bytes>)> = header_buf
+            .iter()
+            .map(|(k, v)| ((*k).into(), v.map(bytes::Bytes::copy_from_slice)))
+            .collect();
+        let done = completions.pop();
+        tokio::spawn(async move {
+            dispatcher
+                .publisher
+                .publish_invalid(key_bytes.as_deref(), &value, &headers, &origin, &detail)
+                .await;
+            if let Some(d) = done {
+                d.done();
+            }
+        });
+    }
+
+    /// A record of a retry tier: deliver it to its one subscription when due, holding the partition
+    /// until then.
+    fn handle_retry_record(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        key: &(Arc<str>, i32),
+        header_buf: &[(&str, Option<&[u8]>)],
+        bytes: u32,
+        here: Origin,
+    ) {
+        let parsed = tier::parse(header_buf).and_then(|rh| {
+            let origin = rh.origin.clone().unwrap_or_else(|| here.clone());
+            decode::decode(
+                &RawRecord {
+                    value: m.payload(),
+                    headers: header_buf,
+                },
+                origin,
+                self.max_event_bytes,
+            )
+            .map(|ev| (rh, ev))
+            .map_err(|e| e.to_string())
+        });
+        let timestamp_ms = m.timestamp().to_millis().unwrap_or(0);
+        let mut st = lock(&self.state);
+        let Some(Pushed { completions, pause }) =
+            st.push(key, m.offset(), bytes, timestamp_ms, 1, &self.limits)
+        else {
+            return;
+        };
+        let (rh, event) = match parsed {
+            Ok(p) => p,
+            Err(detail) => {
+                drop(st);
+                if pause {
+                    self.pause(key);
+                }
+                tracing::warn!(topic = %key.0, partition = key.1, offset = m.offset(), detail = %detail, "unreadable retry record; dead-lettering");
+                return self.dead_letter_invalid(m, header_buf, here, detail, completions);
+            }
+        };
+        let Some(done) = completions.into_iter().next() else {
+            return;
+        };
+        let Some(part) = st.parts.get_mut(key) else {
+            return;
+        };
+        let job = Held {
+            due_ms: rh.due_ms,
+            event: Arc::new(event),
+            subscription: rh.subscription,
+            prior: rh.prior,
+            done,
+        };
+        let hold_starts = part.held.is_empty();
+        if hold_starts && job.due_ms <= now_ms() {
+            drop(st);
+            if pause {
+                self.pause(key);
+            }
+            return self.release(job);
+        }
+        // Not due (or queued behind a record that is not): hold it, pausing the partition if the hold
+        // starts here and a bound did not pause it already.
+        let pause_for_hold = hold_starts && !part.paused;
+        part.held.push_back(job);
+        drop(st);
+        if pause || pause_for_hold {
+            self.pause(key);
+        }
+    }
+
+    fn pause(&self, key: &(Arc<str>, i32)) {
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition(&key.0, key.1);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, "pause failed");
+        }
+    }
+
+    /// Dispatches the held records that are due and resumes partitions with nothing left to hold.
+    fn release_due(&self) {
+        let now = now_ms();
+        let mut due = Vec::new();
+        let mut resume = TopicPartitionList::new();
+        let mut st = lock(&self.state);
+        for ((topic, partition), p) in st.parts.iter_mut() {
+            if p.held.is_empty() {
+                continue;
+            }
+            while p.held.front().is_some_and(|h| h.due_ms <= now) {
+                due.extend(p.held.pop_front());
+            }
+            if p.held.is_empty() && !p.paused {
+                let _ = resume.add_partition(topic, *partition);
             }
         }
+        drop(st);
+        for job in due {
+            self.release(job);
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    /// Hands a due retry record to the dispatcher, or dead-letters it when its subscription is gone.
+    fn release(&self, job: Held) {
+        if let Some(sub) = self.cache.index().get(&job.subscription) {
+            self.dispatcher.dispatch(job.event, sub, job.prior, job.done);
+            return;
+        }
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            let id = job.subscription.to_string();
+            let last = crate::deliver::outcome::AttemptResult::Refused(format!(
+                "subscription {id} no longer exists or is disabled"
+            ));
+            tracing::info!(subscription = %id, event_id = %job.event.id, "retry for a missing or disabled subscription; dead-lettering");
+            let failure = Failure {
+                event: &job.event,
+                subscription_id: &id,
+                attempts: job.prior.attempts,
+                deferrals: job.prior.deferrals,
+                first_failure_ms: job.prior.first_failure_ms.unwrap_or_else(now_ms),
+                last: &last,
+            };
+            dispatcher
+                .publisher
+                .publish_dead(&failure, DlqReason::Rejected)
+                .await;
+            job.done.done();
+        });
     }
 
     /// Stores finished offsets and resumes partitions that are below their bounds.
@@ -495,7 +740,9 @@ impl Source {
         for ((topic, partition), p) in st.parts.iter_mut() {
             if p.paused && self.limits.may_resume(&p.tracker, records, bytes) {
                 p.paused = false;
-                let _ = resume.add_partition(topic, *partition);
+                if p.held.is_empty() {
+                    let _ = resume.add_partition(topic, *partition);
+                }
             }
         }
         drop(st);
@@ -516,7 +763,10 @@ impl Source {
     }
 
     async fn shutdown(self) {
-        tracing::info!("stopping: no new records; draining in-flight deliveries");
+        tracing::info!(
+            role = self.role.name(),
+            "stopping: no new records; draining in-flight deliveries"
+        );
         if let Ok(assigned) = self.consumer.assignment()
             && assigned.count() > 0
         {
@@ -525,7 +775,7 @@ impl Source {
         let deadline = Instant::now() + self.shutdown_timeout;
         loop {
             self.housekeeping();
-            let left = lock(&self.state).records;
+            let left = lock(&self.state).unfinished(None);
             if left == 0 {
                 break;
             }
@@ -560,11 +810,6 @@ impl Source {
         if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
             tracing::warn!("leaving the consumer group did not finish in time");
         }
-        let publisher_flush = {
-            let d = self.dispatcher.clone();
-            tokio::task::spawn_blocking(move || d.publisher.flush(CLOSE_TIMEOUT))
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), publisher_flush).await;
     }
 }
 
@@ -576,10 +821,7 @@ mod tests {
         let mut st = State::default();
         st.parts.insert(
             key.clone(),
-            PartitionState {
-                tracker: PartitionTracker::new(),
-                paused: false,
-            },
+            PartitionState::new(),
         );
         st
     }
@@ -652,10 +894,7 @@ mod tests {
         let other: (Arc<str>, i32) = (Arc::from("t"), 1);
         st.parts.insert(
             other.clone(),
-            PartitionState {
-                tracker: PartitionTracker::new(),
-                paused: false,
-            },
+            PartitionState::new(),
         );
         assert!(
             st.push(&other, 0, 100, 0, 1, &global).unwrap().pause,

@@ -1,0 +1,288 @@
+//! Per-endpoint runtime state (one per subscription): the concurrency cap (`max_in_flight`), the token
+//! bucket (`rate_limit_per_sec`, `burst`), the bounded wait queue and the circuit breaker.
+//!
+//! A delivery asks [`Endpoint::admit`] for a [`Slot`] before sending. The order matters:
+//! 1. Queue bound: at most `max_in_flight + queue` deliveries may be waiting or sending. Beyond that the
+//!    delivery is deferred at once (handed to the first retry tier without spending an attempt), so a slow
+//!    or rate-limited endpoint never holds source records for long (DESIGN §6, no head-of-line blocking).
+//! 2. A concurrency permit.
+//! 3. The breaker: while open the delivery is not sent (`circuit_open`, a failed attempt).
+//! 4. A rate-limit token, taken last so that requests leave at the limited rate (taking tokens before
+//!    waiting for a permit would let them bunch up behind a slow request).
+//!
+//! Everything here is lock-free except the breaker, a short mutex held for a few comparisons.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
+
+/// The limits of one endpoint, as configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndpointLimits {
+    pub max_in_flight: u32,
+    pub rate_per_sec: Option<u32>,
+    pub burst: Option<u32>,
+    /// Deliveries allowed to wait beyond `max_in_flight` (`delivery.endpoint_queue`).
+    pub queue: usize,
+}
+
+impl EndpointLimits {
+    /// Deliveries that may be waiting or sending at once; more are deferred. A rate-limited endpoint
+    /// queues at most about one second of its rate (plus its burst), because a longer queue would only
+    /// keep source records (and the partition's commit) waiting.
+    pub fn capacity(&self) -> usize {
+        let queue = match self.rate_per_sec {
+            Some(r) => self
+                .queue
+                .min(r as usize + self.burst.unwrap_or(r) as usize),
+            None => self.queue,
+        };
+        self.max_in_flight as usize + queue
+    }
+}
+
+pub struct Endpoint {
+    limits: EndpointLimits,
+    capacity: usize,
+    concurrency: Semaphore,
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// Deliveries inside `admit` or holding a slot.
+    pending: AtomicUsize,
+    breaker: Mutex<Breaker>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("limits", &self.limits)
+            .field("pending", &self.pending.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Why a delivery may not be sent now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotNow {
+    /// The endpoint's queue is full: defer to the first tier, no attempt spent.
+    QueueFull,
+    /// The breaker is open: a failed `circuit_open` attempt.
+    CircuitOpen,
+}
+
+/// Permission to send one request; report its result with [`Slot::finish`].
+pub struct Slot<'a> {
+    endpoint: &'a Endpoint,
+    _permit: SemaphorePermit<'a>,
+    probe: bool,
+}
+
+impl Slot<'_> {
+    /// Feeds the result to the breaker. `healthy` is false for failures that say the endpoint is in
+    /// trouble (timeouts, connection errors, 408/425/429/5xx).
+    pub fn finish(self, healthy: bool) {
+        self.endpoint
+            .breaker()
+            .record(Instant::now(), healthy, self.probe);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Decrements `pending` when an admission is abandoned (deferred, refused, or the task dropped).
+struct PendingGuard<'a>(&'a AtomicUsize, bool);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Endpoint {
+    pub fn new(limits: EndpointLimits, breaker: BreakerConfig) -> Endpoint {
+        let limiter = limits.rate_per_sec.and_then(NonZeroU32::new).map(|r| {
+            let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(r);
+            RateLimiter::direct(Quota::per_second(r).allow_burst(burst))
+        });
+        Endpoint {
+            capacity: limits.capacity(),
+            concurrency: Semaphore::new(limits.max_in_flight as usize),
+            limiter,
+            pending: AtomicUsize::new(0),
+            breaker: Mutex::new(Breaker::new(breaker, Instant::now())),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &EndpointLimits {
+        &self.limits
+    }
+
+    /// Takes over the breaker state of the endpoint's previous configuration (subscription edited).
+    pub fn inherit(&self, previous: &Endpoint) {
+        let b = previous.breaker().clone();
+        *self.breaker() = b;
+    }
+
+    fn breaker(&self) -> MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.breaker().state(Instant::now())
+    }
+
+    /// Deliveries waiting or sending.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Waits until one request may be sent (see the module docs for the order of the checks).
+    pub async fn admit(&self) -> Result<Slot<'_>, NotNow> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(NotNow::QueueFull);
+        }
+        let mut guard = PendingGuard(&self.pending, true);
+        let Ok(permit) = self.concurrency.acquire().await else {
+            // The semaphore is never closed.
+            return Err(NotNow::QueueFull);
+        };
+        let probe = match self.breaker().admit(Instant::now()) {
+            Admission::Allowed => false,
+            Admission::Probe => true,
+            Admission::Refused => return Err(NotNow::CircuitOpen),
+        };
+        if let Some(l) = &self.limiter {
+            while let Err(not_until) = l.check() {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                tokio::time::sleep(wait).await;
+            }
+        }
+        guard.1 = false;
+        Ok(Slot {
+            endpoint: self,
+            _permit: permit,
+            probe,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::time::Duration;
+
+    fn limits(max_in_flight: u32, queue: usize) -> EndpointLimits {
+        EndpointLimits {
+            max_in_flight,
+            rate_per_sec: None,
+            burst: None,
+            queue,
+        }
+    }
+
+    fn breaker_cfg() -> BreakerConfig {
+        BreakerConfig {
+            window: Duration::from_secs(10),
+            min_requests: 100,
+            failure_ratio: 0.5,
+            consecutive_failures: 2,
+            cool_down: Duration::from_secs(60),
+            half_open_probes: 1,
+        }
+    }
+
+    #[test]
+    fn capacity_is_in_flight_plus_queue_and_about_one_second_of_rate() {
+        assert_eq!(limits(4, 10).capacity(), 14);
+        let mut l = limits(4, 1000);
+        l.rate_per_sec = Some(50);
+        assert_eq!(l.capacity(), 4 + 100, "50/s with burst defaulting to 50");
+        l.burst = Some(5);
+        assert_eq!(l.capacity(), 4 + 55);
+        l.queue = 10;
+        assert_eq!(l.capacity(), 14, "the configured queue is still the cap");
+    }
+
+    #[tokio::test]
+    async fn queue_overflow_is_refused_at_once_and_slots_free_it() {
+        let e = Endpoint::new(limits(1, 1), breaker_cfg());
+        let first = e.admit().await.expect("a free slot");
+        // The second waits for the permit (one queued); the third finds the queue full.
+        let second = e.admit();
+        tokio::pin!(second);
+        assert!(
+            second.as_mut().now_or_never().is_none(),
+            "waits for the permit"
+        );
+        assert_eq!(e.pending(), 2);
+        assert_eq!(e.admit().await.err(), Some(NotNow::QueueFull));
+        assert_eq!(e.pending(), 2, "a refused admission leaves no trace");
+        first.finish(true);
+        let s = second.await.expect("gets the freed permit");
+        drop(s);
+        assert_eq!(e.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_wait_releases_its_place() {
+        let e = Endpoint::new(limits(1, 1), breaker_cfg());
+        let held = e.admit().await.unwrap();
+        {
+            let waiting = e.admit();
+            tokio::pin!(waiting);
+            assert!(waiting.as_mut().now_or_never().is_none());
+            assert_eq!(e.pending(), 2);
+        }
+        assert_eq!(e.pending(), 1, "dropping the waiting future gives its place back");
+        drop(held);
+        assert_eq!(e.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_refuses_without_sending_and_edits_keep_it() {
+        let e = Endpoint::new(limits(4, 4), breaker_cfg());
+        for _ in 0..2 {
+            e.admit().await.unwrap().finish(false);
+        }
+        assert_eq!(e.state(), BreakerState::Open);
+        assert_eq!(e.admit().await.err(), Some(NotNow::CircuitOpen));
+        assert_eq!(e.pending(), 0);
+        let edited = Endpoint::new(limits(8, 4), breaker_cfg());
+        edited.inherit(&e);
+        assert_eq!(edited.state(), BreakerState::Open);
+        assert_eq!(edited.admit().await.err(), Some(NotNow::CircuitOpen));
+    }
+
+    #[tokio::test]
+    async fn the_token_bucket_spaces_requests_after_the_burst() {
+        let mut l = limits(100, 100);
+        l.rate_per_sec = Some(10);
+        l.burst = Some(2);
+        let e = Endpoint::new(l, breaker_cfg());
+        // The burst goes at once; the third request needs a new token (100 ms at 10/s).
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            drop(e.admit().await.unwrap());
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(80),
+            "the third token was waited for: {:?}",
+            t0.elapsed()
+        );
+    }
+}
