@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::deliver::breaker::BreakerState;
 use crate::matching::cache::Cache;
 use crate::metrics::Metrics;
 use crate::source::SourceHandle;
@@ -18,6 +19,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<Cache>,
     pub source: SourceHandle,
+    pub retry: SourceHandle,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -29,12 +31,13 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let joined = s.source.joined();
+    let joined = s.source.joined() && s.retry.joined();
     let loaded = s.cache.loaded();
     let store_ok = s.cache.healthy();
     let body = serde_json::json!({
         "ready": joined && loaded,
-        "consumer_joined": joined,
+        "consumer_joined": s.source.joined(),
+        "retry_consumer_joined": s.retry.joined(),
         "cache_loaded": loaded,
         "store_reachable": store_ok,
         "subscriptions": s.cache.index().len(),
@@ -51,6 +54,21 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     s.metrics
         .subscription_cache_age_seconds
         .set(s.cache.age_seconds());
+    // Breaker states are read at scrape time (open → half-open happens by the clock, not by an event).
+    let mut counts = [0i64; 3];
+    for sub in s.cache.index().subscriptions() {
+        counts[sub.endpoint.state() as usize] += 1;
+    }
+    for (state, n) in [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ]
+    .iter()
+    .zip(counts)
+    {
+        s.metrics.endpoint_state(state.as_str()).set(n);
+    }
     (
         [(
             header::CONTENT_TYPE,

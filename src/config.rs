@@ -112,6 +112,10 @@ pub struct RetryConfig {
     /// of failures does not come back as one burst.
     #[serde(default = "default_jitter")]
     pub jitter: f64,
+    /// Not-yet-due retry records kept in memory per tier partition; at this many the partition is
+    /// paused until the oldest become due.
+    #[serde(default = "default_max_held")]
+    pub max_held_per_partition: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +164,11 @@ pub struct DeliveryConfig {
     /// rate-limited endpoint the queue is also capped at one second of its rate plus its burst.
     #[serde(default = "default_endpoint_queue")]
     pub endpoint_queue: usize,
+    /// Longest wait for one of an endpoint's `max_in_flight` slots. A delivery that waited this long is
+    /// handed to the first retry tier (no attempt spent) and, for as long again, new deliveries to that
+    /// endpoint that find no free slot are handed over at once.
+    #[serde(default = "default_queue_wait", with = "humantime_serde_compat")]
+    pub queue_wait: Duration,
     #[serde(default)]
     pub breaker: BreakerSettings,
 }
@@ -270,8 +279,14 @@ fn default_replication() -> i32 {
 fn default_jitter() -> f64 {
     0.1
 }
+fn default_max_held() -> usize {
+    1000
+}
 fn default_endpoint_queue() -> usize {
-    256
+    10_000
+}
+fn default_queue_wait() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_breaker_window() -> Duration {
     Duration::from_secs(30)
@@ -350,6 +365,7 @@ impl Default for RetryConfig {
             replication_factor: default_replication(),
             group: None,
             jitter: default_jitter(),
+            max_held_per_partition: default_max_held(),
         }
     }
 }
@@ -373,6 +389,7 @@ impl Default for DeliveryConfig {
             pool_max_idle_per_host: default_pool_idle(),
             pool_idle_timeout: default_pool_idle_timeout(),
             endpoint_queue: default_endpoint_queue(),
+            queue_wait: default_queue_wait(),
             breaker: BreakerSettings::default(),
         }
     }
@@ -627,6 +644,12 @@ impl Config {
             0,
             1_000_000,
         )?;
+        if self.delivery.queue_wait < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "delivery.queue_wait",
+                "must be at least 1ms",
+            ));
+        }
         let b = &self.delivery.breaker;
         if b.window < Duration::from_millis(10) {
             return Err(ConfigError::new(
@@ -663,6 +686,12 @@ impl Config {
             u64::from(b.half_open_probes),
             1,
             10_000,
+        )?;
+        range(
+            "retry.max_held_per_partition",
+            self.retry.max_held_per_partition as u64,
+            1,
+            1_000_000,
         )?;
         if !(0.0..=1.0).contains(&self.retry.jitter) {
             return Err(ConfigError::new("retry.jitter", "must be within 0..=1"));

@@ -224,6 +224,12 @@ impl Metrics {
         &self.attempts_by_result[i]
     }
 
+    pub fn endpoint_state(&self, state: &str) -> Gauge {
+        self.endpoints.get_or_create_owned(&StateLabel {
+            state: state.into(),
+        })
+    }
+
     pub fn consumed_for(&self, topic: &str) -> Counter {
         self.events_consumed
             .get_or_create(&TopicLabel {

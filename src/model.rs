@@ -233,6 +233,8 @@ pub struct Defaults {
     pub max_in_flight: u32,
     /// `delivery.endpoint_queue`.
     pub endpoint_queue: usize,
+    /// `delivery.queue_wait`.
+    pub queue_wait: Duration,
     pub breaker: BreakerConfig,
 }
 
@@ -241,7 +243,8 @@ impl Default for Defaults {
         Defaults {
             timeout_ms: 10_000,
             max_in_flight: 64,
-            endpoint_queue: 256,
+            endpoint_queue: 10_000,
+            queue_wait: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
         }
     }
@@ -365,6 +368,7 @@ impl Subscription {
                     rate_per_sec: spec.rate_limit_per_sec,
                     burst: spec.burst,
                     queue: defaults.endpoint_queue,
+                    queue_wait: defaults.queue_wait,
                 },
                 defaults.breaker,
             )),

@@ -33,6 +33,7 @@ pub fn defaults(config: &Config) -> Defaults {
         timeout_ms: config.delivery.default_timeout_ms,
         max_in_flight: config.delivery.default_max_in_flight,
         endpoint_queue: config.delivery.endpoint_queue,
+        queue_wait: config.delivery.queue_wait,
         breaker: BreakerConfig {
             window: b.window,
             min_requests: b.min_requests,
@@ -129,6 +130,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         cache: cache.clone(),
         source: source.handle(),
+        retry: tiers.handle(),
     });
     let admin_stop = stop.clone();
     tokio::spawn(async move {

@@ -37,9 +37,9 @@ impl Default for BreakerConfig {
 /// The state as exported (`hookline_endpoints{state}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
 }
 
 impl BreakerState {
@@ -256,7 +256,7 @@ mod tests {
         let mut c = cfg();
         c.consecutive_failures = 1000;
         let t0 = Instant::now();
-        let mut b = Breaker::new(c.clone(), t0);
+        let mut b = Breaker::new(c, t0);
         // 9 requests, 6 failed (ratio 0.67, never 5 in a row): over the ratio but under min_requests.
         let pattern = [false, false, true, false, false, true, false, false, true];
         for (i, ok) in pattern.iter().enumerate() {
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(b.state(ms(t0, 9)), BreakerState::Open);
 
         // At the minimum count but under the ratio: stays closed.
-        let mut b = Breaker::new(c.clone(), t0);
+        let mut b = Breaker::new(c, t0);
         for i in 0..10u64 {
             b.record(ms(t0, i), i % 3 != 0, false); // 4 of 10 fail
         }

@@ -2,20 +2,27 @@
 //! bucket (`rate_limit_per_sec`, `burst`), the bounded wait queue and the circuit breaker.
 //!
 //! A delivery asks [`Endpoint::admit`] for a [`Slot`] before sending. The order matters:
-//! 1. Queue bound: at most `max_in_flight + queue` deliveries may be waiting or sending. Beyond that the
-//!    delivery is deferred at once (handed to the first retry tier without spending an attempt), so a slow
-//!    or rate-limited endpoint never holds source records for long (DESIGN §6, no head-of-line blocking).
-//! 2. A concurrency permit.
+//! 1. Queue bound: at most `max_in_flight + queue` deliveries may be waiting or sending, and none may
+//!    join while the endpoint is *congested* (a delivery gave up waiting within the last `queue_wait`).
+//!    Otherwise the delivery is deferred at once: handed to the first retry tier without spending an
+//!    attempt, so a slow, hung or rate-limited endpoint never holds source records for long (DESIGN §6).
+//! 2. A concurrency permit, waited for at most `queue_wait` (then deferred, and the endpoint marked
+//!    congested).
 //! 3. The breaker: while open the delivery is not sent (`circuit_open`, a failed attempt).
 //! 4. A rate-limit token, taken last so that requests leave at the limited rate (taking tokens before
 //!    waiting for a permit would let them bunch up behind a slow request).
 //!
+//! Why a time bound and not only a count: when hookline itself is the bottleneck (a backlog after
+//! downtime), every endpoint's queue is long but moving, and deferring would only churn the retry topic;
+//! a waiting time says whether *this* endpoint keeps up. A rate-limited endpoint's queue is capped at
+//! about one second of its rate plus its burst, since its drain rate is known in advance.
+//!
 //! Everything here is lock-free except the breaker, a short mutex held for a few comparisons.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -31,6 +38,8 @@ pub struct EndpointLimits {
     pub burst: Option<u32>,
     /// Deliveries allowed to wait beyond `max_in_flight` (`delivery.endpoint_queue`).
     pub queue: usize,
+    /// Longest wait for a concurrency permit (`delivery.queue_wait`).
+    pub queue_wait: Duration,
 }
 
 impl EndpointLimits {
@@ -55,6 +64,10 @@ pub struct Endpoint {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Deliveries inside `admit` or holding a slot.
     pending: AtomicUsize,
+    /// Congested until this many ns after `epoch` (0 = not congested).
+    congested_until: AtomicU64,
+    /// tokio's clock, so tests can pause it.
+    epoch: tokio::time::Instant,
     breaker: Mutex<Breaker>,
 }
 
@@ -121,6 +134,8 @@ impl Endpoint {
             concurrency: Semaphore::new(limits.max_in_flight as usize),
             limiter,
             pending: AtomicUsize::new(0),
+            congested_until: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             breaker: Mutex::new(Breaker::new(breaker, Instant::now())),
             limits,
         }
@@ -149,16 +164,41 @@ impl Endpoint {
         self.pending.load(Ordering::Relaxed)
     }
 
+    fn since_epoch(&self, t: tokio::time::Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Whether a delivery gave up waiting recently (new ones are then deferred without queueing).
+    pub fn congested(&self) -> bool {
+        let until = self.congested_until.load(Ordering::Relaxed);
+        until != 0 && self.since_epoch(tokio::time::Instant::now()) < until
+    }
+
     /// Waits until one request may be sent (see the module docs for the order of the checks).
     pub async fn admit(&self) -> Result<Slot<'_>, NotNow> {
+        let start = tokio::time::Instant::now();
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(NotNow::QueueFull);
         }
         let mut guard = PendingGuard(&self.pending, true);
-        let Ok(permit) = self.concurrency.acquire().await else {
-            // The semaphore is never closed.
-            return Err(NotNow::QueueFull);
+        let permit = match self.concurrency.try_acquire() {
+            Ok(p) => p,
+            Err(_) if self.congested() => return Err(NotNow::QueueFull),
+            Err(_) => {
+                let deadline = start + self.limits.queue_wait;
+                match tokio::time::timeout_at(deadline, self.concurrency.acquire()).await {
+                    Ok(Ok(p)) => p,
+                    // Waited too long: this endpoint does not keep up. Defer, and let the next ones
+                    // skip the queue for a while.
+                    _ => {
+                        let until =
+                            self.since_epoch(tokio::time::Instant::now() + self.limits.queue_wait);
+                        self.congested_until.store(until, Ordering::Relaxed);
+                        return Err(NotNow::QueueFull);
+                    }
+                }
+            }
         };
         let probe = match self.breaker().admit(Instant::now()) {
             Admission::Allowed => false,
@@ -184,7 +224,6 @@ impl Endpoint {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-    use std::time::Duration;
 
     fn limits(max_in_flight: u32, queue: usize) -> EndpointLimits {
         EndpointLimits {
@@ -192,6 +231,7 @@ mod tests {
             rate_per_sec: None,
             burst: None,
             queue,
+            queue_wait: Duration::from_secs(60),
         }
     }
 
@@ -248,8 +288,36 @@ mod tests {
             assert!(waiting.as_mut().now_or_never().is_none());
             assert_eq!(e.pending(), 2);
         }
-        assert_eq!(e.pending(), 1, "dropping the waiting future gives its place back");
+        assert_eq!(
+            e.pending(),
+            1,
+            "dropping the waiting future gives its place back"
+        );
         drop(held);
+        assert_eq!(e.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_wait_defers_and_marks_the_endpoint_congested() {
+        let mut l = limits(1, 100);
+        l.queue_wait = Duration::from_millis(500);
+        let e = Endpoint::new(l, breaker_cfg());
+        let held = e.admit().await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(e.admit().await.err(), Some(NotNow::QueueFull));
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(500),
+            "waited queue_wait, then gave up"
+        );
+        assert!(e.congested());
+        // While congested, a delivery that cannot get a permit at once does not queue.
+        let t1 = tokio::time::Instant::now();
+        assert_eq!(e.admit().await.err(), Some(NotNow::QueueFull));
+        assert_eq!(t1.elapsed(), Duration::ZERO);
+        // A free permit is still taken while congested.
+        drop(held);
+        assert!(e.admit().await.is_ok());
         assert_eq!(e.pending(), 0);
     }
 

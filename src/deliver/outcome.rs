@@ -255,12 +255,20 @@ mod tests {
         assert_eq!(next_tier(2, None, &d), Next::Tier(1));
         assert_eq!(next_tier(5, None, &d), Next::Tier(4));
         assert_eq!(next_tier(6, None, &d), Next::DeadLetter);
-        assert_eq!(next_tier(0, None, &d), Next::Tier(0), "defensive: no attempt yet");
+        assert_eq!(
+            next_tier(0, None, &d),
+            Next::Tier(0),
+            "defensive: no attempt yet"
+        );
         let secs = |s| Some(Duration::from_secs(s));
         assert_eq!(next_tier(1, secs(2), &d), Next::Tier(0));
         assert_eq!(next_tier(1, secs(60), &d), Next::Tier(0));
         assert_eq!(next_tier(1, secs(61), &d), Next::Tier(1));
-        assert_eq!(next_tier(2, secs(10), &d), Next::Tier(1), "never earlier than the attempt's tier");
+        assert_eq!(
+            next_tier(2, secs(10), &d),
+            Next::Tier(1),
+            "never earlier than the attempt's tier"
+        );
         assert_eq!(next_tier(3, secs(3600), &d), Next::Tier(3));
         assert_eq!(next_tier(1, secs(999_999), &d), Next::Tier(4));
         assert_eq!(next_tier(6, secs(1), &d), Next::DeadLetter);
@@ -275,7 +283,11 @@ mod tests {
         assert_eq!(jittered(d, 0.1, 0.0), d);
         assert_eq!(jittered(d, 0.1, 1.0), Duration::from_secs(11));
         assert_eq!(jittered(d, 0.0, 1.0), d);
-        assert_eq!(jittered(d, 0.1, 5.0), Duration::from_secs(11), "fraction clamped");
+        assert_eq!(
+            jittered(d, 0.1, 5.0),
+            Duration::from_secs(11),
+            "fraction clamped"
+        );
         assert_eq!(jittered(d, 0.1, -1.0), d);
     }
 }

@@ -61,7 +61,7 @@ pub struct Publisher {
 
 pub fn producer_config(config: &Config) -> ClientConfig {
     config.kafka_client(
-        &[("linger.ms", "5"), ("client.id", "hookline-retry")],
+        &[("linger.ms", "50"), ("client.id", "hookline-retry")],
         &[("enable.idempotence", "true"), ("acks", "all")],
     )
 }
@@ -158,9 +158,10 @@ impl Publisher {
         self.metrics.retried.inc();
     }
 
-    /// Dead-letters a failed delivery.
+    /// Dead-letters a failed delivery. `hookline-due-ms` on a dead-letter record is the time it was
+    /// dead-lettered (a replay sets a new one).
     pub async fn publish_dead(&self, f: &Failure<'_>, reason: DlqReason) {
-        let headers = delivery_headers(f, None, Some(reason));
+        let headers = delivery_headers(f, Some(crate::matching::cache::now_ms()), Some(reason));
         self.send(
             &self.topics.dlq,
             Some(f.subscription_id.as_bytes()),

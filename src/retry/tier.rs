@@ -114,7 +114,8 @@ mod tests {
 
     #[test]
     fn lenient_on_optional_strict_on_the_target() {
-        let only: Vec<(&str, Option<&[u8]>)> = vec![("hookline-subscription", Some(SUB.as_bytes()))];
+        let only: Vec<(&str, Option<&[u8]>)> =
+            vec![("hookline-subscription", Some(SUB.as_bytes()))];
         let r = parse(&only).unwrap();
         assert_eq!((r.due_ms, r.prior), (0, Prior::default()));
         assert!(r.origin.is_none());

@@ -17,11 +17,14 @@
 //!
 //! The same loop, in its [`Role::Retry`], consumes the retry tier topics under its own group. There a
 //! record that is not yet due is *held*: kept in memory with its tracker entry (so the commit cannot pass
-//! it), its partition paused, and a timer set for its `hookline-due-ms`. Tier delays are fixed per topic,
-//! so due times only grow along a partition and only the head needs checking. When due, the held records
-//! are dispatched and the partition resumed; librdkafka resumes after the last record it handed out, so
-//! nothing is skipped or fetched twice. A rebalance drops held records without committing them; the next
-//! owner fetches and holds them again, and since the due time travels in the header nothing is early.
+//! it), in order, with a timer set for the head's `hookline-due-ms`. Tier delays are fixed per topic, so
+//! due times only grow along a partition and only the head needs checking. Fetching goes on behind a
+//! held head until `retry.max_held_per_partition` records are held; then the partition is paused
+//! (keeping what was fetched) and resumed once the head records became due and were dispatched.
+//! librdkafka resumes after the last record it handed out, so nothing is skipped or fetched twice.
+//! (Pausing at every not-yet-due head would cost a pause/resume and a new fetch per record.) A rebalance
+//! drops held records without committing them; the next owner fetches and holds them again, and since
+//! the due time travels in the header nothing is early.
 
 pub mod tracker;
 
@@ -39,10 +42,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::decode::{self, RawRecord};
 use crate::dispatch::Dispatcher;
-use crate::matching::cache::Cache;
-use crate::metrics::Metrics;
 use crate::dispatch::Prior;
+use crate::matching::cache::Cache;
 use crate::matching::cache::now_ms;
+use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
 use crate::retry::publish::{DlqReason, Failure};
 use crate::retry::tier;
@@ -328,6 +331,8 @@ impl SourceHandle {
 
 pub struct Source {
     role: Role,
+    /// Held retry records per partition before the partition is paused.
+    max_held: usize,
     consumer: StreamConsumer<SourceContext>,
     state: Arc<Mutex<State>>,
     topics: Vec<Arc<str>>,
@@ -391,6 +396,7 @@ impl Source {
         consumer.subscribe(&names)?;
         Ok(Source {
             role,
+            max_held: config.retry.max_held_per_partition,
             consumer,
             state,
             topics,
@@ -451,9 +457,7 @@ impl Source {
                     armed_for = next;
                     if let Some(due) = next {
                         let wait = Duration::from_millis(due.saturating_sub(now_ms()));
-                        due_timer
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + wait);
+                        due_timer.as_mut().reset(tokio::time::Instant::now() + wait);
                     }
                 }
             }
@@ -656,10 +660,10 @@ impl Source {
             }
             return self.release(job);
         }
-        // Not due (or queued behind a record that is not): hold it, pausing the partition if the hold
-        // starts here and a bound did not pause it already.
-        let pause_for_hold = hold_starts && !part.paused;
+        // Not due (or queued behind a record that is not): hold it, pausing the partition when the hold
+        // buffer becomes full and a bound did not pause it already.
         part.held.push_back(job);
+        let pause_for_hold = part.held.len() == self.max_held && !part.paused && !pause;
         drop(st);
         if pause || pause_for_hold {
             self.pause(key);
@@ -684,10 +688,11 @@ impl Source {
             if p.held.is_empty() {
                 continue;
             }
+            let was_full = p.held.len() >= self.max_held;
             while p.held.front().is_some_and(|h| h.due_ms <= now) {
                 due.extend(p.held.pop_front());
             }
-            if p.held.is_empty() && !p.paused {
+            if was_full && p.held.len() < self.max_held && !p.paused {
                 let _ = resume.add_partition(topic, *partition);
             }
         }
@@ -705,7 +710,8 @@ impl Source {
     /// Hands a due retry record to the dispatcher, or dead-letters it when its subscription is gone.
     fn release(&self, job: Held) {
         if let Some(sub) = self.cache.index().get(&job.subscription) {
-            self.dispatcher.dispatch(job.event, sub, job.prior, job.done);
+            self.dispatcher
+                .dispatch(job.event, sub, job.prior, job.done);
             return;
         }
         let dispatcher = self.dispatcher.clone();
@@ -740,7 +746,7 @@ impl Source {
         for ((topic, partition), p) in st.parts.iter_mut() {
             if p.paused && self.limits.may_resume(&p.tracker, records, bytes) {
                 p.paused = false;
-                if p.held.is_empty() {
+                if p.held.len() < self.max_held {
                     let _ = resume.add_partition(topic, *partition);
                 }
             }
@@ -819,10 +825,7 @@ mod tests {
 
     fn state_with(key: &(Arc<str>, i32)) -> State {
         let mut st = State::default();
-        st.parts.insert(
-            key.clone(),
-            PartitionState::new(),
-        );
+        st.parts.insert(key.clone(), PartitionState::new());
         st
     }
 
@@ -892,10 +895,7 @@ mod tests {
             total_bytes: 500,
         };
         let other: (Arc<str>, i32) = (Arc::from("t"), 1);
-        st.parts.insert(
-            other.clone(),
-            PartitionState::new(),
-        );
+        st.parts.insert(other.clone(), PartitionState::new());
         assert!(
             st.push(&other, 0, 100, 0, 1, &global).unwrap().pause,
             "400 + 100 bytes held in the instance"

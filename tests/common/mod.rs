@@ -2,7 +2,7 @@
 //! own process (the binary under test), exactly as an operator would run it.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -82,6 +82,7 @@ pub struct Broker {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    producer: std::sync::OnceLock<FutureProducer>,
 }
 
 impl Broker {
@@ -91,6 +92,7 @@ impl Broker {
             port: free_port(),
             dir,
             child: None,
+            producer: std::sync::OnceLock::new(),
         };
         b.spawn();
         b
@@ -164,12 +166,14 @@ impl Broker {
 
     /// Produces records and waits for every acknowledgement.
     pub async fn produce(&self, topic: &str, records: &[Record]) {
-        let p: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("linger.ms", "5")
-            .set("enable.idempotence", "true")
-            .create()
-            .unwrap();
+        let p = self.producer.get_or_init(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", self.bootstrap())
+                .set("linger.ms", "5")
+                .set("enable.idempotence", "true")
+                .create()
+                .unwrap()
+        });
         let mut futs = Vec::with_capacity(records.len());
         for r in records {
             let mut hs = OwnedHeaders::new();
@@ -416,6 +420,23 @@ pub enum Reply {
     Delayed(u16, Duration),
     /// Hold the request until [`Receiver::release`], then answer 200.
     Hang,
+    /// Answer this status with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
+}
+
+/// A behaviour that answers `status` to the first `n` requests of each webhook-id, then 200.
+pub fn fail_first(n: usize, status: u16) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    let seen: Mutex<HashMap<String, usize>> = Mutex::new(HashMap::new());
+    move |r| {
+        let mut m = seen.lock().unwrap();
+        let c = m.entry(r.webhook_id.clone()).or_insert(0);
+        *c += 1;
+        if *c <= n {
+            Reply::Status(status)
+        } else {
+            Reply::Status(200)
+        }
+    }
 }
 
 type Behaviour = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
@@ -551,7 +572,8 @@ async fn handle(
     State(s): State<RecvState>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, &'static str) {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let hs: HashMap<String, String> = headers
         .iter()
         .map(|(k, v)| {
@@ -574,8 +596,13 @@ async fn handle(
         log.push(rec);
         log.len() - 1
     };
+    let mut retry_after = None;
     let status = match reply {
         Reply::Status(c) => c,
+        Reply::RetryAfter(c, secs) => {
+            retry_after = Some(secs.to_string());
+            c
+        }
         Reply::Delayed(c, d) => {
             tokio::time::sleep(d).await;
             c
@@ -587,7 +614,11 @@ async fn handle(
         }
     };
     s.log.lock().unwrap()[idx].status = Some(status);
-    (StatusCode::from_u16(status).unwrap(), "ok")
+    let code = StatusCode::from_u16(status).unwrap();
+    match retry_after {
+        Some(ra) => (code, [("retry-after", ra)], "ok").into_response(),
+        None => (code, "ok").into_response(),
+    }
 }
 
 /// hookline run as a child process with a generated config.
@@ -811,4 +842,32 @@ pub fn verifier_python() -> PathBuf {
         p.display()
     );
     p
+}
+
+pub fn plain_event(i: usize, ty: &str, tenant: Option<&str>) -> serde_json::Value {
+    let mut v = serde_json::json!({"id": format!("evt-{i:05}"), "type": ty, "data": {"n": i}});
+    if let Some(t) = tenant {
+        v["tenant"] = serde_json::json!(t);
+    }
+    v
+}
+
+pub fn id_set(ids: impl IntoIterator<Item = String>) -> HashSet<String> {
+    ids.into_iter().collect()
+}
+
+/// The retry/dead-letter topic prefix `base_config` chose.
+pub fn prefix_of(cfg: &str) -> String {
+    cfg.split("topic_prefix = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The ids `plain_event` gives events `range`.
+pub fn ids(range: std::ops::Range<usize>) -> HashSet<String> {
+    range.map(|i| format!("evt-{i:05}")).collect()
 }
