@@ -127,7 +127,14 @@ impl Endpoint {
     pub fn new(limits: EndpointLimits, breaker: BreakerConfig) -> Endpoint {
         let limiter = limits.rate_per_sec.and_then(NonZeroU32::new).map(|r| {
             let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(r);
-            RateLimiter::direct(Quota::per_second(r).allow_burst(burst))
+            // Tokens come 0.5 % slower than the configured rate, so that a receiver counting arrivals
+            // never sees more than `burst + rate` in a second even when a few requests are delayed on
+            // the way by a few milliseconds and arrive bunched.
+            let period = Duration::from_secs_f64(1.005 / f64::from(r.get()));
+            let quota = Quota::with_period(period)
+                .unwrap_or_else(|| Quota::per_second(r))
+                .allow_burst(burst);
+            RateLimiter::direct(quota)
         });
         Endpoint {
             capacity: limits.capacity(),
