@@ -1000,6 +1000,52 @@ topics = ["orders"]
     }
 
     #[test]
+    fn failure_handling_settings_are_validated() {
+        for (var, value, setting) in [
+            (
+                "HOOKLINE_DELIVERY__BREAKER__FAILURE_RATIO",
+                "1.5",
+                "delivery.breaker.failure_ratio:",
+            ),
+            (
+                "HOOKLINE_DELIVERY__BREAKER__HALF_OPEN_PROBES",
+                "0",
+                "delivery.breaker.half_open_probes:",
+            ),
+            (
+                "HOOKLINE_DELIVERY__BREAKER__COOL_DOWN",
+                "0s",
+                "delivery.breaker.cool_down:",
+            ),
+            (
+                "HOOKLINE_DELIVERY__BREAKER__CONSECUTIVE_FAILURES",
+                "0",
+                "delivery.breaker.consecutive_failures:",
+            ),
+            (
+                "HOOKLINE_DELIVERY__QUEUE_WAIT",
+                "0s",
+                "delivery.queue_wait:",
+            ),
+            ("HOOKLINE_RETRY__JITTER", "2", "retry.jitter:"),
+            ("HOOKLINE_RETRY__GROUP", "hookline", "retry.group:"),
+            (
+                "HOOKLINE_RETRY__MAX_HELD_PER_PARTITION",
+                "0",
+                "retry.max_held_per_partition:",
+            ),
+        ] {
+            let e = err_of(MIN, &[(var, value)]);
+            assert!(e.starts_with(setting), "{var}={value}: {e}");
+        }
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.retry_group(), format!("{}.retry", c.source.group));
+        assert_eq!(c.delivery.breaker.half_open_probes, 3);
+        let c = load(MIN, &[("HOOKLINE_DELIVERY__BREAKER__COOL_DOWN", "2s")]).unwrap();
+        assert_eq!(c.delivery.breaker.cool_down, Duration::from_secs(2));
+    }
+
+    #[test]
     fn shipped_example_config_is_valid() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookline.toml");
         let c = Config::load(Some(&p), std::iter::empty()).unwrap();

@@ -127,10 +127,12 @@ impl Endpoint {
     pub fn new(limits: EndpointLimits, breaker: BreakerConfig) -> Endpoint {
         let limiter = limits.rate_per_sec.and_then(NonZeroU32::new).map(|r| {
             let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(r);
-            // Tokens come 0.5 % slower than the configured rate, so that a receiver counting arrivals
-            // never sees more than `burst + rate` in a second even when a few requests are delayed on
-            // the way by a few milliseconds and arrive bunched.
-            let period = Duration::from_secs_f64(1.005 / f64::from(r.get()));
+            // Tokens come 2 % slower than the configured rate: a receiver counting arrivals in any
+            // 1 s window then sees at most burst + rate - 2 sent in it, which leaves room for requests
+            // that were delayed on the way and arrive bunched, so it never counts more than
+            // burst + rate. (At exactly the configured rate the sender-side maximum is burst + rate - 1,
+            // and one late request would reach the limit.)
+            let period = Duration::from_secs_f64(1.02 / f64::from(r.get()));
             let quota = Quota::with_period(period)
                 .unwrap_or_else(|| Quota::per_second(r))
                 .allow_burst(burst);
