@@ -120,6 +120,37 @@ impl Dispatcher {
         }
     }
 
+    /// Dead-letters a due retry record whose subscription was deleted or disabled meanwhile (reason
+    /// `rejected`, so it can be replayed once the subscription is back), then marks it done.
+    pub fn dead_letter_orphan(
+        self: &Arc<Self>,
+        event: Arc<Event>,
+        subscription: uuid::Uuid,
+        prior: Prior,
+        done: Completion,
+    ) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let id = subscription.to_string();
+            let last = AttemptResult::Refused(format!(
+                "subscription {id} no longer exists or is disabled"
+            ));
+            tracing::info!(subscription = %id, event_id = %event.id, "retry for a missing or disabled subscription; dead-lettering");
+            let failure = Failure {
+                event: &event,
+                subscription_id: &id,
+                attempts: prior.attempts,
+                deferrals: prior.deferrals,
+                first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
+                last: &last,
+            };
+            this.publisher
+                .publish_dead(&failure, DlqReason::Rejected)
+                .await;
+            done.done();
+        });
+    }
+
     async fn to_tier(&self, failure: &Failure<'_>, tier: usize) {
         let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
         let due = now_ms() + delay.as_millis() as u64;

@@ -150,10 +150,6 @@ impl Endpoint {
         }
     }
 
-    pub fn limits(&self) -> &EndpointLimits {
-        &self.limits
-    }
-
     /// Takes over the breaker state of the endpoint's previous configuration (subscription edited).
     pub fn inherit(&self, previous: &Endpoint) {
         let b = previous.breaker().clone();

@@ -47,7 +47,6 @@ use crate::matching::cache::Cache;
 use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
-use crate::retry::publish::{DlqReason, Failure};
 use crate::retry::tier;
 use tracker::{Completion, PartitionTracker};
 
@@ -109,7 +108,7 @@ struct PartitionState {
     tracker: PartitionTracker,
     /// Paused because an in-flight bound was reached.
     paused: bool,
-    /// Retry records not yet due, oldest first; the partition is paused while this is not empty.
+    /// Retry records not yet due, oldest first; the partition is paused while `max_held` are held.
     held: std::collections::VecDeque<Held>,
 }
 
@@ -545,11 +544,7 @@ impl Source {
             return;
         };
         if pause {
-            let mut tpl = TopicPartitionList::new();
-            let _ = tpl.add_partition(topic, m.partition());
-            if let Err(e) = self.consumer.pause(&tpl) {
-                tracing::warn!(error = %e, "pause failed");
-            }
+            self.pause(&key);
             tracing::debug!(topic = %topic, partition = m.partition(), "partition paused (in-flight bound)");
         }
 
@@ -598,8 +593,8 @@ impl Source {
         });
     }
 
-    /// A record of a retry tier: deliver it to its one subscription when due, holding the partition
-    /// until then.
+    /// A record of a retry tier: deliver it to its one subscription when due, holding it (and the
+    /// records behind it) in memory until then.
     fn handle_retry_record(
         &self,
         m: &rdkafka::message::BorrowedMessage<'_>,
@@ -663,7 +658,7 @@ impl Source {
         // Not due (or queued behind a record that is not): hold it, pausing the partition when the hold
         // buffer becomes full and a bound did not pause it already.
         part.held.push_back(job);
-        let pause_for_hold = part.held.len() == self.max_held && !part.paused && !pause;
+        let pause_for_hold = part.held.len() == self.max_held && !part.paused;
         drop(st);
         if pause || pause_for_hold {
             self.pause(key);
@@ -678,7 +673,8 @@ impl Source {
         }
     }
 
-    /// Dispatches the held records that are due and resumes partitions with nothing left to hold.
+    /// Dispatches the held records that are due and resumes partitions whose hold buffer is no longer
+    /// full (unless an in-flight bound keeps them paused).
     fn release_due(&self) {
         let now = now_ms();
         let mut due = Vec::new();
@@ -714,27 +710,8 @@ impl Source {
                 .dispatch(job.event, sub, job.prior, job.done);
             return;
         }
-        let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
-            let id = job.subscription.to_string();
-            let last = crate::deliver::outcome::AttemptResult::Refused(format!(
-                "subscription {id} no longer exists or is disabled"
-            ));
-            tracing::info!(subscription = %id, event_id = %job.event.id, "retry for a missing or disabled subscription; dead-lettering");
-            let failure = Failure {
-                event: &job.event,
-                subscription_id: &id,
-                attempts: job.prior.attempts,
-                deferrals: job.prior.deferrals,
-                first_failure_ms: job.prior.first_failure_ms.unwrap_or_else(now_ms),
-                last: &last,
-            };
-            dispatcher
-                .publisher
-                .publish_dead(&failure, DlqReason::Rejected)
-                .await;
-            job.done.done();
-        });
+        self.dispatcher
+            .dead_letter_orphan(job.event, job.subscription, job.prior, job.done);
     }
 
     /// Stores finished offsets and resumes partitions that are below their bounds.
