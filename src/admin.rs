@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::deliver::breaker::BreakerState;
-use crate::matching::cache::Cache;
-use crate::metrics::Metrics;
+use crate::matching::cache::{Cache, now_ms};
+use crate::metrics::{Metrics, TopicPartitionLabels};
 use crate::source::SourceHandle;
 
 #[derive(Clone)]
@@ -20,6 +20,53 @@ pub struct AdminState {
     pub cache: Arc<Cache>,
     pub source: SourceHandle,
     pub retry: SourceHandle,
+    /// Serialises the gauges computed at scrape time with their encoding, so that two concurrent scrapes
+    /// never see a family half rebuilt.
+    pub scrape: Arc<std::sync::Mutex<()>>,
+}
+
+impl AdminState {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        cache: Arc<Cache>,
+        source: SourceHandle,
+        retry: SourceHandle,
+    ) -> AdminState {
+        AdminState {
+            metrics,
+            cache,
+            source,
+            retry,
+            scrape: Arc::default(),
+        }
+    }
+
+    /// What `/readyz` reports; `ready` requires all of it.
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            consumer_joined: self.source.joined(),
+            retry_consumer_joined: self.retry.joined(),
+            cache_loaded: self.cache.loaded(),
+            store_reachable: self.cache.healthy(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Readiness {
+    consumer_joined: bool,
+    retry_consumer_joined: bool,
+    cache_loaded: bool,
+    store_reachable: bool,
+}
+
+impl Readiness {
+    fn ready(&self) -> bool {
+        self.consumer_joined
+            && self.retry_consumer_joined
+            && self.cache_loaded
+            && self.store_reachable
+    }
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -31,18 +78,16 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let joined = s.source.joined() && s.retry.joined();
-    let loaded = s.cache.loaded();
-    let store_ok = s.cache.healthy();
+    let r = s.readiness();
     let body = serde_json::json!({
-        "ready": joined && loaded,
-        "consumer_joined": s.source.joined(),
-        "retry_consumer_joined": s.retry.joined(),
-        "cache_loaded": loaded,
-        "store_reachable": store_ok,
+        "ready": r.ready(),
+        "consumer_joined": r.consumer_joined,
+        "retry_consumer_joined": r.retry_consumer_joined,
+        "cache_loaded": r.cache_loaded,
+        "store_reachable": r.store_reachable,
         "subscriptions": s.cache.index().len(),
     });
-    let code = if joined && loaded {
+    let code = if r.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -51,10 +96,25 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    s.metrics
-        .subscription_cache_age_seconds
-        .set(s.cache.age_seconds());
-    // Breaker states are read at scrape time (open → half-open happens by the clock, not by an event).
+    let _serial = s.scrape.lock().unwrap_or_else(|p| p.into_inner());
+    refresh_scrape_gauges(&s);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+/// Gauges whose truth changes with the clock rather than with an event are computed at scrape time.
+fn refresh_scrape_gauges(s: &AdminState) {
+    let m = &s.metrics;
+    let r = s.readiness();
+    m.ready.set(i64::from(r.ready()));
+    m.store_reachable.set(i64::from(r.store_reachable));
+    m.subscription_cache_age_seconds.set(s.cache.age_seconds());
+    // Breaker states: open → half-open happens by the clock.
     let mut counts = [0i64; 3];
     for sub in s.cache.index().subscriptions() {
         counts[sub.endpoint.state() as usize] += 1;
@@ -67,13 +127,23 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     .iter()
     .zip(counts)
     {
-        s.metrics.endpoint_state(state.as_str()).set(n);
+        m.endpoint_state(state.as_str()).set(n);
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    // Time lag: age of the oldest unfinished record of each partition assigned here (0 when none).
+    let now = now_ms() as i64;
+    m.lag_seconds.clear();
+    for (topic, partition, oldest) in s
+        .source
+        .oldest_unfinished()
+        .into_iter()
+        .chain(s.retry.oldest_unfinished())
+    {
+        let age_ms = oldest.map_or(0, |ts| (now - ts).max(0));
+        m.lag_seconds
+            .get_or_create(&TopicPartitionLabels {
+                topic: topic.to_string(),
+                partition,
+            })
+            .set(age_ms as f64 / 1000.0);
+    }
 }

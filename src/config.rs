@@ -88,6 +88,10 @@ pub struct SourceConfig {
     /// On partition revocation: how long in-flight records of the revoked partitions may take.
     #[serde(default = "default_rebalance_timeout", with = "humantime_serde_compat")]
     pub rebalance_timeout: Duration,
+    /// How often consumer lag (high watermarks and committed offsets of the assigned partitions) is read
+    /// from the broker for `/metrics`.
+    #[serde(default = "default_lag_interval", with = "humantime_serde_compat")]
+    pub lag_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +261,9 @@ fn default_commit_interval() -> Duration {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_lag_interval() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_rebalance_timeout() -> Duration {
     Duration::from_secs(15)
@@ -593,6 +600,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        range(
+            "source.lag_interval (ms)",
+            self.source.lag_interval.as_millis() as u64,
+            100,
+            600_000,
+        )?;
         validate_topic_name(&self.retry.topic_prefix)
             .map_err(|m| ConfigError::new("retry.topic_prefix", m))?;
         self.tiers()?;

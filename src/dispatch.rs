@@ -5,9 +5,12 @@
 //! both come through here; a retry record carries what happened before in [`Prior`].
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use tracing::Instrument;
 
 use crate::deliver::Deliverer;
+use crate::deliver::breaker::BreakerState;
 use crate::deliver::endpoint::NotNow;
 use crate::deliver::outcome::{
     AttemptResult, Next, Outcome, classify, healthy, jittered, next_tier,
@@ -49,22 +52,35 @@ impl Dispatcher {
         done: Completion,
     ) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            this.deliver(&event, &sub, prior).await;
-            done.done();
-        });
+        // One span per delivery: every line logged while delivering (here, in the HTTP client, in the
+        // publisher) carries the event id, the subscription and the attempt number. The span is attached
+        // to the task, not entered across awaits. Disabled (no cost beyond a level check) below debug.
+        let span = tracing::debug_span!("delivery", event_id = %event.id, subscription = %sub.id_str, attempt = prior.attempts + 1);
+        tokio::spawn(
+            async move {
+                this.deliver(&event, &sub, prior).await;
+                done.done();
+            }
+            .instrument(span),
+        );
     }
 
     async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior) {
         let attempt_no = prior.attempts + 1;
-        let span = tracing::debug_span!("delivery", event_id = %event.id, subscription = %sub.id_str, attempt = attempt_no);
-        let _enter = span.enter();
         let (result, took) = match sub.endpoint.admit().await {
             Ok(slot) => {
                 self.metrics.in_flight.inc();
                 let (result, took) = self.deliverer.attempt(event, sub).await;
                 self.metrics.in_flight.dec();
-                slot.finish(healthy(&result));
+                match slot.finish(healthy(&result)) {
+                    Some(BreakerState::Open) => {
+                        tracing::warn!(subscription = %sub.id_str, "circuit breaker opened: endpoint failing; deliveries go to the retry tiers until it recovers")
+                    }
+                    Some(state) => {
+                        tracing::info!(subscription = %sub.id_str, state = state.as_str(), "circuit breaker changed state")
+                    }
+                    None => {}
+                }
                 self.metrics.delivery_duration.observe(took.as_secs_f64());
                 (result, took)
             }

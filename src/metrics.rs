@@ -40,6 +40,26 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// kafka_exporter's labels for one partition of a consumer group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupPartitionLabels {
+    pub consumergroup: String,
+    pub topic: String,
+    pub partition: i32,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupTopicLabels {
+    pub consumergroup: String,
+    pub topic: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
 pub const ATTEMPT_RESULTS: [&str; 8] = [
     "2xx",
     "3xx",
@@ -70,6 +90,21 @@ pub struct Metrics {
     pub subscriptions_cached: Gauge,
     pub subscription_cache_age_seconds: Gauge<f64, AtomicU64>,
     attempts_by_result: Vec<Counter>,
+    /// Consumer lag in records per assigned partition (high watermark - committed offset), kafka_exporter's
+    /// name and labels. Each instance reports the partitions assigned to it.
+    pub group_lag: Family<GroupPartitionLabels, Gauge>,
+    pub group_lag_sum: Family<GroupTopicLabels, Gauge>,
+    /// The group's committed offset per assigned partition (-1 when nothing was committed yet).
+    pub group_offset: Family<GroupPartitionLabels, Gauge>,
+    pub group_offset_sum: Family<GroupTopicLabels, Gauge>,
+    /// Age of the oldest unfinished record per assigned partition (0 when none is unfinished).
+    pub lag_seconds: Family<TopicPartitionLabels, FloatGauge>,
+    /// Fixed delay of each retry tier topic, for alerts that compare a tier's time lag with its delay.
+    pub tier_delay_seconds: Family<TopicLabel, FloatGauge>,
+    /// 1 when `/readyz` would answer 200.
+    pub ready: Gauge,
+    /// 1 when the last subscription load from the store succeeded.
+    pub store_reachable: Gauge,
 }
 
 impl Metrics {
@@ -164,6 +199,54 @@ impl Metrics {
             "Seconds since the subscription cache was last loaded successfully",
             subscription_cache_age_seconds.clone(),
         );
+        let group_lag = Family::<GroupPartitionLabels, Gauge>::default();
+        r.register(
+            "kafka_consumergroup_lag",
+            "Records not yet committed by the group (high watermark - committed offset) per partition assigned to this instance",
+            group_lag.clone(),
+        );
+        let group_lag_sum = Family::<GroupTopicLabels, Gauge>::default();
+        r.register(
+            "kafka_consumergroup_lag_sum",
+            "kafka_consumergroup_lag summed over the topic's partitions assigned to this instance",
+            group_lag_sum.clone(),
+        );
+        let group_offset = Family::<GroupPartitionLabels, Gauge>::default();
+        r.register(
+            "kafka_consumergroup_current_offset",
+            "The group's committed offset per partition assigned to this instance (-1: none yet)",
+            group_offset.clone(),
+        );
+        let group_offset_sum = Family::<GroupTopicLabels, Gauge>::default();
+        r.register(
+            "kafka_consumergroup_current_offset_sum",
+            "kafka_consumergroup_current_offset summed over the topic's partitions assigned to this instance",
+            group_offset_sum.clone(),
+        );
+        let lag_seconds = Family::<TopicPartitionLabels, FloatGauge>::default();
+        r.register(
+            "hookline_consumer_lag_seconds",
+            "Age of the oldest unfinished record per assigned partition (retry tiers: includes the tier delay)",
+            lag_seconds.clone(),
+        );
+        let tier_delay_seconds = Family::<TopicLabel, FloatGauge>::default();
+        r.register(
+            "hookline_retry_tier_delay_seconds",
+            "Configured delay of each retry tier topic",
+            tier_delay_seconds.clone(),
+        );
+        let ready = Gauge::default();
+        r.register(
+            "hookline_ready",
+            "1 when ready: both consumers joined their groups, subscriptions loaded, store reachable",
+            ready.clone(),
+        );
+        let store_reachable = Gauge::default();
+        r.register(
+            "hookline_store_reachable",
+            "1 when the last subscription load from the store succeeded",
+            store_reachable.clone(),
+        );
         // Make every documented series exist from the start (a zero is information; absence is not).
         let attempts_by_result = ATTEMPT_RESULTS
             .iter()
@@ -212,6 +295,14 @@ impl Metrics {
             subscriptions_cached,
             subscription_cache_age_seconds,
             attempts_by_result,
+            group_lag,
+            group_lag_sum,
+            group_offset,
+            group_offset_sum,
+            lag_seconds,
+            tier_delay_seconds,
+            ready,
+            store_reachable,
         }
     }
 

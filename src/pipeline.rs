@@ -95,7 +95,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .ensure_topics(&config)
         .await
         .map_err(RunError::Runtime)?;
-    let tier_delays = config.tiers()?.into_iter().map(|t| t.delay).collect();
+    let tiers = config.tiers()?;
+    for (t, topic) in tiers.iter().zip(&publisher.topics.tiers) {
+        metrics
+            .tier_delay_seconds
+            .get_or_create(&crate::metrics::TopicLabel {
+                topic: topic.clone(),
+            })
+            .set(t.delay.as_secs_f64());
+    }
+    let tier_delays = tiers.into_iter().map(|t| t.delay).collect();
     let dispatcher = Arc::new(Dispatcher {
         deliverer,
         publisher,
@@ -126,12 +135,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
         .map_err(|e| RunError::Runtime(format!("admin.listen {}: {e}", config.admin.listen)))?;
-    let app = admin::router(admin::AdminState {
-        metrics: metrics.clone(),
-        cache: cache.clone(),
-        source: source.handle(),
-        retry: tiers.handle(),
-    });
+    let app = admin::router(admin::AdminState::new(
+        metrics.clone(),
+        cache.clone(),
+        source.handle(),
+        tiers.handle(),
+    ));
     let admin_stop = stop.clone();
     tokio::spawn(async move {
         let serve = axum::serve(listener, app)

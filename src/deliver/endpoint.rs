@@ -99,10 +99,14 @@ pub struct Slot<'a> {
 impl Slot<'_> {
     /// Feeds the result to the breaker. `healthy` is false for failures that say the endpoint is in
     /// trouble (timeouts, connection errors, 408/425/429/5xx).
-    pub fn finish(self, healthy: bool) {
-        self.endpoint
-            .breaker()
-            .record(Instant::now(), healthy, self.probe);
+    /// Returns the breaker's new state when this result moved it.
+    pub fn finish(self, healthy: bool) -> Option<BreakerState> {
+        let now = Instant::now();
+        let mut breaker = self.endpoint.breaker();
+        let before = breaker.state(now);
+        breaker.record(now, healthy, self.probe);
+        let after = breaker.state(now);
+        (before != after).then_some(after)
     }
 }
 

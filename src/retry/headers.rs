@@ -6,6 +6,9 @@ pub const DUE_MS: &str = "hookline-due-ms";
 pub const ORIGIN_TOPIC: &str = "hookline-origin-topic";
 pub const ORIGIN_PARTITION: &str = "hookline-origin-partition";
 pub const ORIGIN_OFFSET: &str = "hookline-origin-offset";
+/// The source record's timestamp (epoch ms), so that a delivery after retries still measures its end-to-end
+/// time from the original append. Absent when the source record had none.
+pub const ORIGIN_TIMESTAMP_MS: &str = "hookline-origin-timestamp-ms";
 pub const FIRST_FAILURE_MS: &str = "hookline-first-failure-ms";
 pub const LAST_STATUS: &str = "hookline-last-status";
 pub const LAST_ERROR: &str = "hookline-last-error";

@@ -195,6 +195,13 @@ impl Publisher {
         let part = origin.partition.to_string();
         let off = origin.offset.to_string();
         let detail = truncate(detail, 200);
+        if let Some(ts) = origin.timestamp_ms {
+            let ts = ts.to_string();
+            hs = hs.insert(Header {
+                key: h::ORIGIN_TIMESTAMP_MS,
+                value: Some(ts.as_bytes()),
+            });
+        }
         hs = hs
             .insert(Header {
                 key: h::ORIGIN_TOPIC,
@@ -283,6 +290,7 @@ fn delivery_headers(
     let part = e.origin.partition.to_string();
     let off = e.origin.offset.to_string();
     let first = f.first_failure_ms.to_string();
+    let origin_ts = e.origin.timestamp_ms.map(|t| t.to_string());
     let status = f.last.last_status();
     let err = f.last.last_error();
     hs = hs
@@ -318,6 +326,12 @@ fn delivery_headers(
             key: h::LAST_ERROR,
             value: Some(err.as_bytes()),
         });
+    if let Some(ts) = &origin_ts {
+        hs = hs.insert(Header {
+            key: h::ORIGIN_TIMESTAMP_MS,
+            value: Some(ts.as_bytes()),
+        });
+    }
     if f.deferrals > 0 {
         let d = f.deferrals.to_string();
         hs = hs.insert(Header {

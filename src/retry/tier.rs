@@ -62,7 +62,7 @@ pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<RetryHeaders, String> 
             topic: Arc::from(topic),
             partition,
             offset,
-            timestamp_ms: None,
+            timestamp_ms: number::<i64>(headers, h::ORIGIN_TIMESTAMP_MS)?,
         }),
         _ => None,
     };

@@ -26,6 +26,7 @@
 //! drops held records without committing them; the next owner fetches and holds them again, and since
 //! the due time travels in the header nothing is early.
 
+pub mod lag;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -326,13 +327,26 @@ impl SourceHandle {
     pub fn joined(&self) -> bool {
         lock(&self.state).joined
     }
+
+    /// Per assigned partition: the timestamp (epoch ms) of the oldest record taken and not finished
+    /// (held retry records included), `None` when nothing is unfinished.
+    pub fn oldest_unfinished(&self) -> Vec<(Arc<str>, i32, Option<i64>)> {
+        lock(&self.state)
+            .parts
+            .iter()
+            .map(|((t, p), ps)| (t.clone(), *p, ps.tracker.oldest_unfinished_ms()))
+            .collect()
+    }
 }
 
 pub struct Source {
     role: Role,
     /// Held retry records per partition before the partition is paused.
     max_held: usize,
-    consumer: StreamConsumer<SourceContext>,
+    consumer: Arc<StreamConsumer<SourceContext>>,
+    /// This role's consumer group (for the lag metrics).
+    group: String,
+    lag_interval: Duration,
     state: Arc<Mutex<State>>,
     topics: Vec<Arc<str>>,
     limits: Limits,
@@ -396,7 +410,12 @@ impl Source {
         Ok(Source {
             role,
             max_held: config.retry.max_held_per_partition,
-            consumer,
+            consumer: Arc::new(consumer),
+            group: match role {
+                Role::Source => config.source.group.clone(),
+                Role::Retry => config.retry_group(),
+            },
+            lag_interval: config.source.lag_interval,
             state,
             topics,
             limits: Limits {
@@ -434,6 +453,14 @@ impl Source {
         tokio::pin!(due_timer);
         let mut armed_for: Option<u64> = None;
         let retry = self.role == Role::Retry;
+        let lag_stop = stop.child_token();
+        let lag_task = tokio::spawn(lag::run(
+            self.consumer.clone(),
+            self.state.clone(),
+            lag::Reporter::new(self.group.clone(), self.metrics.clone()),
+            self.lag_interval,
+            lag_stop.clone(),
+        ));
         loop {
             tokio::select! {
                 biased;
@@ -461,6 +488,9 @@ impl Source {
                 }
             }
         }
+        // The sampler holds a reference to the consumer; it must be gone before the consumer closes.
+        lag_stop.cancel();
+        let _ = lag_task.await;
         self.shutdown().await;
     }
 
@@ -776,7 +806,7 @@ impl Source {
         // Committing and leaving the group talk to the broker, and librdkafka's close has no timeout of
         // its own: run them off the async threads and give up after CLOSE_TIMEOUT (an unreachable broker
         // must not keep the process alive; uncommitted records are redelivered).
-        let consumer = Arc::new(self.consumer);
+        let consumer = self.consumer;
         let c = consumer.clone();
         let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync));
         match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
