@@ -693,11 +693,12 @@ impl Hookline {
         let child = Command::new(env!("CARGO_BIN_EXE_hookline"))
             .args(["run", "--config"])
             .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("HOOKLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // A test's own environment (RUST_LOG included) wins over the defaults above.
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -786,6 +787,19 @@ impl Hookline {
 impl Drop for Hookline {
     fn drop(&mut self) {
         self.kill9();
+        // Every integration test doubles as a log-secrecy check: the shared test secrets must never
+        // appear in what hookline logged (issue 5).
+        if !std::thread::panicking() {
+            let log = self.log();
+            for secret in [SECRET_A, SECRET_B] {
+                let key = secret.trim_start_matches("whsec_");
+                assert!(
+                    !log.contains(key),
+                    "hookline logged the signing secret {secret}; log: {}",
+                    self.log_path.display()
+                );
+            }
+        }
     }
 }
 
