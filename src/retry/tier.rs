@@ -96,6 +96,7 @@ mod tests {
             ("hookline-origin-offset", Some(b"41")),
             ("hookline-first-failure-ms", Some(b"1699999990000")),
             ("hookline-deferrals", Some(b"2")),
+            ("hookline-origin-timestamp-ms", Some(b"1699999980000")),
         ];
         let r = parse(&hs).unwrap();
         assert_eq!(r.subscription.to_string(), SUB);
@@ -110,6 +111,7 @@ mod tests {
         );
         let o = r.origin.unwrap();
         assert_eq!((&*o.topic, o.partition, o.offset), ("orders", 2, 41));
+        assert_eq!(o.timestamp_ms, Some(1_699_999_980_000));
     }
 
     #[test]
