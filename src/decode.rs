@@ -28,7 +28,26 @@ pub struct Invalid {
     pub detail: String,
 }
 
+/// Every `reason` label [`decode`] can give (the metric's series exist from the start, at zero).
+pub const INVALID_REASONS: [&str; 11] = [
+    "too_large",
+    "bad_header",
+    "not_json",
+    "not_object",
+    "duplicate_attribute",
+    "missing_attribute",
+    "bad_attribute",
+    "missing_id",
+    "bad_id",
+    "missing_type",
+    "bad_type",
+];
+
 fn invalid(reason: &'static str, detail: impl Into<String>) -> Invalid {
+    debug_assert!(
+        INVALID_REASONS.contains(&reason),
+        "unlisted reason {reason}"
+    );
     Invalid {
         reason,
         detail: detail.into(),

@@ -329,6 +329,16 @@ impl Metrics {
             .clone()
     }
 
+    /// Creates the `hookline_events_invalid_total` series of a source topic, one per reason, at zero.
+    pub fn invalid_reasons_for(&self, topic: &str) {
+        for reason in crate::decode::INVALID_REASONS {
+            let _ = self.events_invalid.get_or_create(&TopicReasonLabels {
+                topic: topic.into(),
+                reason: reason.into(),
+            });
+        }
+    }
+
     pub fn tier_counter(&self, tier: &str) -> Counter {
         self.retry_published
             .get_or_create(&TierLabel { tier: tier.into() })

@@ -34,7 +34,9 @@ async fn counters_and_histograms_are_exact_after_a_known_workload() {
     let ok = Receiver::ok().await;
     let flaky = Receiver::start(fail_first(1, 500)).await;
     let rejecting = Receiver::start(|_| Reply::Status(400)).await;
-    let cfg = base_config(&broker, &["events"], "m1");
+    // Ten first attempts fail in a row: keep the breaker from turning retries into circuit_open.
+    let cfg = base_config(&broker, &["events"], "m1")
+        + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
     let prefix = prefix_of(&cfg);
     let subs = vec![
         sub(1, &ok.url(), &["order.*"]),
@@ -258,7 +260,8 @@ async fn exported_lag_equals_the_backlog_and_drains_to_zero() {
     );
     assert!(
         text.contains(&format!("{tier_lag} 0")),
-        "missing {tier_lag}:\n{text}"
+        "missing {tier_lag}:\n{text}\nlog:\n{}",
+        h.log()
     );
 
     receiver.set_behaviour(|_| Reply::Hang);
@@ -339,6 +342,7 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
         "[log]\nlevel = \"trace\"\nformat = \"json\"",
     );
     assert!(cfg.contains("format = \"json\""));
+    let cfg = cfg + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
     let mut subs = vec![
         sub(1, &ok.url(), &["a"]),
         sub(2, &flaky.url(), &["b"]),

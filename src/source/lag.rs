@@ -196,7 +196,8 @@ pub(super) async fn run<C, K>(
 {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout = every.min(Duration::from_secs(5));
+    // Queries may take longer than the interval (the next tick waits); a busy broker is not an error.
+    let timeout = Duration::from_secs(5);
     let mut failing = false;
     loop {
         tokio::select! {
@@ -204,6 +205,10 @@ pub(super) async fn run<C, K>(
             _ = tick.tick() => {}
         }
         let keys: Vec<(Arc<str>, i32)> = lock(&state).parts.keys().cloned().collect();
+        if keys.is_empty() {
+            reporter.publish(&[]);
+            continue;
+        }
         let c = consumer.clone();
         let answer = tokio::task::spawn_blocking(move || query(c.as_ref(), &keys, timeout)).await;
         match answer {
@@ -219,7 +224,9 @@ pub(super) async fn run<C, K>(
                 failing = true;
                 tracing::warn!(group = %reporter.group, error = %e, "cannot read consumer lag from the broker; exporting the last values");
             }
-            Ok(Err(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(group = %reporter.group, error = %e, "consumer lag still unreadable")
+            }
             Err(e) => tracing::error!(error = %e, "lag query task failed"),
         }
     }

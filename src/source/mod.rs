@@ -446,6 +446,11 @@ impl Source {
             .iter()
             .map(|t| self.metrics.consumed_for(t))
             .collect();
+        if self.role == Role::Source {
+            for t in &self.topics {
+                self.metrics.invalid_reasons_for(t);
+            }
+        }
         let mut tick = tokio::time::interval(self.store_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Fires at the earliest due time of a held retry record (retry role only).
