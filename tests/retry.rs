@@ -205,12 +205,13 @@ async fn always_failing_ends_in_the_dead_letter_topic_as_exhausted() {
         "hookline-last-status",
         "hookline-last-error",
         "hookline-dlq-reason",
+        "hookline-origin-timestamp-ms",
     ] {
         assert!(hd.contains_key(header), "{header} missing");
     }
     assert_eq!(
         hd.keys().filter(|k| k.starts_with("hookline-")).count(),
-        10,
+        11,
         "no duplicated or stray hookline headers after three hops: {hd:?}"
     );
     broker
