@@ -434,3 +434,53 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
         forbidden.len()
     );
 }
+
+/// `/readyz` and `hookline_store_reachable`/`hookline_ready` report a store that cannot be read (the
+/// subscriptions file gone); deliveries go on from the cache meanwhile, and recovery is automatic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_an_unreadable_store_and_recovers() {
+    let broker = Broker::start();
+    broker.create_topic("stored", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::ok().await;
+    let cfg = base_config(&broker, &["stored"], "store1");
+    let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &receiver.url(), &["*"])]);
+    h.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(h.metric("hookline_store_reachable").await, 1.0);
+
+    let file = dir.path().join("subscriptions.yaml");
+    let away = dir.path().join("subscriptions.yaml.away");
+    std::fs::rename(&file, &away).unwrap();
+    // The store refreshes every second.
+    let took = wait_metric(&h, "hookline_store_reachable", 0.0, Duration::from_secs(10)).await;
+    println!("store outage seen {took:?} after the file went away");
+    let readyz = http()
+        .get(format!("http://{}/readyz", h.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let body: serde_json::Value = serde_json::from_str(&readyz.text().await.unwrap()).unwrap();
+    assert_eq!(body["store_reachable"], false, "{body}");
+    assert_eq!(body["consumer_joined"], true, "{body}");
+    assert_eq!(h.metric("hookline_ready").await, 0.0);
+    assert_eq!(
+        h.metric("hookline_subscriptions_cached").await,
+        1.0,
+        "last good cache kept"
+    );
+
+    broker
+        .produce("stored", &[Record::json(0, plain_event(0, "t", None))])
+        .await;
+    receiver
+        .wait_acked(&ids(0..1), Duration::from_secs(20))
+        .await;
+
+    std::fs::rename(&away, &file).unwrap();
+    wait_metric(&h, "hookline_store_reachable", 1.0, Duration::from_secs(10)).await;
+    h.wait_ready(Duration::from_secs(5)).await;
+    assert_eq!(h.metric("hookline_ready").await, 1.0);
+    h.sigterm();
+    h.wait_exit(Duration::from_secs(20));
+}
