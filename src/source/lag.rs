@@ -210,7 +210,16 @@ pub(super) async fn run<C, K>(
             continue;
         }
         let c = consumer.clone();
-        let answer = tokio::task::spawn_blocking(move || query(c.as_ref(), &keys, timeout)).await;
+        let mut query = tokio::task::spawn_blocking(move || query(c.as_ref(), &keys, timeout));
+        let answer = tokio::select! {
+            a = &mut query => a,
+            _ = stop.cancelled() => {
+                // The query holds the consumer: let it end (normally milliseconds) before the consumer
+                // closes, but do not hold shutdown for a query against an unreachable broker.
+                let _ = tokio::time::timeout(Duration::from_secs(1), query).await;
+                return;
+            }
+        };
         match answer {
             Ok(Ok(samples)) => {
                 if failing {
