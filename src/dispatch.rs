@@ -5,8 +5,8 @@
 //! both come through here; a retry record carries what happened before in [`Prior`].
 
 use std::sync::Arc;
-
 use std::time::Duration;
+
 use tracing::Instrument;
 
 use crate::deliver::Deliverer;

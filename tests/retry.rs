@@ -112,14 +112,8 @@ async fn fails_three_times_then_delivered_through_each_tier() {
         assert_eq!(hd["hookline-last-status"], "503");
         // The source record's append time travels along (end-to-end latency of retried deliveries).
         let appended: u64 = hd["hookline-origin-timestamp-ms"].parse().unwrap();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        assert!(
-            appended <= now_ms && now_ms - appended < 120_000,
-            "{appended}"
-        );
+        let now = now_ms();
+        assert!(appended <= now && now - appended < 120_000, "{appended}");
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&recs[0].value).unwrap(),
             original

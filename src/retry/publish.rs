@@ -17,7 +17,7 @@ use super::headers as h;
 use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::metrics::Metrics;
-use crate::model::Event;
+use crate::model::{Event, Origin};
 
 /// Dead-letter reasons (`hookline-dlq-reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl Publisher {
         key: Option<&[u8]>,
         value: &[u8],
         original: &[(Box<str>, Option<bytes::Bytes>)],
-        origin: &crate::model::Origin,
+        origin: &Origin,
         detail: &str,
     ) {
         let mut hs = OwnedHeaders::new_with_capacity(original.len() + 6);
@@ -192,29 +192,8 @@ impl Publisher {
             }
         }
         let now = crate::matching::cache::now_ms().to_string();
-        let part = origin.partition.to_string();
-        let off = origin.offset.to_string();
         let detail = truncate(detail, 200);
-        if let Some(ts) = origin.timestamp_ms {
-            let ts = ts.to_string();
-            hs = hs.insert(Header {
-                key: h::ORIGIN_TIMESTAMP_MS,
-                value: Some(ts.as_bytes()),
-            });
-        }
-        hs = hs
-            .insert(Header {
-                key: h::ORIGIN_TOPIC,
-                value: Some(origin.topic.as_bytes()),
-            })
-            .insert(Header {
-                key: h::ORIGIN_PARTITION,
-                value: Some(part.as_bytes()),
-            })
-            .insert(Header {
-                key: h::ORIGIN_OFFSET,
-                value: Some(off.as_bytes()),
-            })
+        hs = origin_headers(hs, origin)
             .insert(Header {
                 key: h::ATTEMPT,
                 value: Some(b"0"),
@@ -269,6 +248,33 @@ impl Publisher {
     }
 }
 
+/// Where the record came from: source topic, partition, offset and (when it had one) its timestamp.
+/// Retry and dead-letter records carry these unchanged through every hop.
+fn origin_headers(hs: OwnedHeaders, origin: &Origin) -> OwnedHeaders {
+    let part = origin.partition.to_string();
+    let off = origin.offset.to_string();
+    let hs = hs
+        .insert(Header {
+            key: h::ORIGIN_TOPIC,
+            value: Some(origin.topic.as_bytes()),
+        })
+        .insert(Header {
+            key: h::ORIGIN_PARTITION,
+            value: Some(part.as_bytes()),
+        })
+        .insert(Header {
+            key: h::ORIGIN_OFFSET,
+            value: Some(off.as_bytes()),
+        });
+    match origin.timestamp_ms {
+        Some(ts) => hs.insert(Header {
+            key: h::ORIGIN_TIMESTAMP_MS,
+            value: Some(ts.to_string().as_bytes()),
+        }),
+        None => hs,
+    }
+}
+
 /// Original headers (minus earlier `hookline-*`) plus this hop's headers. Origin and first-failure
 /// headers always describe the first hop.
 fn delivery_headers(
@@ -287,13 +293,10 @@ fn delivery_headers(
         }
     }
     let attempts = f.attempts.to_string();
-    let part = e.origin.partition.to_string();
-    let off = e.origin.offset.to_string();
     let first = f.first_failure_ms.to_string();
-    let origin_ts = e.origin.timestamp_ms.map(|t| t.to_string());
     let status = f.last.last_status();
     let err = f.last.last_error();
-    hs = hs
+    hs = origin_headers(hs, &e.origin)
         .insert(Header {
             key: h::SUBSCRIPTION,
             value: Some(f.subscription_id.as_bytes()),
@@ -301,18 +304,6 @@ fn delivery_headers(
         .insert(Header {
             key: h::ATTEMPT,
             value: Some(attempts.as_bytes()),
-        })
-        .insert(Header {
-            key: h::ORIGIN_TOPIC,
-            value: Some(e.origin.topic.as_bytes()),
-        })
-        .insert(Header {
-            key: h::ORIGIN_PARTITION,
-            value: Some(part.as_bytes()),
-        })
-        .insert(Header {
-            key: h::ORIGIN_OFFSET,
-            value: Some(off.as_bytes()),
         })
         .insert(Header {
             key: h::FIRST_FAILURE_MS,
@@ -326,12 +317,6 @@ fn delivery_headers(
             key: h::LAST_ERROR,
             value: Some(err.as_bytes()),
         });
-    if let Some(ts) = &origin_ts {
-        hs = hs.insert(Header {
-            key: h::ORIGIN_TIMESTAMP_MS,
-            value: Some(ts.as_bytes()),
-        });
-    }
     if f.deferrals > 0 {
         let d = f.deferrals.to_string();
         hs = hs.insert(Header {

@@ -14,7 +14,7 @@
 //! is paused — exactly when lag matters.
 //!
 //! The time lag (`hookline_consumer_lag_seconds`, age of the oldest unfinished record) needs no broker:
-//! the admin server computes it from the trackers at scrape time ([`super::SourceHandle::oldest`]).
+//! the admin server computes it from the trackers at scrape time ([`super::SourceHandle::oldest_unfinished`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -70,12 +70,7 @@ pub fn query<C: ConsumerContext>(
     let highs = offsets_by_key(&consumer.offsets_for_times(ends, timeout)?);
     let mut starts = TopicPartitionList::new();
     for (t, p) in keys {
-        if committed
-            .get(&(t.to_string(), *p))
-            .copied()
-            .flatten()
-            .is_none()
-        {
+        if !committed.contains_key(&(t.to_string(), *p)) {
             starts.add_partition_offset(t, *p, Offset::Beginning)?;
         }
     }
@@ -91,24 +86,24 @@ pub fn query<C: ConsumerContext>(
             Some(PartitionOffsets {
                 topic: t.clone(),
                 partition: *p,
-                high: highs.get(&k).copied().flatten()?,
-                committed: committed.get(&k).copied().flatten(),
-                low: lows.get(&k).copied().flatten(),
+                high: highs.get(&k).copied()?,
+                committed: committed.get(&k).copied(),
+                low: lows.get(&k).copied(),
             })
         })
         .collect())
 }
 
-/// (topic, partition) → concrete offset (`None` for the logical ones: unset, end, beginning).
-fn offsets_by_key(tpl: &TopicPartitionList) -> HashMap<(String, i32), Option<i64>> {
+/// (topic, partition) → offset, for the partitions the broker answered with a concrete offset (not the
+/// logical ones: unset, end, beginning).
+fn offsets_by_key(tpl: &TopicPartitionList) -> HashMap<(String, i32), i64> {
     tpl.elements()
         .iter()
-        .map(|e| {
-            let o = match e.offset() {
-                Offset::Offset(o) if e.error().is_ok() => Some(o),
-                _ => None,
-            };
-            ((e.topic().to_string(), e.partition()), o)
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) if e.error().is_ok() => {
+                Some(((e.topic().to_string(), e.partition()), o))
+            }
+            _ => None,
         })
         .collect()
 }

@@ -60,6 +60,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// The consumer group this role joins.
+    fn group(self, config: &Config) -> String {
+        match self {
+            Role::Source => config.source.group.clone(),
+            Role::Retry => config.retry_group(),
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Role::Source => "source",
@@ -360,10 +368,7 @@ pub struct Source {
 
 pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
     let commit_ms = config.source.commit_interval.as_millis().to_string();
-    let group = match role {
-        Role::Source => config.source.group.clone(),
-        Role::Retry => config.retry_group(),
-    };
+    let group = role.group(config);
     let client_id = match role {
         Role::Source => "hookline",
         Role::Retry => "hookline-retry",
@@ -411,10 +416,7 @@ impl Source {
             role,
             max_held: config.retry.max_held_per_partition,
             consumer: Arc::new(consumer),
-            group: match role {
-                Role::Source => config.source.group.clone(),
-                Role::Retry => config.retry_group(),
-            },
+            group: role.group(config),
             lag_interval: config.source.lag_interval,
             state,
             topics,
