@@ -15,6 +15,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the dispatcher and the admin API.
     Run(RunArgs),
+    /// Apply the store schema (ScyllaDB: keyspace and tables from schemas/scylla.cql; SQLite: the file's
+    /// tables). Idempotent.
+    Migrate(ConfigArgs),
+    /// List, create, import, enable or disable subscriptions directly in the store.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCommand),
     /// Print the `webhook-signature` value for a body read from stdin.
     Sign(SignArgs),
     /// Check a `webhook-signature` value against a body read from stdin (exit 0 valid, 1 invalid).
@@ -29,6 +35,49 @@ pub struct RunArgs {
     /// Validate the configuration and the subscriptions, print a summary, and exit (0 ok, 2 invalid).
     #[arg(long)]
     pub check_config: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML); `HOOKLINE_…` variables override it. Only [store] is used.
+    #[arg(long, env = "HOOKLINE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionsCommand {
+    /// Print every subscription (id, enabled, tenant, event types, URL).
+    List(ConfigArgs),
+    /// Validate a YAML file of subscriptions and write them all into the store (insert or replace by id).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Create a subscription with a generated secret; prints its id and secret.
+    Create {
+        #[arg(long)]
+        url: String,
+        /// Event-type pattern (repeatable): `order.created`, `order.*` or `*`.
+        #[arg(long = "event-type", required = true)]
+        event_types: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Stop deliveries to a subscription.
+    Disable {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Resume deliveries to a subscription.
+    Enable {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Debug, Args)]

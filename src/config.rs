@@ -129,8 +129,50 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
+    /// How often the store's revision is polled; a change reloads the subscriptions.
     #[serde(default = "default_refresh_interval", with = "humantime_serde_compat")]
     pub refresh_interval: Duration,
+    /// A full reload this often even without a revision change (a safety net).
+    #[serde(default = "default_full_refresh", with = "humantime_serde_compat")]
+    pub full_refresh_interval: Duration,
+    /// Write one row per delivery attempt (writable stores only).
+    #[serde(default = "yes")]
+    pub attempt_log: bool,
+    /// Attempt rows older than this are removed (ScyllaDB: row TTL; SQLite: periodic delete).
+    #[serde(default = "default_attempt_ttl", with = "humantime_serde_compat")]
+    pub attempt_ttl: Duration,
+    /// Attempts waiting to be written; more are dropped and counted while the store lags.
+    #[serde(default = "default_attempt_buffer")]
+    pub attempt_buffer: usize,
+    /// Attempts written per store call.
+    #[serde(default = "default_attempt_batch")]
+    pub attempt_batch: usize,
+    /// SQLite: how often expired attempts are deleted.
+    #[serde(default = "default_attempt_expiry", with = "humantime_serde_compat")]
+    pub attempt_expiry_interval: Duration,
+    #[serde(default)]
+    pub scylla: ScyllaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScyllaConfig {
+    #[serde(default = "default_scylla_nodes", deserialize_with = "string_or_list")]
+    pub nodes: Vec<String>,
+    #[serde(default = "default_keyspace")]
+    pub keyspace: String,
+    /// The keyspace's replication map, used by `hookline migrate`.
+    #[serde(default = "default_replication_map")]
+    pub replication: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(
+        default = "default_scylla_connect_timeout",
+        with = "humantime_serde_compat"
+    )]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -208,6 +250,9 @@ pub struct AdminConfig {
     pub listen: String,
     #[serde(default)]
     pub token: Option<String>,
+    /// After a secret rotation the old secret keeps signing this long (unless the request says otherwise).
+    #[serde(default = "default_rotation_grace", with = "humantime_serde_compat")]
+    pub rotation_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,7 +377,40 @@ fn default_store_path() -> PathBuf {
     "hookline.db".into()
 }
 fn default_refresh_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_full_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn yes() -> bool {
+    true
+}
+fn default_attempt_ttl() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_attempt_buffer() -> usize {
+    10_000
+}
+fn default_attempt_batch() -> usize {
+    500
+}
+fn default_attempt_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_scylla_nodes() -> Vec<String> {
+    vec!["127.0.0.1:9042".into()]
+}
+fn default_keyspace() -> String {
+    "hookline".into()
+}
+fn default_replication_map() -> String {
+    "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into()
+}
+fn default_scylla_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_rotation_grace() -> Duration {
+    Duration::from_secs(86_400)
 }
 fn default_max_body_bytes() -> usize {
     4096
@@ -382,6 +460,25 @@ impl Default for StoreConfig {
             kind: default_store_kind(),
             path: default_store_path(),
             refresh_interval: default_refresh_interval(),
+            full_refresh_interval: default_full_refresh(),
+            attempt_log: true,
+            attempt_ttl: default_attempt_ttl(),
+            attempt_buffer: default_attempt_buffer(),
+            attempt_batch: default_attempt_batch(),
+            attempt_expiry_interval: default_attempt_expiry(),
+            scylla: ScyllaConfig::default(),
+        }
+    }
+}
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        Self {
+            nodes: default_scylla_nodes(),
+            keyspace: default_keyspace(),
+            replication: default_replication_map(),
+            username: None,
+            password: None,
+            connect_timeout: default_scylla_connect_timeout(),
         }
     }
 }
@@ -406,6 +503,7 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token: None,
+            rotation_grace: default_rotation_grace(),
         }
     }
 }
@@ -734,6 +832,13 @@ impl Config {
                 "must be at least 8 characters",
             ));
         }
+        self.validate_store()?;
+        if self.admin.rotation_grace > Duration::from_secs(30 * 86_400) {
+            return Err(ConfigError::new(
+                "admin.rotation_grace",
+                "must be at most 30 days",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
         range(
@@ -742,6 +847,82 @@ impl Config {
             0,
             256,
         )?;
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let st = &self.store;
+        let ms = |d: Duration| d.as_millis() as u64;
+        range(
+            "store.refresh_interval",
+            ms(st.refresh_interval),
+            100,
+            60_000,
+        )?;
+        range(
+            "store.full_refresh_interval",
+            ms(st.full_refresh_interval),
+            ms(st.refresh_interval),
+            86_400_000,
+        )?;
+        range(
+            "store.attempt_ttl",
+            st.attempt_ttl.as_secs(),
+            60,
+            365 * 86_400,
+        )?;
+        range(
+            "store.attempt_buffer",
+            st.attempt_buffer as u64,
+            1,
+            10_000_000,
+        )?;
+        range("store.attempt_batch", st.attempt_batch as u64, 1, 10_000)?;
+        range(
+            "store.attempt_expiry_interval",
+            ms(st.attempt_expiry_interval),
+            1_000,
+            86_400_000,
+        )?;
+        if st.path.as_os_str().is_empty() && st.kind != StoreKind::Scylla {
+            return Err(ConfigError::new("store.path", "must not be empty"));
+        }
+        let sc = &st.scylla;
+        if st.kind == StoreKind::Scylla {
+            if sc.nodes.is_empty() {
+                return Err(ConfigError::new(
+                    "store.scylla.nodes",
+                    "must name at least one host:port",
+                ));
+            }
+            if sc.username.is_some() != sc.password.is_some() {
+                return Err(ConfigError::new(
+                    "store.scylla.password",
+                    "username and password go together",
+                ));
+            }
+        }
+        let ks_ok = sc.keyspace.len() <= 48
+            && sc.keyspace.starts_with(|c: char| c.is_ascii_alphabetic())
+            && sc
+                .keyspace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ks_ok {
+            return Err(ConfigError::new(
+                "store.scylla.keyspace",
+                "must be a CQL identifier: a letter, then letters, digits or _ (at most 48)",
+            ));
+        }
+        if !(sc.replication.trim_start().starts_with('{')
+            && sc.replication.trim_end().ends_with('}'))
+            || sc.replication.contains(';')
+        {
+            return Err(ConfigError::new(
+                "store.scylla.replication",
+                "must be a CQL map like {'class': 'NetworkTopologyStrategy', 'replication_factor': 3}",
+            ));
+        }
         Ok(())
     }
 

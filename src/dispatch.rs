@@ -18,8 +18,11 @@ use crate::deliver::outcome::{
 use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Subscription};
+use crate::registry::Registry;
 use crate::retry::publish::{DlqReason, Failure, Publisher};
 use crate::source::tracker::Completion;
+use crate::store::AttemptRecord;
+use crate::store::attempts::AttemptLog;
 
 /// What happened to a delivery before this attempt (all zero/`None` for a record from the source).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,13 +36,17 @@ pub struct Prior {
 }
 
 pub struct Dispatcher {
-    pub deliverer: Deliverer,
+    pub deliverer: Arc<Deliverer>,
     pub publisher: Publisher,
     pub metrics: Arc<Metrics>,
     /// Tier delays, in order.
     pub tier_delays: Vec<Duration>,
     /// `retry.jitter`.
     pub jitter: f64,
+    /// Where attempt records go (a no-op for read-only stores).
+    pub attempt_log: AttemptLog,
+    /// Writes to the subscriptions (a 410 disables the subscription); `None` in tools and benchmarks.
+    pub registry: Option<Arc<Registry>>,
 }
 
 impl Dispatcher {
@@ -67,6 +74,11 @@ impl Dispatcher {
 
     async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior) {
         let attempt_no = prior.attempts + 1;
+        let started_ms = if self.attempt_log.enabled() {
+            now_ms()
+        } else {
+            0
+        };
         let (result, took) = match sub.endpoint.admit().await {
             Ok(slot) => {
                 self.metrics.in_flight.inc();
@@ -89,6 +101,22 @@ impl Dispatcher {
         };
         self.metrics.attempt(result.metric_label()).inc();
         let outcome = classify(&result);
+        if self.attempt_log.enabled() {
+            self.attempt_log.record(AttemptRecord {
+                subscription_id: sub.id,
+                at_ms: started_ms,
+                event_id: event.id.to_string(),
+                event_type: event.event_type.to_string(),
+                attempt: attempt_no,
+                result: log_result(&result, outcome).into(),
+                status_code: match result {
+                    AttemptResult::Status { code, .. } => Some(code),
+                    _ => None,
+                },
+                duration_ms: took.as_millis().min(u32::MAX as u128) as u32,
+                error: (outcome != Outcome::Delivered).then(|| result.last_error()),
+            });
+        }
         if outcome == Outcome::Delivered {
             self.metrics.delivered.inc();
             if let Some(ts) = event.origin.timestamp_ms {
@@ -127,7 +155,12 @@ impl Dispatcher {
                     }
                 }
             }
-            Outcome::Gone => self.publisher.publish_dead(&failure, DlqReason::Gone).await,
+            Outcome::Gone => {
+                if let Some(r) = &self.registry {
+                    r.disable_gone(sub.id);
+                }
+                self.publisher.publish_dead(&failure, DlqReason::Gone).await
+            }
             Outcome::Rejected | Outcome::Delivered => {
                 self.publisher
                     .publish_dead(&failure, DlqReason::Rejected)
@@ -171,5 +204,20 @@ impl Dispatcher {
         let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
         let due = now_ms() + delay.as_millis() as u64;
         self.publisher.publish_retry(failure, tier, due).await;
+    }
+}
+
+/// The attempt log's `result` for one attempt.
+pub fn log_result(r: &AttemptResult, outcome: Outcome) -> &'static str {
+    match (r, outcome) {
+        (_, Outcome::Delivered) => "delivered",
+        (_, Outcome::Gone) => "gone",
+        (AttemptResult::Refused(_), _) => "refused",
+        (_, Outcome::Rejected) => "rejected",
+        (AttemptResult::Timeout, _) => "timeout",
+        (AttemptResult::Connect(_), _) => "connect_error",
+        (AttemptResult::CircuitOpen, _) => "circuit_open",
+        (AttemptResult::Deferred, _) => "deferred",
+        (AttemptResult::Status { .. }, Outcome::Retry { .. }) => "failed",
     }
 }

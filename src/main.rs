@@ -7,9 +7,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hookline::cli::{Cli, Command, RunArgs, SignArgs, VerifyArgs};
+use hookline::cli::{Cli, Command, RunArgs, SignArgs, SubscriptionsCommand, VerifyArgs};
 use hookline::config::{Config, LogFormat};
 use hookline::deliver::sign;
+use hookline::manage;
 use hookline::model::SigningKey;
 use hookline::pipeline::{self, RunError};
 
@@ -17,6 +18,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Migrate(args) => with_store(args.config.as_deref(), |c| async move {
+            manage::migrate(&c).await
+        }),
+        Command::Subscriptions(cmd) => {
+            let path = match &cmd {
+                SubscriptionsCommand::List(a) => a.config.clone(),
+                SubscriptionsCommand::Import { config, .. }
+                | SubscriptionsCommand::Create { config, .. }
+                | SubscriptionsCommand::Disable { config, .. }
+                | SubscriptionsCommand::Enable { config, .. } => config.config.clone(),
+            };
+            with_store(path.as_deref(), |c| async move {
+                manage::subscriptions(&c, cmd).await
+            })
+        }
         Command::Sign(args) => sign_cmd(args),
         Command::Verify(args) => verify_cmd(args),
     }
@@ -52,6 +68,36 @@ fn run(args: RunArgs) -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::Config(_)) => fail(2, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+/// Runs a store command on a small runtime: prints its output, maps errors to exit codes.
+fn with_store<F, Fut>(config: Option<&std::path::Path>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<String, RunError>>,
+{
+    let config = match Config::load(config, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, format!("config error: {e}")),
+    };
+    init_logging(&config);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start runtime: {e}")),
+    };
+    let result = rt.block_on(f(config));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
         Err(e @ RunError::Config(_)) => fail(2, e),
         Err(e) => fail(1, e),
     }

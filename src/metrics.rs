@@ -105,6 +105,12 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 when the last subscription load from the store succeeded.
     pub store_reachable: Gauge,
+    /// Attempt-log rows written to the store.
+    pub attempt_log_written: Counter,
+    /// Attempt-log rows dropped (buffer full, or the store failed the write).
+    pub attempt_log_dropped: Counter,
+    /// Subscriptions disabled because their endpoint answered 410 Gone.
+    pub subscriptions_disabled_gone: Counter,
 }
 
 impl Metrics {
@@ -247,6 +253,24 @@ impl Metrics {
             "1 when the last subscription load from the store succeeded",
             store_reachable.clone(),
         );
+        let attempt_log_written = Counter::default();
+        r.register(
+            "hookline_attempt_log_written",
+            "Delivery-attempt rows written to the store",
+            attempt_log_written.clone(),
+        );
+        let attempt_log_dropped = Counter::default();
+        r.register(
+            "hookline_attempt_log_dropped",
+            "Delivery-attempt rows dropped because the buffer was full or the store failed the write",
+            attempt_log_dropped.clone(),
+        );
+        let subscriptions_disabled_gone = Counter::default();
+        r.register(
+            "hookline_subscriptions_disabled_gone",
+            "Subscriptions disabled because their endpoint answered 410 Gone",
+            subscriptions_disabled_gone.clone(),
+        );
         // Make every documented series exist from the start (a zero is information; absence is not).
         let attempts_by_result = ATTEMPT_RESULTS
             .iter()
@@ -278,6 +302,9 @@ impl Metrics {
         }
         Metrics {
             registry: r,
+            attempt_log_written,
+            attempt_log_dropped,
+            subscriptions_disabled_gone,
             events_consumed,
             events_invalid,
             events_matched,

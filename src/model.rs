@@ -82,6 +82,9 @@ pub struct SubscriptionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<BTreeMap<String, serde_json::Value>>,
     pub secrets: Vec<String>,
+    /// Secrets replaced by a rotation that still sign until their expiry (the grace period).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_secrets: Vec<RetiredSecret>,
     #[serde(default = "yes")]
     pub enabled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +107,48 @@ fn yes() -> bool {
     true
 }
 
+/// A secret that keeps signing until `expires_at` (RFC 3339), after a rotation.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredSecret {
+    pub secret: String,
+    pub expires_at: String,
+}
+
+impl std::fmt::Debug for RetiredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetiredSecret")
+            .field("secret", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Epoch milliseconds as RFC 3339 UTC with milliseconds (`2026-11-25T13:16:07.123Z`).
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// RFC 3339 text to epoch milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
+    let t = humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e})"))?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| format!("{s:?} is before 1970"))
+}
+
+/// A new signing secret: `whsec_` + base64 of 32 random bytes.
+pub fn generate_secret() -> Result<String, String> {
+    use base64::Engine;
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness available: {e}"))?;
+    Ok(format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    ))
+}
+
 /// Secrets never appear in debug output (and so never in logs).
 impl std::fmt::Debug for SubscriptionSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +162,7 @@ impl std::fmt::Debug for SubscriptionSpec {
                 "secrets",
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
+            .field("retired_secrets", &self.retired_secrets)
             .field("enabled", &self.enabled)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("burst", &self.burst)
@@ -219,6 +265,8 @@ pub struct Subscription {
     pub patterns: Vec<Pattern>,
     pub filter: Option<Filter>,
     pub keys: Vec<SigningKey>,
+    /// Keys of retired secrets with their expiry (unix seconds): they sign requests timestamped before it.
+    pub retiring: Vec<(SigningKey, u64)>,
     pub timeout: Duration,
     pub headers: HeaderMap,
     /// Runtime state of the endpoint: concurrency cap, rate limit, wait queue, breaker.
@@ -307,6 +355,14 @@ impl Subscription {
             .enumerate()
             .map(|(i, s)| SigningKey::parse(s).map_err(|m| spec_err(format!("secrets[{i}]"), m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut retiring = Vec::with_capacity(spec.retired_secrets.len());
+        for (i, r) in spec.retired_secrets.iter().enumerate() {
+            let key = SigningKey::parse(&r.secret)
+                .map_err(|m| spec_err(format!("retired_secrets[{i}].secret"), m))?;
+            let until = parse_rfc3339_ms(&r.expires_at)
+                .map_err(|m| spec_err(format!("retired_secrets[{i}].expires_at"), m))?;
+            retiring.push((key, until / 1000));
+        }
         let filter = match &spec.filter {
             Some(f) => Some(
                 Filter::compile(f).map_err(|(path, m)| spec_err(format!("filter.{path}"), m))?,
@@ -360,6 +416,7 @@ impl Subscription {
             patterns,
             filter,
             keys,
+            retiring,
             timeout: Duration::from_millis(timeout_ms),
             headers,
             endpoint: Arc::new(Endpoint::new(

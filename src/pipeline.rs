@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::admin::api::ApiState;
 use crate::config::{Config, ConfigError};
 use crate::deliver::Deliverer;
 use crate::deliver::breaker::BreakerConfig;
@@ -14,8 +15,10 @@ use crate::dispatch::Dispatcher;
 use crate::matching::cache::{Cache, LoadError};
 use crate::metrics::Metrics;
 use crate::model::Defaults;
+use crate::registry::Registry;
 use crate::retry::publish::Publisher;
 use crate::source::{Role, Source};
+use crate::store::attempts::AttemptLog;
 use crate::store::{self, StoreError};
 
 /// Why `run` stopped with an error. Config errors exit 2, the rest 1.
@@ -50,7 +53,7 @@ pub async fn load_cache(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<(Arc<Cache>, Arc<dyn store::Store>), RunError> {
-    let store = store::open(config)?;
+    let store = store::open(config).await?;
     let cache = Arc::new(Cache::new(defaults(config), metrics));
     match cache.refresh(store.as_ref()).await {
         Ok(_) => Ok((cache, store)),
@@ -60,8 +63,12 @@ pub async fn load_cache(
         Err(LoadError::Store(StoreError::Invalid { at, message })) => {
             Err(ConfigError::new(format!("{} {at}", store.describe()), message).into())
         }
-        Err(LoadError::Store(e @ StoreError::Unavailable(_))) => {
-            Err(ConfigError::new("store.path", e.to_string()).into())
+        Err(LoadError::Store(e)) => {
+            let setting = match config.store.kind {
+                crate::config::StoreKind::Scylla => "store.scylla.nodes",
+                _ => "store.path",
+            };
+            Err(ConfigError::new(setting, e.to_string()).into())
         }
     }
 }
@@ -87,8 +94,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tracing::info!(subscriptions = cache.index().len(), store = %store.describe(), "subscriptions loaded");
 
     let policy = AddressPolicy::new(config.allow_networks()?);
-    let deliverer = Deliverer::new(&config.delivery, policy)
-        .map_err(|e| RunError::Runtime(format!("http client: {e}")))?;
+    let deliverer = Arc::new(
+        Deliverer::new(&config.delivery, policy.clone())
+            .map_err(|e| RunError::Runtime(format!("http client: {e}")))?,
+    );
+    let registry = Arc::new(Registry::new(store.clone(), cache.clone(), metrics.clone()));
+    // The attempt log outlives the consumers: it is stopped after their deliveries drained.
+    let log_stop = CancellationToken::new();
+    let (attempt_log, log_writer) = if config.store.attempt_log && store.writable() {
+        let (log, writer) = AttemptLog::start(
+            store.clone(),
+            &config.store,
+            metrics.clone(),
+            log_stop.clone(),
+        );
+        (log, Some(writer))
+    } else {
+        (AttemptLog::disabled(metrics.clone()), None)
+    };
     let publisher = Publisher::new(&config, metrics.clone())
         .map_err(|e| RunError::Runtime(format!("kafka producer: {e}")))?;
     publisher
@@ -106,11 +129,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let tier_delays = tiers.into_iter().map(|t| t.delay).collect();
     let dispatcher = Arc::new(Dispatcher {
-        deliverer,
+        deliverer: deliverer.clone(),
         publisher,
         metrics: metrics.clone(),
         tier_delays,
         jitter: config.retry.jitter,
+        attempt_log,
+        registry: Some(registry.clone()),
     });
     let source = Source::new(
         &config,
@@ -140,6 +165,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         cache.clone(),
         source.handle(),
         tiers.handle(),
+        ApiState::new(
+            registry,
+            deliverer,
+            policy,
+            config.admin.token.as_deref(),
+            config.admin.rotation_grace,
+        ),
     ));
     let admin_stop = stop.clone();
     tokio::spawn(async move {
@@ -149,11 +181,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             tracing::error!(error = %e, "admin server failed");
         }
     });
-    tokio::spawn(
-        cache
-            .clone()
-            .run_refresh(store, config.store.refresh_interval, stop.clone()),
-    );
+    tokio::spawn(cache.clone().run_refresh(
+        store,
+        config.store.refresh_interval,
+        config.store.full_refresh_interval,
+        stop.clone(),
+    ));
 
     tracing::info!(topics = ?config.source.topics, group = %config.source.group, "hookline running");
     // Both consumers stop on the same signal, each draining its own in-flight deliveries; the shared
@@ -165,6 +198,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .flush(std::time::Duration::from_secs(5))
     });
     let _ = tokio::time::timeout(std::time::Duration::from_secs(6), flush).await;
+    log_stop.cancel();
+    if let Some(w) = log_writer {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), w).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

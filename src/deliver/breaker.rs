@@ -135,6 +135,12 @@ impl Breaker {
         }
     }
 
+    /// (successes, failures) in the window, and the current run of consecutive failures.
+    pub fn recent(&self, now: Instant) -> (u32, u32, u32) {
+        let (s, f) = self.window.totals(now);
+        (s, f, self.consecutive)
+    }
+
     pub fn state(&self, now: Instant) -> BreakerState {
         match self.inner {
             Inner::Closed => BreakerState::Closed,

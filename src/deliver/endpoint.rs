@@ -168,6 +168,11 @@ impl Endpoint {
         self.breaker().state(Instant::now())
     }
 
+    /// What the breaker saw recently: (successes, failures) in its window, consecutive failures.
+    pub fn recent(&self) -> (u32, u32, u32) {
+        self.breaker().recent(Instant::now())
+    }
+
     /// Deliveries waiting or sending.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)

@@ -56,18 +56,41 @@ impl Deliverer {
 
     /// Makes one attempt. Returns the result and how long the HTTP exchange took.
     pub async fn attempt(&self, event: &Event, sub: &Subscription) -> (AttemptResult, Duration) {
+        let (r, took, _) = self.attempt_capturing(event, sub, 0).await;
+        (r, took)
+    }
+
+    /// [`Deliverer::attempt`], also returning the first `capture` bytes of the response body (the admin
+    /// API's test delivery shows them).
+    pub async fn attempt_capturing(
+        &self,
+        event: &Event,
+        sub: &Subscription,
+        capture: usize,
+    ) -> (AttemptResult, Duration, Vec<u8>) {
+        let mut excerpt = Vec::new();
         let started = Instant::now();
         if let Some(ip) = literal_ip(&sub.url)
             && let Err(e) = self.policy.check(ip)
         {
-            return (AttemptResult::Refused(e.to_string()), started.elapsed());
+            return (
+                AttemptResult::Refused(e.to_string()),
+                started.elapsed(),
+                excerpt,
+            );
         }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let signature =
-            sign::signature_header(&sub.keys, event.webhook_id.as_bytes(), ts, &event.body);
+        // Secrets retired by a rotation keep signing during their grace period.
+        let keys = sub.keys.iter().chain(
+            sub.retiring
+                .iter()
+                .filter(move |(_, until)| ts < *until)
+                .map(|(k, _)| k),
+        );
+        let signature = sign::signature_header(keys, event.webhook_id.as_bytes(), ts, &event.body);
         let mut req = self
             .client
             .post(sub.url.clone())
@@ -94,7 +117,13 @@ impl Deliverer {
                 let mut body_error = None;
                 while read < self.max_response_bytes {
                     match resp.chunk().await {
-                        Ok(Some(c)) => read += c.len(),
+                        Ok(Some(c)) => {
+                            if excerpt.len() < capture {
+                                let n = (capture - excerpt.len()).min(c.len());
+                                excerpt.extend_from_slice(&c[..n]);
+                            }
+                            read += c.len()
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             body_error = Some(e);
@@ -110,7 +139,7 @@ impl Deliverer {
             }
             Err(e) => error_result(&e),
         };
-        (result, started.elapsed())
+        (result, started.elapsed(), excerpt)
     }
 }
 

@@ -10,16 +10,16 @@ use reqwest::header::HeaderValue;
 use crate::model::SigningKey;
 
 /// The `webhook-signature` header value for one request.
-pub fn signature_header(
-    keys: &[SigningKey],
+pub fn signature_header<'a>(
+    keys: impl IntoIterator<Item = &'a SigningKey>,
     msg_id: &[u8],
     timestamp: u64,
     body: &[u8],
 ) -> HeaderValue {
     let mut ts_buf = itoa::Buffer::new();
     let ts = ts_buf.format(timestamp).as_bytes();
-    let mut out = String::with_capacity(keys.len() * 48);
-    for (i, key) in keys.iter().enumerate() {
+    let mut out = String::with_capacity(96);
+    for (i, key) in keys.into_iter().enumerate() {
         if i > 0 {
             out.push(' ');
         }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Index;
 use crate::metrics::Metrics;
-use crate::model::{Defaults, SpecError, Subscription};
+use crate::model::{Defaults, SpecError, Subscription, SubscriptionSpec};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +25,15 @@ pub enum LoadError {
 pub struct Cache {
     index: ArcSwap<Index>,
     defaults: Defaults,
-    /// Epoch ms of the last successful load (0 = never).
+    /// Epoch ms of the last successful load or revision check (0 = never loaded).
     loaded_at_ms: AtomicU64,
+    /// Epoch ms of the last full load.
+    full_at_ms: AtomicU64,
     healthy: AtomicBool,
+    /// The store revision the index was loaded at.
+    revision: std::sync::Mutex<Option<String>>,
+    /// Serialises loads with direct updates, so a slow full load never overwrites a newer update.
+    swap: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
 }
 
@@ -37,7 +43,10 @@ impl Cache {
             index: ArcSwap::from_pointee(Index::default()),
             defaults,
             loaded_at_ms: AtomicU64::new(0),
+            full_at_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
+            revision: std::sync::Mutex::new(None),
+            swap: tokio::sync::Mutex::new(()),
             metrics,
         }
     }
@@ -45,6 +54,10 @@ impl Cache {
     /// The current index snapshot.
     pub fn index(&self) -> arc_swap::Guard<Arc<Index>> {
         self.index.load()
+    }
+
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
     }
 
     pub fn loaded(&self) -> bool {
@@ -64,35 +77,112 @@ impl Cache {
         result
     }
 
+    /// One refresh tick: asks the store for its revision and reloads only when it moved (or when the last
+    /// full load is older than `full_every`). Returns whether it reloaded.
+    pub async fn poll(&self, store: &dyn Store, full_every: Duration) -> Result<bool, LoadError> {
+        let rev = match store.revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        let current = rev.is_some() && *lock(&self.revision) == rev;
+        let fresh = now_ms().saturating_sub(self.full_at_ms.load(Ordering::Relaxed))
+            < full_every.as_millis() as u64;
+        if current && fresh && self.loaded() {
+            self.loaded_at_ms.store(now_ms(), Ordering::Relaxed);
+            self.healthy.store(true, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.refresh(store).await.map(|_| true)
+    }
+
     async fn load(&self, store: &dyn Store) -> Result<usize, LoadError> {
+        let _swap = self.swap.lock().await;
+        // Read the revision first: a write that lands during the listing moves it again, so the next poll
+        // reloads.
+        let rev = store.revision().await?;
         let specs = store.list().await?;
         let old = self.index.load();
         let previous: HashMap<uuid::Uuid, &Arc<Subscription>> =
             old.subscriptions().iter().map(|s| (s.id, s)).collect();
         let mut subs = Vec::with_capacity(specs.len());
         for spec in specs {
-            let prev = previous.get(&spec.id);
-            if let Some(p) = prev
-                && p.spec == spec
-            {
-                subs.push(Arc::clone(p));
+            if !spec.enabled {
                 continue;
             }
-            let id = spec.id;
-            let sub = Subscription::prepare(spec, &self.defaults)
-                .map_err(|err| LoadError::Spec { id, err })?;
-            // An edited subscription keeps its breaker state (its limits start afresh).
-            if let Some(p) = prev {
-                sub.endpoint.inherit(&p.endpoint);
-            }
-            subs.push(Arc::new(sub));
+            let prev = previous.get(&spec.id).copied();
+            subs.push(self.prepared(spec, prev)?);
         }
-        let index = Index::build(subs);
+        let n = self.install(Index::build(subs));
+        *lock(&self.revision) = rev;
+        let now = now_ms();
+        self.loaded_at_ms.store(now, Ordering::Relaxed);
+        self.full_at_ms.store(now, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// The prepared form of `spec`, reusing `prev` when nothing changed. An edited subscription keeps its
+    /// breaker state (its limits start afresh).
+    fn prepared(
+        &self,
+        spec: SubscriptionSpec,
+        prev: Option<&Arc<Subscription>>,
+    ) -> Result<Arc<Subscription>, LoadError> {
+        if let Some(p) = prev
+            && p.spec == spec
+        {
+            return Ok(Arc::clone(p));
+        }
+        let id = spec.id;
+        let sub = Subscription::prepare(spec, &self.defaults)
+            .map_err(|err| LoadError::Spec { id, err })?;
+        if let Some(p) = prev {
+            sub.endpoint.inherit(&p.endpoint);
+        }
+        Ok(Arc::new(sub))
+    }
+
+    fn install(&self, index: Index) -> usize {
         let n = index.len();
         self.index.store(Arc::new(index));
-        self.loaded_at_ms.store(now_ms(), Ordering::Relaxed);
         self.metrics.subscriptions_cached.set(n as i64);
-        Ok(n)
+        n
+    }
+
+    /// Applies a write made through this instance at once (the other instances see it at their next
+    /// revision poll). A disabled spec leaves the index.
+    pub async fn upsert(&self, spec: SubscriptionSpec) -> Result<(), LoadError> {
+        let _swap = self.swap.lock().await;
+        let old = self.index.load();
+        let prev = old.get(&spec.id);
+        let id = spec.id;
+        let new = if spec.enabled {
+            Some(self.prepared(spec, prev.as_ref())?)
+        } else {
+            None
+        };
+        let subs = old
+            .subscriptions()
+            .iter()
+            .filter(|s| s.id != id)
+            .cloned()
+            .chain(new);
+        self.install(Index::build(subs));
+        Ok(())
+    }
+
+    /// Removes a deleted subscription at once.
+    pub async fn remove(&self, id: uuid::Uuid) {
+        let _swap = self.swap.lock().await;
+        let old = self.index.load();
+        if old.get(&id).is_none() {
+            return;
+        }
+        self.install(Index::build(
+            old.subscriptions().iter().filter(|s| s.id != id).cloned(),
+        ));
     }
 
     /// Seconds since the last successful load.
@@ -104,25 +194,41 @@ impl Cache {
         now_ms().saturating_sub(at) as f64 / 1000.0
     }
 
-    /// Refreshes every `interval` until cancelled; failures are logged and the last good index kept.
+    /// Polls the store every `interval` until cancelled; failures are logged and the last good index kept.
     pub async fn run_refresh(
         self: Arc<Self>,
         store: Arc<dyn Store>,
         interval: Duration,
+        full_every: Duration,
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.refresh(store.as_ref()).await {
-                Ok(n) => tracing::debug!(subscriptions = n, "subscription cache refreshed"),
+            match self.poll(store.as_ref(), full_every).await {
+                Ok(reloaded) => {
+                    if failing {
+                        tracing::info!("subscription store reachable again");
+                        failing = false;
+                    }
+                    if reloaded {
+                        tracing::debug!(
+                            subscriptions = self.index().len(),
+                            "subscription cache reloaded"
+                        );
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "subscription refresh failed; keeping the last good cache")
+                    if !failing {
+                        tracing::warn!(error = %e, "subscription refresh failed; keeping the last good cache");
+                        failing = true;
+                    }
                 }
             }
             self.metrics
@@ -130,6 +236,10 @@ impl Cache {
                 .set(self.age_seconds());
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub fn now_ms() -> u64 {

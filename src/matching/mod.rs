@@ -171,6 +171,7 @@ mod tests {
             event_types: types.iter().map(|s| s.to_string()).collect(),
             filter: filter.map(|f| serde_yaml_ng::from_str(f).unwrap()),
             secrets: vec![SECRET.into()],
+            retired_secrets: vec![],
             enabled: true,
             rate_limit_per_sec: None,
             burst: None,

@@ -1,11 +1,13 @@
 //! Read-only store: a YAML list of subscriptions (`config/subscriptions.yaml`), re-read on every refresh so
 //! that a GitOps-managed file takes effect without a restart.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
+use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{AttemptRecord, Page, Store, StoreError, paged};
 use crate::model::SubscriptionSpec;
 
 pub struct YamlStore {
@@ -57,6 +59,14 @@ pub fn parse(text: &str) -> Result<Vec<SubscriptionSpec>, StoreError> {
 
 #[async_trait]
 impl Store for YamlStore {
+    fn describe(&self) -> String {
+        format!("yaml file {}", self.path.display())
+    }
+
+    fn writable(&self) -> bool {
+        false
+    }
+
     async fn list(&self) -> Result<Vec<SubscriptionSpec>, StoreError> {
         let text = tokio::fs::read_to_string(&self.path)
             .await
@@ -64,8 +74,74 @@ impl Store for YamlStore {
         parse(&text)
     }
 
-    fn describe(&self) -> String {
-        format!("yaml file {}", self.path.display())
+    /// The file's modification time and length: an edit (or a replacement by a GitOps tool) moves it.
+    async fn revision(&self) -> Result<Option<String>, StoreError> {
+        let m = tokio::fs::metadata(&self.path)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.path.display())))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(Some(format!("{mtime}:{}:{}", m.len(), m.ino())))
+    }
+
+    async fn page(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<SubscriptionSpec>, StoreError> {
+        let after = match cursor {
+            Some(c) => Some(Uuid::parse_str(c).map_err(|_| StoreError::BadCursor)?),
+            None => None,
+        };
+        let mut all = self.list().await?;
+        all.sort_by_key(|s| s.id);
+        let items: Vec<_> = all
+            .into_iter()
+            .filter(|s| after.is_none_or(|a| s.id > a))
+            .take(limit.max(1) as usize + 1)
+            .collect();
+        Ok(paged(items, limit.max(1) as usize, |s| s.id.to_string()))
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<SubscriptionSpec>, StoreError> {
+        Ok(self.list().await?.into_iter().find(|s| s.id == id))
+    }
+
+    async fn put(&self, _spec: &SubscriptionSpec) -> Result<(), StoreError> {
+        Err(self.read_only())
+    }
+
+    async fn delete(&self, _id: Uuid) -> Result<bool, StoreError> {
+        Err(self.read_only())
+    }
+
+    async fn write_attempts(&self, _batch: &[AttemptRecord]) -> Result<(), StoreError> {
+        Err(self.read_only())
+    }
+
+    async fn attempts(
+        &self,
+        _subscription: Uuid,
+        _cursor: Option<&str>,
+        _limit: u32,
+    ) -> Result<Page<AttemptRecord>, StoreError> {
+        Err(self.read_only())
+    }
+
+    async fn expire_attempts(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+impl YamlStore {
+    fn read_only(&self) -> StoreError {
+        StoreError::ReadOnly(format!(
+            "the yaml file {} is read-only (use store.kind = \"sqlite\" or \"scylla\" for writes and the attempt log)",
+            self.path.display()
+        ))
     }
 }
 

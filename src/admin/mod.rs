@@ -1,5 +1,8 @@
-//! The admin HTTP server: `/healthz` (process alive), `/readyz` (joined the group, cache loaded) and
-//! `/metrics`. The subscription API (DESIGN §11) mounts here too.
+//! The admin HTTP server: `/healthz` (process alive), `/readyz` (joined the group, cache loaded, store
+//! reachable) and `/metrics`, open to anyone who can reach the port; and the subscription API under `/v1`
+//! ([`api`], DESIGN §11), behind the bearer token.
+
+pub mod api;
 
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ pub struct AdminState {
     /// Serialises the gauges computed at scrape time with their encoding, so that two concurrent scrapes
     /// never see a family half rebuilt.
     pub scrape: Arc<std::sync::Mutex<()>>,
+    pub api: api::ApiState,
 }
 
 impl AdminState {
@@ -31,6 +35,7 @@ impl AdminState {
         cache: Arc<Cache>,
         source: SourceHandle,
         retry: SourceHandle,
+        api: api::ApiState,
     ) -> AdminState {
         AdminState {
             metrics,
@@ -38,6 +43,7 @@ impl AdminState {
             source,
             retry,
             scrape: Arc::default(),
+            api,
         }
     }
 
@@ -70,11 +76,13 @@ impl Readiness {
 }
 
 pub fn router(state: AdminState) -> Router {
+    let api = api::router(state.api.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(api)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -1,0 +1,716 @@
+//! The subscription API (DESIGN §11), described by `schemas/openapi.yaml`.
+//!
+//! Every route is in one table ([`table`]); the router is built from it and a test compares it with the
+//! OpenAPI document, so the two cannot drift apart. Every `/v1` route requires `Authorization: Bearer
+//! <admin.token>` (compared in constant time). Bodies are parsed by hand rather than by a derived
+//! deserializer so that every error names its field: `{"error": "...", "field": "event_types[1]"}`.
+//! Syntax and type errors are 400, values that parse but are not acceptable are 422, and nothing is
+//! written unless the whole request is valid.
+//!
+//! Secrets are returned only when they are created (POST, rotate-secret); reads show how many there are.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, patch, post};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::deliver::Deliverer;
+use crate::deliver::outcome::{AttemptResult, classify};
+use crate::deliver::policy::AddressPolicy;
+use crate::dispatch::log_result;
+use crate::matching::cache::now_ms;
+use crate::model::{
+    Encoding, Event, Origin, RetiredSecret, SigningKey, Subscription, SubscriptionSpec,
+    generate_secret, parse_rfc3339_ms, rfc3339_ms, webhook_id,
+};
+use crate::registry::{Registry, WriteError};
+use crate::store::{AttemptRecord, StoreError};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub deliverer: Arc<Deliverer>,
+    pub policy: AddressPolicy,
+    /// SHA-256 of `admin.token`; `None` disables the API (every request is refused).
+    token: Option<[u8; 32]>,
+    pub rotation_grace: Duration,
+}
+
+impl ApiState {
+    pub fn new(
+        registry: Arc<Registry>,
+        deliverer: Arc<Deliverer>,
+        policy: AddressPolicy,
+        token: Option<&str>,
+        rotation_grace: Duration,
+    ) -> ApiState {
+        ApiState {
+            registry,
+            deliverer,
+            policy,
+            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            rotation_grace,
+        }
+    }
+}
+
+/// Every API route: method, path (OpenAPI syntax), handler.
+pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
+    vec![
+        (Method::GET, "/v1/subscriptions", get(list)),
+        (Method::POST, "/v1/subscriptions", post(create)),
+        (Method::GET, "/v1/subscriptions/{id}", get(read)),
+        (Method::PATCH, "/v1/subscriptions/{id}", patch(update)),
+        (Method::DELETE, "/v1/subscriptions/{id}", delete(remove)),
+        (
+            Method::POST,
+            "/v1/subscriptions/{id}/rotate-secret",
+            post(rotate),
+        ),
+        (Method::POST, "/v1/subscriptions/{id}/test", post(test)),
+        (Method::GET, "/v1/subscriptions/{id}/health", get(health)),
+        (
+            Method::GET,
+            "/v1/subscriptions/{id}/attempts",
+            get(attempts),
+        ),
+    ]
+}
+
+pub fn router(state: ApiState) -> Router {
+    let mut r = Router::new();
+    for (_, path, handler) in table() {
+        r = r.route(path, handler);
+    }
+    r.route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, None, "no such route") })
+        .with_state(state)
+}
+
+/// A JSON error naming the field it is about.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    field: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            field: field.map(String::from),
+            message: message.into(),
+        }
+    }
+    fn bad(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, Some(field), message)
+    }
+    fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, Some(field), message)
+    }
+    fn not_found(id: Uuid) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no subscription {id}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            axum::Json(json!({"error": self.message, "field": self.field})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
+            }
+            StoreError::ReadOnly(_) => {
+                ApiError::new(StatusCode::CONFLICT, Some("store.kind"), e.to_string())
+            }
+            StoreError::BadCursor => ApiError::bad("cursor", "is not a cursor this API returned"),
+            StoreError::Invalid { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
+        match e {
+            WriteError::Store(s) => s.into(),
+            WriteError::Invalid(l) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, l.to_string())
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+async fn authenticate(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let Some(expected) = s.token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Some("authorization"),
+            "the subscription API is disabled: set admin.token",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    match given {
+        Some(t) if bool::from(Sha256::digest(t.as_bytes()).as_slice().ct_eq(&expected)) => {
+            next.run(req).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Some("authorization"),
+            "wrong bearer token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Some("authorization"),
+            "missing \"Authorization: Bearer <admin.token>\"",
+        )
+        .into_response(),
+    }
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::bad("id", format!("{raw:?} is not a UUID")))
+}
+
+/// Query parameters: only `allowed` names; `limit` within 1..=max.
+fn query_params(
+    q: &BTreeMap<String, String>,
+    default_limit: u32,
+) -> Result<(u32, Option<String>), ApiError> {
+    for k in q.keys() {
+        if k != "limit" && k != "cursor" {
+            return Err(ApiError::bad(k, "unknown query parameter"));
+        }
+    }
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::bad("limit", "must be an integer in 1..=1000"))?,
+        None => default_limit,
+    };
+    Ok((limit, q.get("cursor").cloned()))
+}
+
+/// The body as a JSON object (`allow_empty`: an empty body is `{}`).
+fn body_object(body: &Bytes, allow_empty: bool) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        if allow_empty {
+            return Ok(Map::new());
+        }
+        return Err(ApiError::bad("body", "a JSON object is required"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad("body", "must be a JSON object")),
+        Err(e) => Err(ApiError::bad("body", format!("malformed JSON: {e}"))),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn want_string(v: Value, field: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(ApiError::bad(
+            field,
+            format!("must be a string, got {}", json_type(&other)),
+        )),
+    }
+}
+
+fn want_strings(v: Value, field: &str) -> Result<Vec<String>, ApiError> {
+    match v {
+        Value::Array(a) => a
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| want_string(x, &format!("{field}[{i}]")))
+            .collect(),
+        other => Err(ApiError::bad(
+            field,
+            format!("must be an array of strings, got {}", json_type(&other)),
+        )),
+    }
+}
+
+fn want_uint(v: &Value, field: &str, max: u64) -> Result<u64, ApiError> {
+    v.as_u64()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| ApiError::bad(field, format!("must be an integer in 0..={max}")))
+}
+
+/// Applies the fields of a POST or PATCH body to `spec`. `null` clears an optional field.
+fn apply(
+    spec: &mut SubscriptionSpec,
+    body: Map<String, Value>,
+    creating: bool,
+) -> Result<(), ApiError> {
+    for (k, v) in body {
+        let f = k.as_str();
+        let null = v.is_null();
+        match f {
+            "url" => spec.url = want_string(v, f)?,
+            "event_types" => spec.event_types = want_strings(v, f)?,
+            "tenant" if null => spec.tenant = None,
+            "tenant" => spec.tenant = Some(want_string(v, f)?),
+            "filter" if null => spec.filter = None,
+            "filter" => match v {
+                Value::Object(m) => spec.filter = Some(m.into_iter().collect()),
+                other => {
+                    return Err(ApiError::bad(
+                        f,
+                        format!("must be an object, got {}", json_type(&other)),
+                    ));
+                }
+            },
+            "secrets" if creating => spec.secrets = want_strings(v, f)?,
+            "secrets" => {
+                return Err(ApiError::bad(
+                    f,
+                    "cannot be changed by PATCH; use POST /v1/subscriptions/{id}/rotate-secret",
+                ));
+            }
+            "enabled" => {
+                spec.enabled = v
+                    .as_bool()
+                    .ok_or_else(|| ApiError::bad(f, "must be true or false"))?
+            }
+            "rate_limit_per_sec" | "burst" | "max_in_flight" => {
+                let n = if null {
+                    None
+                } else {
+                    Some(want_uint(&v, f, u32::MAX as u64)? as u32)
+                };
+                match f {
+                    "rate_limit_per_sec" => spec.rate_limit_per_sec = n,
+                    "burst" => spec.burst = n,
+                    _ => spec.max_in_flight = n,
+                }
+            }
+            "timeout_ms" if null => spec.timeout_ms = None,
+            "timeout_ms" => spec.timeout_ms = Some(want_uint(&v, f, u64::MAX >> 1)?),
+            "headers" if null => spec.headers.clear(),
+            "headers" => match v {
+                Value::Object(m) => {
+                    let mut h = BTreeMap::new();
+                    for (name, val) in m {
+                        let field = format!("headers.{name}");
+                        h.insert(name, want_string(val, &field)?);
+                    }
+                    spec.headers = h;
+                }
+                other => {
+                    return Err(ApiError::bad(
+                        f,
+                        format!("must be an object of strings, got {}", json_type(&other)),
+                    ));
+                }
+            },
+            "id" | "created_at" | "updated_at" | "retired_secrets" | "secret_count" => {
+                return Err(ApiError::bad(f, "is read-only"));
+            }
+            _ => return Err(ApiError::bad(f, "unknown field")),
+        }
+    }
+    Ok(())
+}
+
+impl ApiState {
+    /// Checks a spec the way the cache will prepare it, plus the address policy for literal and
+    /// resolvable hosts (delivery checks every connection again; this is early feedback).
+    async fn validate(&self, spec: &SubscriptionSpec) -> Result<(), ApiError> {
+        let sub = Subscription::prepare(spec.clone(), self.registry.cache.defaults())
+            .map_err(|e| ApiError::invalid(&e.field, e.message))?;
+        let host = match sub.url.host() {
+            Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
+            Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
+            Some(url::Host::Domain(d)) => {
+                let port = sub.url.port_or_known_default().unwrap_or(443);
+                // A name that does not resolve (yet) is accepted; delivery will retry it.
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::lookup_host((d.to_string(), port)),
+                )
+                .await
+                {
+                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                    _ => Vec::new(),
+                }
+            }
+            None => Vec::new(),
+        };
+        for ip in host {
+            self.policy
+                .check(ip)
+                .map_err(|e| ApiError::invalid("url", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn existing(&self, id: Uuid) -> Result<SubscriptionSpec, ApiError> {
+        self.registry
+            .store
+            .get(id)
+            .await?
+            .ok_or(ApiError::not_found(id))
+    }
+}
+
+/// A subscription as the API shows it: everything but the secrets.
+fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
+    let now = now_ms();
+    let retired: Vec<Value> = spec
+        .retired_secrets
+        .iter()
+        .filter(|r| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now))
+        .map(|r| json!({"expires_at": r.expires_at}))
+        .collect();
+    let v = json!({
+        "id": spec.id,
+        "tenant": spec.tenant,
+        "url": spec.url,
+        "event_types": spec.event_types,
+        "filter": spec.filter,
+        "enabled": spec.enabled,
+        "rate_limit_per_sec": spec.rate_limit_per_sec,
+        "burst": spec.burst,
+        "max_in_flight": spec.max_in_flight,
+        "timeout_ms": spec.timeout_ms,
+        "headers": spec.headers,
+        "secret_count": spec.secrets.len(),
+        "retired_secrets": retired,
+        "created_at": spec.created_at,
+        "updated_at": spec.updated_at,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn ok(status: StatusCode, body: impl serde::Serialize) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn list(State(s): State<ApiState>, Query(q): Query<BTreeMap<String, String>>) -> ApiResult {
+    let (limit, cursor) = query_params(&q, 100)?;
+    let page = s.registry.store.page(cursor.as_deref(), limit).await?;
+    let items: Vec<_> = page.items.iter().map(view).collect();
+    Ok(ok(
+        StatusCode::OK,
+        json!({"items": items, "next_cursor": page.next}),
+    ))
+}
+
+async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
+    let fields = body_object(&body, false)?;
+    for required in ["url", "event_types"] {
+        if !fields.contains_key(required) {
+            return Err(ApiError::bad(required, "is required"));
+        }
+    }
+    let now = rfc3339_ms(now_ms());
+    let mut spec = SubscriptionSpec {
+        id: Uuid::new_v4(),
+        tenant: None,
+        url: String::new(),
+        event_types: Vec::new(),
+        filter: None,
+        secrets: Vec::new(),
+        retired_secrets: Vec::new(),
+        enabled: true,
+        rate_limit_per_sec: None,
+        burst: None,
+        max_in_flight: None,
+        timeout_ms: None,
+        headers: BTreeMap::new(),
+        created_at: Some(now.clone()),
+        updated_at: Some(now),
+    };
+    let given_secrets = fields.contains_key("secrets");
+    apply(&mut spec, fields, true)?;
+    if !given_secrets {
+        spec.secrets = vec![
+            generate_secret()
+                .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
+        ];
+    }
+    s.validate(&spec).await?;
+    s.registry.put(spec.clone()).await?;
+    tracing::info!(subscription = %spec.id, "subscription created");
+    let mut body = view(&spec);
+    body.insert("secrets".into(), json!(spec.secrets));
+    let mut resp = ok(StatusCode::CREATED, body);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/subscriptions/{}", spec.id)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+async fn read(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let spec = s.existing(parse_id(&id)?).await?;
+    Ok(ok(StatusCode::OK, view(&spec)))
+}
+
+async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let id = parse_id(&id)?;
+    let fields = body_object(&body, false)?;
+    let mut spec = s.existing(id).await?;
+    apply(&mut spec, fields, false)?;
+    s.validate(&spec).await?;
+    spec.updated_at = Some(rfc3339_ms(now_ms()));
+    s.registry.put(spec.clone()).await?;
+    tracing::info!(subscription = %id, "subscription updated");
+    Ok(ok(StatusCode::OK, view(&spec)))
+}
+
+async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    if !s.registry.delete(id).await? {
+        return Err(ApiError::not_found(id));
+    }
+    tracing::info!(subscription = %id, "subscription deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Retired secrets kept at most (the oldest beyond this are dropped at the next rotation).
+const MAX_RETIRED: usize = 10;
+
+async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let id = parse_id(&id)?;
+    let fields = body_object(&body, true)?;
+    let mut grace = s.rotation_grace;
+    let mut new_secret = None;
+    for (k, v) in fields {
+        match k.as_str() {
+            "grace_seconds" => {
+                grace = Duration::from_secs(want_uint(&v, &k, 30 * 86_400)?);
+            }
+            "secret" => {
+                let secret = want_string(v, &k)?;
+                SigningKey::parse(&secret).map_err(|m| ApiError::invalid("secret", m))?;
+                new_secret = Some(secret);
+            }
+            _ => return Err(ApiError::bad(&k, "unknown field")),
+        }
+    }
+    let mut spec = s.existing(id).await?;
+    let secret = match new_secret {
+        Some(x) => x,
+        None => generate_secret()
+            .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
+    };
+    let now = now_ms();
+    let until = rfc3339_ms(now + grace.as_millis() as u64);
+    let mut retired: Vec<RetiredSecret> = spec
+        .retired_secrets
+        .drain(..)
+        .filter(|r| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now))
+        .collect();
+    if !grace.is_zero() {
+        retired.extend(
+            spec.secrets
+                .drain(..)
+                .filter(|old| *old != secret)
+                .map(|old| RetiredSecret {
+                    secret: old,
+                    expires_at: until.clone(),
+                }),
+        );
+    }
+    let excess = retired.len().saturating_sub(MAX_RETIRED);
+    retired.drain(..excess);
+    spec.retired_secrets = retired;
+    spec.secrets = vec![secret.clone()];
+    spec.updated_at = Some(rfc3339_ms(now));
+    s.registry.put(spec.clone()).await?;
+    tracing::info!(subscription = %id, grace_seconds = grace.as_secs(), "signing secret rotated");
+    let mut body = view(&spec);
+    body.insert("secret".into(), json!(secret));
+    Ok(ok(StatusCode::OK, body))
+}
+
+/// Bytes of the receiver's response shown by a test delivery.
+const EXCERPT_BYTES: usize = 512;
+
+async fn test(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let id = parse_id(&id)?;
+    let fields = body_object(&body, true)?;
+    let mut event_type = "hookline.test".to_string();
+    let mut data = json!({"message": "test delivery from hookline"});
+    for (k, v) in fields {
+        match k.as_str() {
+            "event_type" => event_type = want_string(v, &k)?,
+            "data" => data = v,
+            _ => return Err(ApiError::bad(&k, "unknown field")),
+        }
+    }
+    let spec = s.existing(id).await?;
+    let sub = Subscription::prepare(spec, s.registry.cache.defaults())
+        .map_err(|e| ApiError::invalid(&e.field, e.message))?;
+    let event_id = format!("test_{}", Uuid::new_v4().simple());
+    let body = json!({
+        "id": event_id,
+        "type": event_type,
+        "timestamp": rfc3339_ms(now_ms()),
+        "data": data,
+    });
+    let event = Event {
+        webhook_id: webhook_id(&event_id),
+        id: event_id.into(),
+        event_type: event_type.into(),
+        tenant: None,
+        encoding: Encoding::Plain,
+        body: serde_json::to_vec(&body).unwrap_or_default().into(),
+        content_type: HeaderValue::from_static("application/json"),
+        headers: Vec::new(),
+        origin: Origin {
+            topic: "admin-test".into(),
+            partition: -1,
+            offset: -1,
+            timestamp_ms: None,
+        },
+    };
+    // A manual test bypasses the endpoint's limits and breaker, and is not written to the attempt log.
+    let (result, took, excerpt) = s
+        .deliverer
+        .attempt_capturing(&event, &sub, EXCERPT_BYTES)
+        .await;
+    let outcome = classify(&result);
+    let status = match result {
+        AttemptResult::Status { code, .. } => Some(code),
+        _ => None,
+    };
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "webhook_id": event.webhook_id.to_str().unwrap_or_default(),
+            "result": log_result(&result, outcome),
+            "status": status,
+            "duration_ms": took.as_secs_f64() * 1000.0,
+            "response_excerpt": String::from_utf8_lossy(&excerpt),
+            "error": (!matches!(status, Some(200..=299))).then(|| result.last_error()),
+        }),
+    ))
+}
+
+fn attempt_view(a: &AttemptRecord) -> Value {
+    json!({
+        "at": rfc3339_ms(a.at_ms),
+        "event_id": a.event_id,
+        "event_type": a.event_type,
+        "attempt": a.attempt,
+        "result": a.result,
+        "status_code": a.status_code,
+        "duration_ms": a.duration_ms,
+        "error": a.error,
+    })
+}
+
+async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let spec = s.existing(id).await?;
+    let cached = s.registry.cache.index().get(&id);
+    let breaker = match &cached {
+        Some(sub) => sub.endpoint.state().as_str(),
+        None => "disabled",
+    };
+    let (successes, failures, consecutive) = cached
+        .as_ref()
+        .map_or((0, 0, 0), |sub| sub.endpoint.recent());
+    let recent = if s.registry.store.writable() {
+        let page = s.registry.store.attempts(id, None, 10).await?;
+        Some(page.items.iter().map(attempt_view).collect::<Vec<_>>())
+    } else {
+        None
+    };
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "id": id,
+            "enabled": spec.enabled,
+            "breaker": breaker,
+            "pending": cached.as_ref().map_or(0, |sub| sub.endpoint.pending()),
+            "window": {
+                "seconds": s.registry.cache.defaults().breaker.window.as_secs_f64(),
+                "successes": successes,
+                "failures": failures,
+            },
+            "consecutive_failures": consecutive,
+            "recent_attempts": recent,
+        }),
+    ))
+}
+
+async fn attempts(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    let (limit, cursor) = query_params(&q, 50)?;
+    s.existing(id).await?;
+    let page = s
+        .registry
+        .store
+        .attempts(id, cursor.as_deref(), limit)
+        .await?;
+    let items: Vec<_> = page.items.iter().map(attempt_view).collect();
+    Ok(ok(
+        StatusCode::OK,
+        json!({"items": items, "next_cursor": page.next}),
+    ))
+}

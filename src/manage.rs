@@ -1,0 +1,142 @@
+//! Operator commands on the store: `hookline migrate` and `hookline subscriptions …` (DESIGN §8). They
+//! write straight to the store; running instances pick the change up at their next revision poll.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use crate::cli::SubscriptionsCommand;
+use crate::config::{Config, ConfigError, StoreKind};
+use crate::matching::cache::now_ms;
+use crate::model::{Defaults, Subscription, SubscriptionSpec, generate_secret, rfc3339_ms};
+use crate::pipeline::{RunError, defaults};
+use crate::store::{self, yaml};
+
+fn runtime(e: impl std::fmt::Display) -> RunError {
+    RunError::Runtime(e.to_string())
+}
+
+/// `hookline migrate`.
+pub async fn migrate(config: &Config) -> Result<String, RunError> {
+    match config.store.kind {
+        StoreKind::Scylla => {
+            let n = store::scylla::migrate(&config.store.scylla)
+                .await
+                .map_err(runtime)?;
+            Ok(format!(
+                "migrate: {n} schema statements applied to keyspace {} on {}",
+                config.store.scylla.keyspace,
+                config.store.scylla.nodes.join(",")
+            ))
+        }
+        StoreKind::Sqlite => {
+            let s = store::open(config).await?;
+            Ok(format!("migrate: tables present in {}", s.describe()))
+        }
+        StoreKind::Yaml => {
+            Err(ConfigError::new("store.kind", "the yaml store has no schema to migrate").into())
+        }
+    }
+}
+
+fn check(spec: &SubscriptionSpec, defaults: &Defaults) -> Result<(), RunError> {
+    Subscription::prepare(spec.clone(), defaults).map_err(|e| {
+        RunError::Config(ConfigError::new(
+            format!("subscription {}: {}", spec.id, e.field),
+            e.message,
+        ))
+    })?;
+    Ok(())
+}
+
+/// `hookline subscriptions …`; returns what to print.
+pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result<String, RunError> {
+    let store = store::open(config).await?;
+    let defaults = defaults(config);
+    let mut out = String::new();
+    match cmd {
+        SubscriptionsCommand::List(_) => {
+            let mut all = store.list().await.map_err(runtime)?;
+            all.sort_by(|a, b| (&a.tenant, &a.url, a.id).cmp(&(&b.tenant, &b.url, b.id)));
+            for s in &all {
+                let _ = writeln!(
+                    out,
+                    "{}  {}  {:<12} {:<30} {}",
+                    s.id,
+                    if s.enabled { "enabled " } else { "disabled" },
+                    s.tenant.as_deref().unwrap_or("-"),
+                    s.event_types.join(","),
+                    s.url
+                );
+            }
+            let _ = write!(out, "{} subscriptions in {}", all.len(), store.describe());
+        }
+        SubscriptionsCommand::Import { file, .. } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| ConfigError::new(file.display().to_string(), e.to_string()))?;
+            let specs = yaml::parse(&text)
+                .map_err(|e| ConfigError::new(file.display().to_string(), e.to_string()))?;
+            // All or nothing: every entry is checked before the first is written.
+            for s in &specs {
+                check(s, &defaults)?;
+            }
+            let now = rfc3339_ms(now_ms());
+            let mut seen = HashSet::new();
+            for mut s in specs {
+                seen.insert(s.id);
+                let existing = store.get(s.id).await.map_err(runtime)?;
+                s.created_at = s
+                    .created_at
+                    .or_else(|| existing.and_then(|e| e.created_at))
+                    .or_else(|| Some(now.clone()));
+                s.updated_at = Some(now.clone());
+                store.put(&s).await.map_err(runtime)?;
+            }
+            let _ = write!(
+                out,
+                "imported {} subscriptions from {} into {}",
+                seen.len(),
+                file.display(),
+                store.describe()
+            );
+        }
+        SubscriptionsCommand::Create {
+            url,
+            event_types,
+            tenant,
+            ..
+        } => {
+            let now = rfc3339_ms(now_ms());
+            let spec = SubscriptionSpec {
+                id: uuid::Uuid::new_v4(),
+                tenant,
+                url,
+                event_types,
+                filter: None,
+                secrets: vec![generate_secret().map_err(runtime)?],
+                retired_secrets: Vec::new(),
+                enabled: true,
+                rate_limit_per_sec: None,
+                burst: None,
+                max_in_flight: None,
+                timeout_ms: None,
+                headers: Default::default(),
+                created_at: Some(now.clone()),
+                updated_at: Some(now),
+            };
+            check(&spec, &defaults)?;
+            store.put(&spec).await.map_err(runtime)?;
+            let _ = write!(out, "id: {}\nsecret: {}", spec.id, spec.secrets[0]);
+        }
+        SubscriptionsCommand::Disable { id, .. } | SubscriptionsCommand::Enable { id, .. } => {
+            let enable = matches!(cmd, SubscriptionsCommand::Enable { .. });
+            let Some(mut spec) = store.get(id).await.map_err(runtime)? else {
+                return Err(RunError::Runtime(format!("no subscription {id}")));
+            };
+            spec.enabled = enable;
+            spec.updated_at = Some(rfc3339_ms(now_ms()));
+            store.put(&spec).await.map_err(runtime)?;
+            let _ = write!(out, "{id} {}", if enable { "enabled" } else { "disabled" });
+        }
+    }
+    Ok(out)
+}

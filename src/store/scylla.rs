@@ -1,0 +1,489 @@
+//! The production store: ScyllaDB (or Cassandra), shared by every instance. Schema in
+//! `schemas/scylla.cql`, applied by `hookline migrate`.
+//!
+//! Every statement is prepared once at connect. The full load pages through `subscriptions` (1 000 rows a
+//! page); the API's listing hands the driver's paging state to the client as its cursor. A one-row
+//! `revision` register, overwritten with a fresh UUID by every subscription write, lets each instance
+//! poll for changes with one single-partition read instead of reloading everything. Attempts live in
+//! `delivery_attempts`, one partition per subscription and day, newest first, each row written with the
+//! remaining part of its time-to-live.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::StreamExt;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimestamp;
+use uuid::Uuid;
+
+use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
+use crate::config::ScyllaConfig;
+use crate::matching::cache::now_ms;
+use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
+
+/// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.
+pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
+
+const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
+    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at";
+const ATTEMPT_COLUMNS: &str =
+    "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
+
+type SpecRow = (
+    Uuid,
+    Option<String>,
+    Option<String>,
+    Option<Vec<String>>,
+    Option<String>,
+    Option<Vec<String>>,
+    Option<String>,
+    Option<bool>,
+    Option<i32>,
+    Option<i32>,
+    Option<i32>,
+    Option<i64>,
+    Option<BTreeMap<String, String>>,
+    Option<CqlTimestamp>,
+    Option<CqlTimestamp>,
+);
+
+type AttemptRow = (
+    CqlTimestamp,
+    Uuid,
+    String,
+    String,
+    i32,
+    String,
+    Option<i32>,
+    i32,
+    Option<String>,
+);
+
+struct Statements {
+    list: PreparedStatement,
+    get: PreparedStatement,
+    put: PreparedStatement,
+    delete: PreparedStatement,
+    revision: PreparedStatement,
+    bump: PreparedStatement,
+    insert_attempt: PreparedStatement,
+    attempts: PreparedStatement,
+}
+
+pub struct ScyllaStore {
+    session: Session,
+    st: Statements,
+    ttl: Duration,
+    describe: String,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The schema statements for a keyspace and replication setting, in order.
+pub fn schema_statements(keyspace: &str, replication: &str) -> Vec<String> {
+    let text: Vec<&str> = SCHEMA
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect();
+    text.join("\n")
+        .replace("{{keyspace}}", keyspace)
+        .replace("{{replication}}", replication)
+        .split(';')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+async fn session(cfg: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session, StoreError> {
+    let mut b = SessionBuilder::new()
+        .known_nodes(&cfg.nodes)
+        .connection_timeout(cfg.connect_timeout)
+        // hookline reads its own tables only; the cluster-wide schema is not needed.
+        .fetch_schema_metadata(false);
+    if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+        b = b.user(u, p);
+    }
+    if let Some(ks) = keyspace {
+        b = b.use_keyspace(ks, false);
+    }
+    b.build()
+        .await
+        .map_err(|e| unavailable(format!("cannot connect to {:?}: {e}", cfg.nodes)))
+}
+
+/// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements run.
+pub async fn migrate(cfg: &ScyllaConfig) -> Result<usize, StoreError> {
+    let s = session(cfg, None).await?;
+    let stmts = schema_statements(&cfg.keyspace, &cfg.replication);
+    for stmt in &stmts {
+        s.query_unpaged(stmt.as_str(), ())
+            .await
+            .map_err(|e| unavailable(format!("{e} in: {stmt}")))?;
+    }
+    Ok(stmts.len())
+}
+
+impl ScyllaStore {
+    pub async fn connect(cfg: &ScyllaConfig, ttl: Duration) -> Result<ScyllaStore, StoreError> {
+        let session = session(cfg, Some(&cfg.keyspace)).await?;
+        let prep = |q: String| {
+            let session = &session;
+            async move {
+                session
+                    .prepare(q.as_str())
+                    .await
+                    .map_err(|e| unavailable(format!("{e} (did `hookline migrate` run?) in: {q}")))
+            }
+        };
+        let mut list = prep(format!("SELECT {COLUMNS} FROM subscriptions")).await?;
+        list.set_page_size(1000);
+        let st = Statements {
+            list,
+            get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
+            put: prep(format!(
+                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            delete: prep("DELETE FROM subscriptions WHERE id = ?".into()).await?,
+            revision: prep("SELECT value FROM revision WHERE name = ?".into()).await?,
+            bump: prep("UPDATE revision SET value = ? WHERE name = ?".into()).await?,
+            insert_attempt: prep(format!(
+                "INSERT INTO delivery_attempts (subscription_id, day, {ATTEMPT_COLUMNS}) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            attempts: prep(format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM delivery_attempts WHERE subscription_id = ? AND day = ?"
+            ))
+            .await?,
+        };
+        Ok(ScyllaStore {
+            session,
+            st,
+            ttl,
+            describe: format!("scylla {} keyspace {}", cfg.nodes.join(","), cfg.keyspace),
+        })
+    }
+
+    async fn bump(&self) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.st.bump, (Uuid::new_v4(), "subscriptions"))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn specs(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        paging: PagingState,
+    ) -> Result<(Vec<SubscriptionSpec>, PagingStateResponse), StoreError> {
+        let (res, more) = self
+            .session
+            .execute_single_page(st, values, paging)
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(unavailable)?;
+        let mut out = Vec::new();
+        for r in rows.rows::<SpecRow>().map_err(unavailable)? {
+            out.push(from_row(r.map_err(unavailable)?)?);
+        }
+        Ok((out, more))
+    }
+}
+
+fn ts(s: &Option<String>, field: &str, id: Uuid) -> Result<Option<CqlTimestamp>, StoreError> {
+    match s {
+        None => Ok(None),
+        Some(t) => parse_rfc3339_ms(t)
+            .map(|ms| Some(CqlTimestamp(ms as i64)))
+            .map_err(|m| StoreError::Invalid {
+                at: format!("subscription {id}.{field}"),
+                message: m,
+            }),
+    }
+}
+
+fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
+    let id = r.0;
+    let invalid = |field: &str, e: serde_json::Error| StoreError::Invalid {
+        at: format!("subscription {id}.{field}"),
+        message: e.to_string(),
+    };
+    let filter = match r.4 {
+        Some(f) => Some(serde_json::from_str(&f).map_err(|e| invalid("filter", e))?),
+        None => None,
+    };
+    let retired: Vec<RetiredSecret> = match r.6 {
+        Some(s) => serde_json::from_str(&s).map_err(|e| invalid("retired_secrets", e))?,
+        None => Vec::new(),
+    };
+    Ok(SubscriptionSpec {
+        id,
+        tenant: r.1,
+        url: r.2.unwrap_or_default(),
+        event_types: r.3.unwrap_or_default(),
+        filter,
+        secrets: r.5.unwrap_or_default(),
+        retired_secrets: retired,
+        enabled: r.7.unwrap_or(false),
+        rate_limit_per_sec: r.8.map(|v| v.max(0) as u32),
+        burst: r.9.map(|v| v.max(0) as u32),
+        max_in_flight: r.10.map(|v| v.max(0) as u32),
+        timeout_ms: r.11.map(|v| v.max(0) as u64),
+        headers: r.12.unwrap_or_default(),
+        created_at: r.13.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+        updated_at: r.14.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+    })
+}
+
+fn cursor_bytes(c: &str) -> Result<Vec<u8>, StoreError> {
+    URL_SAFE_NO_PAD.decode(c).map_err(|_| StoreError::BadCursor)
+}
+
+fn i32_of(v: Option<u32>) -> Option<i32> {
+    v.map(|v| v.min(i32::MAX as u32) as i32)
+}
+
+#[async_trait]
+impl Store for ScyllaStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn list(&self) -> Result<Vec<SubscriptionSpec>, StoreError> {
+        let mut rows = self
+            .session
+            .execute_iter(self.st.list.clone(), ())
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<SpecRow>()
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().await {
+            out.push(from_row(r.map_err(unavailable)?)?);
+        }
+        Ok(out)
+    }
+
+    async fn revision(&self) -> Result<Option<String>, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.st.revision, ("subscriptions",))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?;
+        let v = res
+            .maybe_first_row::<(Option<Uuid>,)>()
+            .map_err(unavailable)?
+            .and_then(|r| r.0);
+        // Never written yet: a stable value, so an empty keyspace is not reloaded on every poll.
+        Ok(Some(v.map_or_else(|| "0".into(), |u| u.to_string())))
+    }
+
+    async fn page(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<SubscriptionSpec>, StoreError> {
+        let paging = match cursor {
+            Some(c) => PagingState::new_from_raw_bytes(cursor_bytes(c)?),
+            None => PagingState::start(),
+        };
+        let mut st = self.st.list.clone();
+        st.set_page_size(limit.clamp(1, 1000) as i32);
+        let (items, more) = self.specs(&st, (), paging).await?;
+        let next = match more {
+            PagingStateResponse::HasMorePages { state } => state
+                .as_bytes_slice()
+                .map(|b| URL_SAFE_NO_PAD.encode(b.as_ref())),
+            PagingStateResponse::NoMorePages => None,
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<SubscriptionSpec>, StoreError> {
+        let (mut v, _) = self
+            .specs(&self.st.get, (id,), PagingState::start())
+            .await?;
+        Ok(v.pop())
+    }
+
+    async fn put(&self, s: &SubscriptionSpec) -> Result<(), StoreError> {
+        let filter = s
+            .filter
+            .as_ref()
+            .map(|f| serde_json::to_string(f).unwrap_or_default());
+        let retired = if s.retired_secrets.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&s.retired_secrets).unwrap_or_default())
+        };
+        let values = (
+            s.id,
+            s.tenant.as_deref(),
+            s.url.as_str(),
+            &s.event_types,
+            filter,
+            &s.secrets,
+            retired,
+            s.enabled,
+            i32_of(s.rate_limit_per_sec),
+            i32_of(s.burst),
+            i32_of(s.max_in_flight),
+            s.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64),
+            &s.headers,
+            ts(&s.created_at, "created_at", s.id)?,
+            ts(&s.updated_at, "updated_at", s.id)?,
+        );
+        self.session
+            .execute_unpaged(&self.st.put, values)
+            .await
+            .map_err(unavailable)?;
+        self.bump().await
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        if self.get(id).await?.is_none() {
+            return Ok(false);
+        }
+        self.session
+            .execute_unpaged(&self.st.delete, (id,))
+            .await
+            .map_err(unavailable)?;
+        self.bump().await?;
+        Ok(true)
+    }
+
+    async fn write_attempts(&self, batch: &[AttemptRecord]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        // Independent single-partition inserts, a few at a time (a multi-partition batch would make one
+        // coordinator do all the work).
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let insert = &self.st.insert_attempt;
+        for a in batch {
+            if !attempt_live(a.at_ms, self.ttl, now) {
+                continue;
+            }
+            let left_s = (a.at_ms + ttl_ms).saturating_sub(now).div_ceil(1000).max(1);
+            let values = (
+                a.subscription_id,
+                day_of(a.at_ms) as i32,
+                CqlTimestamp(a.at_ms as i64),
+                Uuid::new_v4(),
+                a.event_id.clone(),
+                a.event_type.clone(),
+                a.attempt.min(i32::MAX as u32) as i32,
+                a.result.clone(),
+                a.status_code.map(i32::from),
+                a.duration_ms.min(i32::MAX as u32) as i32,
+                a.error.clone(),
+                left_s.min(i32::MAX as u64) as i32,
+            );
+            pending.push(self.session.execute_unpaged(insert, values));
+            if pending.len() >= 16
+                && let Some(r) = pending.next().await
+            {
+                r.map_err(unavailable)?;
+            }
+        }
+        while let Some(r) = pending.next().await {
+            r.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn attempts(
+        &self,
+        subscription: Uuid,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<AttemptRecord>, StoreError> {
+        let now = now_ms();
+        let oldest_day = day_of(now.saturating_sub(self.ttl.as_millis() as u64));
+        // Cursor: "<day>" to start a day partition afresh, or "<day>.<paging state>" to continue one.
+        let (mut day, mut paging) = match cursor {
+            None => (day_of(now), PagingState::start()),
+            Some(c) => match c.split_once('.') {
+                Some((d, p)) => (
+                    d.parse().map_err(|_| StoreError::BadCursor)?,
+                    PagingState::new_from_raw_bytes(cursor_bytes(p)?),
+                ),
+                None => (
+                    c.parse().map_err(|_| StoreError::BadCursor)?,
+                    PagingState::start(),
+                ),
+            },
+        };
+        let limit = limit.clamp(1, 1000) as usize;
+        let mut items = Vec::with_capacity(limit);
+        while day >= oldest_day {
+            let mut st = self.st.attempts.clone();
+            st.set_page_size((limit - items.len()) as i32);
+            let (res, more) = self
+                .session
+                .execute_single_page(&st, (subscription, day as i32), paging)
+                .await
+                .map_err(unavailable)?;
+            let rows = res.into_rows_result().map_err(unavailable)?;
+            for r in rows.rows::<AttemptRow>().map_err(unavailable)? {
+                let r = r.map_err(unavailable)?;
+                let at_ms = r.0.0.max(0) as u64;
+                if !attempt_live(at_ms, self.ttl, now) {
+                    continue;
+                }
+                items.push(AttemptRecord {
+                    subscription_id: subscription,
+                    at_ms,
+                    event_id: r.2,
+                    event_type: r.3,
+                    attempt: r.4.max(0) as u32,
+                    result: r.5,
+                    status_code: r.6.and_then(|c| u16::try_from(c).ok()),
+                    duration_ms: r.7.max(0) as u32,
+                    error: r.8,
+                });
+            }
+            match more {
+                PagingStateResponse::HasMorePages { state } => {
+                    if items.len() >= limit {
+                        let p = state
+                            .as_bytes_slice()
+                            .map(|b| URL_SAFE_NO_PAD.encode(b.as_ref()))
+                            .unwrap_or_default();
+                        return Ok(Page {
+                            items,
+                            next: Some(format!("{day}.{p}")),
+                        });
+                    }
+                    paging = state;
+                }
+                PagingStateResponse::NoMorePages => {
+                    day -= 1;
+                    paging = PagingState::start();
+                    if items.len() >= limit {
+                        let next = (day >= oldest_day).then(|| day.to_string());
+                        return Ok(Page { items, next });
+                    }
+                }
+            }
+        }
+        Ok(Page { items, next: None })
+    }
+
+    async fn expire_attempts(&self) -> Result<u64, StoreError> {
+        // Rows carry their own TTL.
+        Ok(0)
+    }
+}

@@ -1,0 +1,484 @@
+//! The embedded store: one SQLite file with the same two tables as the ScyllaDB schema (list-valued
+//! fields as JSON text), plus a one-row revision counter that every write bumps in the same transaction.
+//!
+//! SQLite calls block, so each operation runs on tokio's blocking pool. One connection is kept and reused;
+//! before each use the file's identity is checked, so a file that was moved away or replaced is reported
+//! as an outage (and reopened when it is back) instead of being served from a stale descriptor. WAL mode
+//! lets several hookline processes on one host share the file.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, params};
+use uuid::Uuid;
+
+use super::{AttemptRecord, Page, Store, StoreError, paged};
+use crate::matching::cache::now_ms;
+use crate::model::SubscriptionSpec;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT PRIMARY KEY,
+    tenant TEXT,
+    url TEXT NOT NULL,
+    event_types TEXT NOT NULL,
+    filter TEXT,
+    secrets TEXT NOT NULL,
+    retired_secrets TEXT NOT NULL DEFAULT '[]',
+    enabled INTEGER NOT NULL,
+    rate_limit_per_sec INTEGER,
+    burst INTEGER,
+    max_in_flight INTEGER,
+    timeout_ms INTEGER,
+    headers TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT,
+    updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    seq INTEGER PRIMARY KEY,
+    subscription_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    status_code INTEGER,
+    duration_ms INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_subscription
+    ON delivery_attempts (subscription_id, at_ms DESC, seq DESC);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_time ON delivery_attempts (at_ms);
+CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), value INTEGER NOT NULL);
+INSERT OR IGNORE INTO revision (id, value) VALUES (0, 0);
+";
+
+const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
+    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at";
+
+pub struct SqliteStore {
+    path: PathBuf,
+    ttl: Duration,
+    /// The open connection and the inode it was opened on.
+    conn: Arc<Mutex<Option<(Connection, u64)>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the file and its tables.
+    pub async fn open(path: PathBuf, ttl: Duration) -> Result<SqliteStore, StoreError> {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let c =
+                Connection::open(&p).map_err(|e| unavailable(format!("{}: {e}", p.display())))?;
+            c.busy_timeout(Duration::from_secs(5))
+                .map_err(unavailable)?;
+            c.pragma_update(None, "journal_mode", "WAL")
+                .map_err(unavailable)?;
+            c.execute_batch(SCHEMA)
+                .map_err(|e| unavailable(format!("{}: {e}", p.display())))?;
+            Ok(())
+        })
+        .await
+        .map_err(unavailable)??;
+        Ok(SqliteStore {
+            path,
+            ttl,
+            conn: Arc::default(),
+        })
+    }
+
+    /// Runs `f` on the connection in the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        let slot = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let ino = std::fs::metadata(&path)
+                .map_err(|e| unavailable(format!("{}: {e}", path.display())))?
+                .ino();
+            if guard.as_ref().is_none_or(|(_, i)| *i != ino) {
+                *guard = None;
+                let c = Connection::open_with_flags(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+                c.busy_timeout(Duration::from_secs(5))
+                    .map_err(unavailable)?;
+                *guard = Some((c, ino));
+            }
+            let Some((conn, _)) = guard.as_mut() else {
+                return Err(unavailable("no connection"));
+            };
+            let r = f(conn);
+            if let Err(StoreError::Unavailable(_)) = &r {
+                // Reopen next time: the file may have been replaced or repaired.
+                *guard = None;
+            }
+            r
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    id: &str,
+    field: &str,
+    s: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Invalid {
+        at: format!("subscription {id}.{field}"),
+        message: e.to_string(),
+    })
+}
+
+fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
+    let get = |e: rusqlite::Error| unavailable(e);
+    let id: String = r.get(0).map_err(get)?;
+    let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Invalid {
+        at: format!("subscription {id:?}.id"),
+        message: e.to_string(),
+    })?;
+    let filter: Option<String> = r.get(4).map_err(get)?;
+    Ok(SubscriptionSpec {
+        id: uuid,
+        tenant: r.get(1).map_err(get)?,
+        url: r.get(2).map_err(get)?,
+        event_types: from_json(&id, "event_types", &r.get::<_, String>(3).map_err(get)?)?,
+        filter: match filter {
+            Some(f) => Some(from_json(&id, "filter", &f)?),
+            None => None,
+        },
+        secrets: from_json(&id, "secrets", &r.get::<_, String>(5).map_err(get)?)?,
+        retired_secrets: from_json(&id, "retired_secrets", &r.get::<_, String>(6).map_err(get)?)?,
+        enabled: r.get(7).map_err(get)?,
+        rate_limit_per_sec: r.get(8).map_err(get)?,
+        burst: r.get(9).map_err(get)?,
+        max_in_flight: r.get(10).map_err(get)?,
+        timeout_ms: r
+            .get::<_, Option<i64>>(11)
+            .map_err(get)?
+            .map(|v| v.max(0) as u64),
+        headers: from_json(&id, "headers", &r.get::<_, String>(12).map_err(get)?)?,
+        created_at: r.get(13).map_err(get)?,
+        updated_at: r.get(14).map_err(get)?,
+    })
+}
+
+fn query_specs(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<SubscriptionSpec>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
+    let mut rows = stmt.query(params).map_err(unavailable)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(unavailable)? {
+        out.push(row_to_spec(r)?);
+    }
+    Ok(out)
+}
+
+fn bump_revision(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("UPDATE revision SET value = value + 1 WHERE id = 0", [])
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite file {}", self.path.display())
+    }
+
+    async fn list(&self) -> Result<Vec<SubscriptionSpec>, StoreError> {
+        self.with(|c| query_specs(c, &format!("SELECT {COLUMNS} FROM subscriptions"), []))
+            .await
+    }
+
+    async fn revision(&self) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let v: i64 = c
+                .query_row("SELECT value FROM revision WHERE id = 0", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            Ok(Some(v.to_string()))
+        })
+        .await
+    }
+
+    async fn page(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<SubscriptionSpec>, StoreError> {
+        let after = match cursor {
+            Some(c) => Uuid::parse_str(c)
+                .map_err(|_| StoreError::BadCursor)?
+                .to_string(),
+            None => String::new(),
+        };
+        let limit = limit.max(1);
+        let items = self
+            .with(move |c| {
+                query_specs(
+                    c,
+                    &format!(
+                        "SELECT {COLUMNS} FROM subscriptions WHERE id > ?1 ORDER BY id LIMIT ?2"
+                    ),
+                    params![after, limit + 1],
+                )
+            })
+            .await?;
+        Ok(paged(items, limit as usize, |s| s.id.to_string()))
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<SubscriptionSpec>, StoreError> {
+        let mut v = self
+            .with(move |c| {
+                query_specs(
+                    c,
+                    &format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?1"),
+                    params![id.to_string()],
+                )
+            })
+            .await?;
+        Ok(v.pop())
+    }
+
+    async fn put(&self, spec: &SubscriptionSpec) -> Result<(), StoreError> {
+        let s = spec.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                ),
+                params![
+                    s.id.to_string(),
+                    s.tenant,
+                    s.url,
+                    json(&s.event_types),
+                    s.filter.as_ref().map(json),
+                    json(&s.secrets),
+                    json(&s.retired_secrets),
+                    s.enabled,
+                    s.rate_limit_per_sec,
+                    s.burst,
+                    s.max_in_flight,
+                    s.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64),
+                    json(&s.headers),
+                    s.created_at,
+                    s.updated_at,
+                ],
+            )
+            .map_err(unavailable)?;
+            bump_revision(&tx)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM subscriptions WHERE id = ?1",
+                    params![id.to_string()],
+                )
+                .map_err(unavailable)?;
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn write_attempts(&self, batch: &[AttemptRecord]) -> Result<(), StoreError> {
+        let batch = batch.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO delivery_attempts (subscription_id, at_ms, event_id, event_type, \
+                         attempt, result, status_code, duration_ms, error) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )
+                    .map_err(unavailable)?;
+                for a in &batch {
+                    stmt.execute(params![
+                        a.subscription_id.to_string(),
+                        a.at_ms as i64,
+                        a.event_id,
+                        a.event_type,
+                        a.attempt,
+                        a.result,
+                        a.status_code,
+                        a.duration_ms,
+                        a.error,
+                    ])
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn attempts(
+        &self,
+        subscription: Uuid,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<AttemptRecord>, StoreError> {
+        // Cursor: "<at_ms>.<seq>" of the last row returned.
+        let (before_ms, before_seq) = match cursor {
+            Some(c) => {
+                let (a, b) = c.split_once('.').ok_or(StoreError::BadCursor)?;
+                (
+                    a.parse::<i64>().map_err(|_| StoreError::BadCursor)?,
+                    b.parse::<i64>().map_err(|_| StoreError::BadCursor)?,
+                )
+            }
+            None => (i64::MAX, i64::MAX),
+        };
+        let oldest = now_ms().saturating_sub(self.ttl.as_millis() as u64) as i64;
+        let limit = limit.max(1);
+        let rows = self
+            .with(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT seq, at_ms, event_id, event_type, attempt, result, status_code, \
+                         duration_ms, error FROM delivery_attempts \
+                         WHERE subscription_id = ?1 AND at_ms > ?2 \
+                         AND (at_ms < ?3 OR (at_ms = ?3 AND seq < ?4)) \
+                         ORDER BY at_ms DESC, seq DESC LIMIT ?5",
+                    )
+                    .map_err(unavailable)?;
+                let rows = stmt
+                    .query_map(
+                        params![
+                            subscription.to_string(),
+                            oldest,
+                            before_ms,
+                            before_seq,
+                            limit + 1
+                        ],
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                AttemptRecord {
+                                    subscription_id: subscription,
+                                    at_ms: r.get::<_, i64>(1)? as u64,
+                                    event_id: r.get(2)?,
+                                    event_type: r.get(3)?,
+                                    attempt: r.get(4)?,
+                                    result: r.get(5)?,
+                                    status_code: r.get(6)?,
+                                    duration_ms: r.get(7)?,
+                                    error: r.get(8)?,
+                                },
+                            ))
+                        },
+                    )
+                    .map_err(unavailable)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+            })
+            .await?;
+        let page = paged(rows, limit as usize, |(seq, a)| {
+            format!("{}.{seq}", a.at_ms)
+        });
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, a)| a).collect(),
+            next: page.next,
+        })
+    }
+
+    async fn expire_attempts(&self) -> Result<u64, StoreError> {
+        let ttl = self.ttl;
+        self.with(move |c| {
+            let oldest = now_ms().saturating_sub(ttl.as_millis() as u64) as i64;
+            let n = c
+                .execute(
+                    "DELETE FROM delivery_attempts WHERE at_ms <= ?1",
+                    params![oldest],
+                )
+                .map_err(unavailable)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paged_cuts_and_names_the_last_key() {
+        let p = paged(vec![1, 2, 3], 2, |x| x.to_string());
+        assert_eq!(p.items, vec![1, 2]);
+        assert_eq!(p.next.as_deref(), Some("2"));
+        let p = paged(vec![1, 2], 2, |x| x.to_string());
+        assert_eq!(p.next, None);
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_deleted_and_a_moved_file_is_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let ttl = Duration::from_secs(3600);
+        let s = SqliteStore::open(path.clone(), ttl).await.unwrap();
+        let id = Uuid::new_v4();
+        let rec = |at_ms| AttemptRecord {
+            subscription_id: id,
+            at_ms,
+            event_id: "e".into(),
+            event_type: "t".into(),
+            attempt: 1,
+            result: "delivered".into(),
+            status_code: Some(200),
+            duration_ms: 3,
+            error: None,
+        };
+        let now = now_ms();
+        s.write_attempts(&[rec(now - 7_200_000), rec(now - 10), rec(now)])
+            .await
+            .unwrap();
+        assert_eq!(s.expire_attempts().await.unwrap(), 1);
+        assert_eq!(s.expire_attempts().await.unwrap(), 0);
+        let n: i64 = s
+            .with(|c| {
+                c.query_row("SELECT count(*) FROM delivery_attempts", [], |r| r.get(0))
+                    .map_err(unavailable)
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+
+        let away = dir.path().join("away.db");
+        std::fs::rename(&path, &away).unwrap();
+        assert!(matches!(s.list().await, Err(StoreError::Unavailable(_))));
+        std::fs::rename(&away, &path).unwrap();
+        assert!(s.list().await.unwrap().is_empty());
+    }
+}
