@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 
 use crate::deliver::breaker::BreakerState;
 use crate::matching::cache::{Cache, now_ms};
@@ -75,14 +75,32 @@ impl Readiness {
     }
 }
 
+/// The routes open to anyone who reaches the port: method, path, handler.
+fn open_table() -> Vec<(Method, &'static str, MethodRouter<AdminState>)> {
+    vec![
+        (Method::GET, "/healthz", get(|| async { "ok\n" })),
+        (Method::GET, "/readyz", get(readyz)),
+        (Method::GET, "/metrics", get(metrics)),
+    ]
+}
+
+/// Every route the server answers (method, path in OpenAPI syntax); `schemas/openapi.yaml` must list
+/// exactly these.
+pub fn routes() -> Vec<(Method, &'static str)> {
+    open_table()
+        .into_iter()
+        .map(|(m, p, _)| (m, p))
+        .chain(api::table().into_iter().map(|(m, p, _)| (m, p)))
+        .collect()
+}
+
 pub fn router(state: AdminState) -> Router {
     let api = api::router(state.api.clone());
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
-        .merge(api)
+    let mut r = Router::new();
+    for (_, path, handler) in open_table() {
+        r = r.route(path, handler);
+    }
+    r.with_state(state).merge(api)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -153,5 +171,38 @@ fn refresh_scrape_gauges(s: &AdminState) {
                 partition,
             })
             .set(age_ms as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The OpenAPI document and the router list the same (method, path) pairs.
+    #[test]
+    fn openapi_document_matches_the_routes() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/openapi.yaml");
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_mapping().unwrap() {
+            for (k, _) in item.as_mapping().unwrap() {
+                let k = k.as_str().unwrap();
+                if ["get", "put", "post", "patch", "delete", "head", "options"].contains(&k) {
+                    documented.insert((k.to_uppercase(), path.as_str().unwrap().to_string()));
+                }
+            }
+        }
+        let served: BTreeSet<(String, String)> = super::routes()
+            .into_iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && unserved.is_empty(),
+            "served but not in schemas/openapi.yaml: {undocumented:?}; documented but not served: {unserved:?}"
+        );
+        assert_eq!(served.len(), 12);
     }
 }
