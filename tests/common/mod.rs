@@ -422,6 +422,8 @@ pub enum Reply {
     Hang,
     /// Answer this status with `Retry-After: <seconds>`.
     RetryAfter(u16, u64),
+    /// Answer this status with this body.
+    Body(u16, &'static str),
 }
 
 /// A behaviour that answers `status` to the first `n` requests of each webhook-id, then 200.
@@ -597,8 +599,13 @@ async fn handle(
         log.len() - 1
     };
     let mut retry_after = None;
+    let mut body = "ok";
     let status = match reply {
         Reply::Status(c) => c,
+        Reply::Body(c, b) => {
+            body = b;
+            c
+        }
         Reply::RetryAfter(c, secs) => {
             retry_after = Some(secs.to_string());
             c
@@ -616,8 +623,8 @@ async fn handle(
     s.log.lock().unwrap()[idx].status = Some(status);
     let code = StatusCode::from_u16(status).unwrap();
     match retry_after {
-        Some(ra) => (code, [("retry-after", ra)], "ok").into_response(),
-        None => (code, "ok").into_response(),
+        Some(ra) => (code, [("retry-after", ra)], body).into_response(),
+        None => (code, body).into_response(),
     }
 }
 
@@ -660,14 +667,29 @@ impl Hookline {
         subs: &[serde_json::Value],
         env: &[(&str, &str)],
     ) -> Hookline {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let subs_path = dir.join("subscriptions.yaml");
         std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
-        let cfg = format!(
-            "{config}\n[admin]\nlisten = \"{admin}\"\n[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
+        let store = format!(
+            "[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
             subs_path.display()
         );
-        let config_path = dir.join("hookline.toml");
+        Self::start_with_store(dir, config, &store, None, env)
+    }
+
+    /// Starts hookline with a `[store]` section of the test's choice and, optionally, an admin token.
+    pub fn start_with_store(
+        dir: &Path,
+        config: &str,
+        store: &str,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Hookline {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let token = token
+            .map(|t| format!("token = \"{t}\"\n"))
+            .unwrap_or_default();
+        let cfg = format!("{config}\n[admin]\nlisten = \"{admin}\"\n{token}{store}");
+        let config_path = dir.join(format!("hookline-{}.toml", admin.port()));
         std::fs::write(&config_path, cfg).unwrap();
         let mut h = Hookline {
             admin,
@@ -884,4 +906,67 @@ pub fn prefix_of(cfg: &str) -> String {
 /// The ids `plain_event` gives events `range`.
 pub fn ids(range: std::ops::Range<usize>) -> HashSet<String> {
     range.map(|i| format!("evt-{i:05}")).collect()
+}
+
+/// A client of the admin API (`/v1`) with a bearer token.
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(h: &Hookline, token: &str) -> Api {
+        Api {
+            base: format!("http://{}", h.admin),
+            token: token.into(),
+            client: http(),
+        }
+    }
+
+    /// Sends a request; returns the status and the JSON body (`Null` when empty or not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&b).unwrap());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+    pub async fn patch(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::PATCH, path, Some(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+}
+
+/// A `[store]` section for an SQLite file.
+pub fn sqlite_store(db: &Path) -> String {
+    format!(
+        "[store]\nkind = \"sqlite\"\npath = \"{}\"\nrefresh_interval = \"500ms\"\n",
+        db.display()
+    )
 }
