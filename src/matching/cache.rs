@@ -80,7 +80,7 @@ impl Cache {
     /// One refresh tick: asks the store for its revision and reloads only when it moved (or when the last
     /// full load is older than `full_every`). Returns whether it reloaded.
     pub async fn poll(&self, store: &dyn Store, full_every: Duration) -> Result<bool, LoadError> {
-        let rev = match store.revision().await {
+        let rev = match bounded(store.revision()).await {
             Ok(r) => r,
             Err(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
@@ -102,8 +102,8 @@ impl Cache {
         let _swap = self.swap.lock().await;
         // Read the revision first: a write that lands during the listing moves it again, so the next poll
         // reloads.
-        let rev = store.revision().await?;
-        let specs = store.list().await?;
+        let rev = bounded(store.revision()).await?;
+        let specs = bounded(store.list()).await?;
         let old = self.index.load();
         let previous: HashMap<uuid::Uuid, &Arc<Subscription>> =
             old.subscriptions().iter().map(|s| (s.id, s)).collect();
@@ -236,6 +236,21 @@ impl Cache {
                 .set(self.age_seconds());
         }
     }
+}
+
+/// A store call that does not answer within this long counts as failed (the cache keeps what it has).
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(STORE_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {STORE_TIMEOUT:?}"
+            )))
+        })
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
