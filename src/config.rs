@@ -1240,6 +1240,74 @@ topics = ["orders"]
     }
 
     #[test]
+    fn store_and_admin_settings_are_validated() {
+        for (var, value, setting) in [
+            (
+                "HOOKLINE_STORE__REFRESH_INTERVAL",
+                "10ms",
+                "store.refresh_interval:",
+            ),
+            (
+                "HOOKLINE_STORE__FULL_REFRESH_INTERVAL",
+                "100ms",
+                "store.full_refresh_interval:",
+            ),
+            ("HOOKLINE_STORE__ATTEMPT_TTL", "10s", "store.attempt_ttl:"),
+            (
+                "HOOKLINE_STORE__ATTEMPT_BUFFER",
+                "0",
+                "store.attempt_buffer:",
+            ),
+            ("HOOKLINE_STORE__ATTEMPT_BATCH", "0", "store.attempt_batch:"),
+            (
+                "HOOKLINE_STORE__ATTEMPT_EXPIRY_INTERVAL",
+                "1ms",
+                "store.attempt_expiry_interval:",
+            ),
+            (
+                "HOOKLINE_STORE__SCYLLA__KEYSPACE",
+                "bad-name",
+                "store.scylla.keyspace:",
+            ),
+            (
+                "HOOKLINE_STORE__SCYLLA__REPLICATION",
+                "3; DROP",
+                "store.scylla.replication:",
+            ),
+            (
+                "HOOKLINE_ADMIN__ROTATION_GRACE",
+                "90d",
+                "admin.rotation_grace:",
+            ),
+            ("HOOKLINE_ADMIN__TOKEN", "short", "admin.token:"),
+        ] {
+            let e = err_of(MIN, &[(var, value)]);
+            assert!(e.starts_with(setting), "{var}={value}: {e}");
+        }
+        let e = err_of(
+            MIN,
+            &[
+                ("HOOKLINE_STORE__KIND", "scylla"),
+                ("HOOKLINE_STORE__SCYLLA__USERNAME", "u"),
+            ],
+        );
+        assert!(e.starts_with("store.scylla.password:"), "{e}");
+        let c = load(
+            MIN,
+            &[
+                ("HOOKLINE_STORE__KIND", "scylla"),
+                ("HOOKLINE_STORE__SCYLLA__NODES", "a:9042,b:9042"),
+                ("HOOKLINE_STORE__ATTEMPT_TTL", "7d"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.scylla.nodes, vec!["a:9042", "b:9042"]);
+        assert_eq!(c.store.attempt_ttl, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.store.refresh_interval, Duration::from_secs(1));
+        assert_eq!(c.admin.rotation_grace, Duration::from_secs(86_400));
+    }
+
+    #[test]
     fn shipped_example_config_is_valid() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookline.toml");
         let c = Config::load(Some(&p), std::iter::empty()).unwrap();

@@ -24,7 +24,7 @@ fn steady_producer(
     tokio::spawn(async move {
         let mut n = 0usize;
         while !stop.load(Ordering::Relaxed) {
-            let ty = if n % 2 == 0 {
+            let ty = if n.is_multiple_of(2) {
                 "order.created"
             } else {
                 "order.updated"

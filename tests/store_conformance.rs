@@ -25,10 +25,10 @@ fn spec(i: u32) -> SubscriptionSpec {
     let t = now_ms() - 60_000;
     SubscriptionSpec {
         id: Uuid::new_v4(),
-        tenant: (i % 3 == 0).then(|| format!("tenant-{i}")),
+        tenant: i.is_multiple_of(3).then(|| format!("tenant-{i}")),
         url: format!("https://hooks.example.com/{i}"),
         event_types: vec![format!("order.{i}"), "payment.*".into()],
-        filter: (i % 4 == 0).then(|| {
+        filter: i.is_multiple_of(4).then(|| {
             let mut f = BTreeMap::new();
             f.insert(
                 "data.region".to_string(),
@@ -38,7 +38,7 @@ fn spec(i: u32) -> SubscriptionSpec {
             f
         }),
         secrets: vec![SECRET.into()],
-        retired_secrets: if i % 5 == 0 {
+        retired_secrets: if i.is_multiple_of(5) {
             vec![RetiredSecret {
                 secret: "whsec_dGhpcyBpcyBhIHNlY29uZCBzZWNyZXQ=".into(),
                 expires_at: rfc3339_ms(t + 86_400_000),
@@ -46,9 +46,9 @@ fn spec(i: u32) -> SubscriptionSpec {
         } else {
             vec![]
         },
-        enabled: i % 7 != 0,
-        rate_limit_per_sec: (i % 2 == 0).then_some(100 + i),
-        burst: (i % 2 == 0).then_some(10),
+        enabled: !i.is_multiple_of(7),
+        rate_limit_per_sec: i.is_multiple_of(2).then_some(100 + i),
+        burst: i.is_multiple_of(2).then_some(10),
         max_in_flight: (i % 3 == 1).then_some(8),
         timeout_ms: (i % 3 == 2).then_some(2_500 + u64::from(i)),
         headers: if i % 2 == 1 {
@@ -68,7 +68,12 @@ fn attempt(sub: Uuid, at_ms: u64, n: u32) -> AttemptRecord {
         event_id: format!("evt-{n}"),
         event_type: "order.created".into(),
         attempt: 1 + n % 3,
-        result: if n % 2 == 0 { "delivered" } else { "failed" }.into(),
+        result: if n.is_multiple_of(2) {
+            "delivered"
+        } else {
+            "failed"
+        }
+        .into(),
         status_code: if n % 4 == 3 {
             None
         } else {

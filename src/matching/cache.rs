@@ -202,20 +202,19 @@ impl Cache {
         full_every: Duration,
         stop: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        let mut failing = false;
+        let mut failures = 0u32;
         loop {
+            // While the store fails, poll less often (doubling, at most MAX_BACKOFF).
+            let wait = backoff(interval, failures);
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             match self.poll(store.as_ref(), full_every).await {
                 Ok(reloaded) => {
-                    if failing {
+                    if failures > 0 {
                         tracing::info!("subscription store reachable again");
-                        failing = false;
+                        failures = 0;
                     }
                     if reloaded {
                         tracing::debug!(
@@ -225,10 +224,10 @@ impl Cache {
                     }
                 }
                 Err(e) => {
-                    if !failing {
+                    if failures == 0 {
                         tracing::warn!(error = %e, "subscription refresh failed; keeping the last good cache");
-                        failing = true;
                     }
+                    failures = failures.saturating_add(1);
                 }
             }
             self.metrics
@@ -236,6 +235,19 @@ impl Cache {
                 .set(self.age_seconds());
         }
     }
+}
+
+/// The longest pause between polls of a failing store.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The pause before the next poll after `failures` failed ones in a row.
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    interval
+        .saturating_mul(1u32 << failures.min(16))
+        .clamp(interval, MAX_BACKOFF.max(interval))
 }
 
 /// A store call that does not answer within this long counts as failed (the cache keeps what it has).
@@ -262,4 +274,21 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_backs_off_while_the_store_fails() {
+        let i = Duration::from_millis(500);
+        assert_eq!(backoff(i, 0), i);
+        assert_eq!(backoff(i, 1), Duration::from_secs(1));
+        assert_eq!(backoff(i, 2), Duration::from_secs(2));
+        assert_eq!(backoff(i, 4), MAX_BACKOFF);
+        assert_eq!(backoff(i, 40), MAX_BACKOFF);
+        // An interval longer than the cap is never shortened.
+        assert_eq!(backoff(Duration::from_secs(30), 3), Duration::from_secs(30));
+    }
 }

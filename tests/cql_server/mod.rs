@@ -282,6 +282,11 @@ impl Table {
     }
 }
 
+/// Serialized column values of one row (None = null).
+type Values = Vec<Option<Vec<u8>>>;
+/// Key column values.
+type Key = Vec<Vec<u8>>;
+
 /// One stored row: column values (None = null) and the epoch second it expires (if any).
 #[derive(Debug, Clone)]
 struct Row {
@@ -356,7 +361,7 @@ impl Stmt {
 struct Db {
     tables: HashMap<String, Table>,
     /// Per table: partition key bytes → clustering key bytes → row.
-    data: HashMap<String, BTreeMap<Vec<Vec<u8>>, Vec<(Vec<Vec<u8>>, Row)>>>,
+    data: HashMap<String, BTreeMap<Key, Vec<(Key, Row)>>>,
     prepared: HashMap<Vec<u8>, Stmt>,
     keyspaces: Vec<String>,
     /// Statements executed, by kind (for tests that want to see the adapter's traffic).
@@ -645,7 +650,7 @@ fn parse_create_table(toks: &[String], ks: &Option<String>) -> Result<Table, Str
     Ok(t)
 }
 
-fn system_tables() -> Vec<(Table, Vec<Vec<Option<Vec<u8>>>>)> {
+fn system_tables() -> Vec<(Table, Vec<Values>)> {
     let text = |s: &str| Some(s.as_bytes().to_vec());
     let set_of = |items: &[&str]| {
         let mut b = (items.len() as i32).to_be_bytes().to_vec();
@@ -1036,12 +1041,15 @@ fn select_specs(db: &Db, table: &str, columns: &[String]) -> Result<Vec<ColSpec>
         .collect()
 }
 
+/// (column index, value) pairs.
+type Assignments = Vec<(usize, Option<Vec<u8>>)>;
+
 /// Binds values to operands and checks each against its column type.
 fn resolve(
     list: &[(String, Operand)],
     values: &mut std::slice::Iter<'_, CValue>,
     t: &Table,
-) -> Result<Vec<(usize, Option<Vec<u8>>)>, String> {
+) -> Result<Assignments, String> {
     let mut out = Vec::new();
     for (c, o) in list {
         let (idx, ty) = t.col(c)?;
