@@ -75,6 +75,17 @@ pub async fn load_cache(
 
 /// `hookline run --check-config`: everything that can be checked without contacting Kafka.
 pub async fn check(config: &Config) -> Result<String, RunError> {
+    if config.store.kind == crate::config::StoreKind::Sqlite && !config.store.path.exists() {
+        // A check must not create the file; `run` will.
+        return Ok(format!(
+            "config ok: topics {:?}, group {:?}, {} retry tiers ({}), store sqlite file {} (does not exist yet; created at start), 0 subscriptions",
+            config.source.topics,
+            config.source.group,
+            config.retry.tiers.len(),
+            config.retry.tiers.join(", "),
+            config.store.path.display(),
+        ));
+    }
     let metrics = Arc::new(Metrics::new());
     let (cache, store) = load_cache(config, metrics).await?;
     Ok(format!(

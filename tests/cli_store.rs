@@ -1,0 +1,153 @@
+//! `hookline subscriptions …`, `hookline migrate` and `--check-config` against an SQLite store, from the
+//! command line (no broker needed: these commands never contact Kafka).
+
+use std::path::Path;
+use std::process::Command;
+
+fn run(args: &[&str], config: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hookline"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn config(dir: &Path, store: &str) -> std::path::PathBuf {
+    let p = dir.join("hookline.toml");
+    std::fs::write(
+        &p,
+        format!("[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:1\"\n[source]\ntopics = [\"orders\"]\n{store}"),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn subscription_commands_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let cfg = config(
+        dir.path(),
+        &format!("[store]\nkind = \"sqlite\"\npath = \"{}\"\n", db.display()),
+    );
+
+    // --check-config does not create the file.
+    let (code, out) = run(&["run", "--check-config"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("does not exist yet"), "{out}");
+    assert!(!db.exists());
+
+    let (code, out) = run(&["migrate"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(db.exists());
+
+    let (code, out) = run(
+        &[
+            "subscriptions",
+            "create",
+            "--url",
+            "https://example.com/h",
+            "--event-type",
+            "order.*",
+            "--tenant",
+            "acme",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, 0, "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_string();
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    assert!(secret.starts_with("whsec_"));
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&secret[6..])
+        .unwrap();
+    assert_eq!(key.len(), 32);
+
+    let (code, out) = run(&["subscriptions", "list"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&id)
+            && out.contains("enabled ")
+            && out.contains("acme")
+            && out.contains("order.*"),
+        "{out}"
+    );
+    assert!(!out.contains(&secret), "list printed a secret");
+
+    let (code, out) = run(&["subscriptions", "disable", &id], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(run(&["subscriptions", "list"], &cfg).1.contains("disabled"));
+    let (code, _) = run(&["subscriptions", "enable", &id], &cfg);
+    assert_eq!(code, 0);
+    let (code, out) = run(
+        &[
+            "subscriptions",
+            "disable",
+            "00000000-0000-4000-8000-000000000099",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no subscription"), "{out}");
+
+    // Import is all or nothing: a bad entry names itself and nothing is written.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "- {url: 'https://a.example/x', event_types: [a.b], secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]}\n- {url: 'ftp://b.example/', event_types: [a.b], secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]}\n",
+    )
+    .unwrap();
+    let (code, out) = run(&["subscriptions", "import", bad.to_str().unwrap()], &cfg);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(": url:") && out.contains("scheme"), "{out}");
+    assert!(
+        run(&["subscriptions", "list"], &cfg)
+            .1
+            .contains("1 subscriptions")
+    );
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        std::fs::read_to_string(&bad)
+            .unwrap()
+            .replace("ftp://", "https://"),
+    )
+    .unwrap();
+    let (code, out) = run(&["subscriptions", "import", good.to_str().unwrap()], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        run(&["subscriptions", "list"], &cfg)
+            .1
+            .contains("3 subscriptions")
+    );
+    let (code, out) = run(&["run", "--check-config"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 enabled subscriptions"), "{out}");
+}
+
+#[test]
+fn migrate_refuses_the_yaml_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "[store]\nkind = \"yaml\"\npath = \"x.yaml\"\n");
+    let (code, out) = run(&["migrate"], &cfg);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("store.kind"), "{out}");
+}
