@@ -105,24 +105,13 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             tenant,
             ..
         } => {
-            let now = rfc3339_ms(now_ms());
-            let spec = SubscriptionSpec {
-                id: uuid::Uuid::new_v4(),
-                tenant,
+            let mut spec = SubscriptionSpec::new(
                 url,
                 event_types,
-                filter: None,
-                secrets: vec![generate_secret().map_err(runtime)?],
-                retired_secrets: Vec::new(),
-                enabled: true,
-                rate_limit_per_sec: None,
-                burst: None,
-                max_in_flight: None,
-                timeout_ms: None,
-                headers: Default::default(),
-                created_at: Some(now.clone()),
-                updated_at: Some(now),
-            };
+                vec![generate_secret().map_err(runtime)?],
+                now_ms(),
+            );
+            spec.tenant = tenant;
             check(&spec, &defaults)?;
             store.put(&spec).await.map_err(runtime)?;
             let _ = write!(out, "id: {}\nsecret: {}", spec.id, spec.secrets[0]);

@@ -107,6 +107,31 @@ fn yes() -> bool {
     true
 }
 
+impl SubscriptionSpec {
+    /// A new enabled subscription with a fresh id, the given secrets and nothing else set; created and
+    /// updated now.
+    pub fn new(url: String, event_types: Vec<String>, secrets: Vec<String>, now_ms: u64) -> Self {
+        let now = rfc3339_ms(now_ms);
+        SubscriptionSpec {
+            id: Uuid::new_v4(),
+            tenant: None,
+            url,
+            event_types,
+            filter: None,
+            secrets,
+            retired_secrets: Vec::new(),
+            enabled: true,
+            rate_limit_per_sec: None,
+            burst: None,
+            max_in_flight: None,
+            timeout_ms: None,
+            headers: BTreeMap::new(),
+            created_at: Some(now.clone()),
+            updated_at: Some(now),
+        }
+    }
+}
+
 /// A secret that keeps signing until `expires_at` (RFC 3339), after a rotation.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -88,16 +88,10 @@ fn verifies(secret: &str, r: &Received) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_changes_reach_every_instance_within_5s() {
-    let broker = Arc::new(Broker::start());
-    let topic = format!("orders-{}", rand_suffix());
-    broker.create_topic(&topic, 2);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hookline.db");
-    let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
-    let mut h1 = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
-    let mut h2 = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
-    h1.wait_ready(Duration::from_secs(30)).await;
-    h2.wait_ready(Duration::from_secs(30)).await;
+    // Two instances in one group, sharing one SQLite file.
+    let env = SqliteEnv::new(2);
+    let (broker, topic) = (env.broker.clone(), env.topic.clone());
+    let (h1, h2) = tokio::join!(env.hookline(TOKEN), env.hookline(TOKEN));
     let (api1, api2) = (Api::new(&h1, TOKEN), Api::new(&h2, TOKEN));
     let rx = Receiver::ok().await;
 
@@ -253,14 +247,9 @@ async fn api_changes_reach_every_instance_within_5s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_delivery_attempt_log_health_and_gone() {
-    let broker = Broker::start();
-    let topic = format!("inv-{}", rand_suffix());
-    broker.create_topic(&topic, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hookline.db");
-    let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
-    let mut h = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
-    h.wait_ready(Duration::from_secs(30)).await;
+    let env = SqliteEnv::new(1);
+    let (broker, topic, cfg) = (&env.broker, &env.topic, &env.cfg);
+    let h = env.hookline(TOKEN).await;
     let api = Api::new(&h, TOKEN);
 
     // Test delivery: the receiver's status, timing and an excerpt of its body.
@@ -331,7 +320,7 @@ async fn test_delivery_attempt_log_health_and_gone() {
     let recs: Vec<Record> = (0..3)
         .map(|i| Record::json(0, plain_event(i, "invoice.paid", None)))
         .collect();
-    broker.produce(&topic, &recs).await;
+    broker.produce(topic, &recs).await;
     r2.wait_acked(&ids(0..3), Duration::from_secs(15)).await;
     // The attempt log is written asynchronously: poll until all 6 rows are there.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -405,7 +394,7 @@ async fn test_delivery_attempt_log_health_and_gone() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     broker
         .produce(
-            &topic,
+            topic,
             &[Record::json(0, plain_event(10, "gone.once", None))],
         )
         .await;
@@ -428,7 +417,7 @@ async fn test_delivery_attempt_log_health_and_gone() {
     );
     broker
         .produce(
-            &topic,
+            topic,
             &[Record::json(0, plain_event(11, "gone.twice", None))],
         )
         .await;
@@ -438,7 +427,7 @@ async fn test_delivery_attempt_log_health_and_gone() {
         1,
         "a disabled subscription received another delivery"
     );
-    let dlq = broker.read_all(&format!("{}.dlq", prefix_of(&cfg)));
+    let dlq = broker.read_all(&format!("{}.dlq", prefix_of(cfg)));
     let gone: Vec<_> = dlq
         .iter()
         .filter(|r| r.headers.get("hookline-dlq-reason").map(String::as_str) == Some("gone"))
@@ -449,15 +438,9 @@ async fn test_delivery_attempt_log_health_and_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_validation_and_documented_routes() {
-    let broker = Broker::start();
-    let topic = format!("v-{}", rand_suffix());
-    broker.create_topic(&topic, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hookline.db");
-    // Loopback is allowed for the test receivers, nothing else.
-    let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
-    let mut h = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
-    h.wait_ready(Duration::from_secs(30)).await;
+    // Loopback is allowed for the test receivers (base_config), nothing else.
+    let env = SqliteEnv::new(1);
+    let h = env.hookline(TOKEN).await;
     let api = Api::new(&h, TOKEN);
     let anon = Api::new(&h, "");
     let wrong = Api::new(&h, "not-the-token-at-all");

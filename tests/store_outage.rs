@@ -178,14 +178,9 @@ async fn scylla_store_outage_keeps_delivering_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_file_moved_away_keeps_delivering_and_recovers() {
-    let broker = Broker::start();
-    let topic = format!("s-{}", rand_suffix());
-    broker.create_topic(&topic, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hookline.db");
-    let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
-    let mut h = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
-    h.wait_ready(Duration::from_secs(30)).await;
+    let env = SqliteEnv::new(1);
+    let (broker, topic, db) = (&env.broker, &env.topic, &env.db);
+    let h = env.hookline(TOKEN).await;
     let api = Api::new(&h, TOKEN);
     let rx = Receiver::ok().await;
     let (st, _) = api
@@ -198,17 +193,17 @@ async fn sqlite_file_moved_away_keeps_delivering_and_recovers() {
     let recs: Vec<Record> = (0..5)
         .map(|i| Record::json(0, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce(&topic, &recs).await;
+    broker.produce(topic, &recs).await;
     rx.wait_acked(&ids(0..5), Duration::from_secs(10)).await;
 
-    let away = dir.path().join("elsewhere.db");
-    std::fs::rename(&db, &away).unwrap();
+    let away = env.dir.path().join("elsewhere.db");
+    std::fs::rename(db, &away).unwrap();
     let seen = wait_readyz(&h, 503, Duration::from_secs(5)).await;
     println!("sqlite file moved away: /readyz 503 after {seen:?}");
     let recs: Vec<Record> = (5..10)
         .map(|i| Record::json(0, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce(&topic, &recs).await;
+    broker.produce(topic, &recs).await;
     rx.wait_acked(&ids(5..10), Duration::from_secs(10)).await;
     let (st, e) = api
         .post(
@@ -226,7 +221,7 @@ async fn sqlite_file_moved_away_keeps_delivering_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    std::fs::rename(&away, &db).unwrap();
+    std::fs::rename(&away, db).unwrap();
     // The poll backs off to at most 5 s while the store fails.
     let back = wait_readyz(&h, 200, Duration::from_secs(10)).await;
     println!("sqlite file back: /readyz 200 after {back:?}");

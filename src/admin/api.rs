@@ -462,24 +462,7 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
             return Err(ApiError::bad(required, "is required"));
         }
     }
-    let now = rfc3339_ms(now_ms());
-    let mut spec = SubscriptionSpec {
-        id: Uuid::new_v4(),
-        tenant: None,
-        url: String::new(),
-        event_types: Vec::new(),
-        filter: None,
-        secrets: Vec::new(),
-        retired_secrets: Vec::new(),
-        enabled: true,
-        rate_limit_per_sec: None,
-        burst: None,
-        max_in_flight: None,
-        timeout_ms: None,
-        headers: BTreeMap::new(),
-        created_at: Some(now.clone()),
-        updated_at: Some(now),
-    };
+    let mut spec = SubscriptionSpec::new(String::new(), Vec::new(), Vec::new(), now_ms());
     let given_secrets = fields.contains_key("secrets");
     apply(&mut spec, fields, true)?;
     if !given_secrets {

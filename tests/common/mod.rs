@@ -970,3 +970,43 @@ pub fn sqlite_store(db: &Path) -> String {
         db.display()
     )
 }
+
+/// A broker with one topic, a temp dir and an SQLite file: the usual setup of the store and API tests.
+pub struct SqliteEnv {
+    pub broker: Arc<Broker>,
+    pub topic: String,
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub cfg: String,
+}
+
+impl SqliteEnv {
+    pub fn new(partitions: i32) -> SqliteEnv {
+        let broker = Arc::new(Broker::start());
+        let topic = format!("t-{}", rand_suffix());
+        broker.create_topic(&topic, partitions);
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("hookline.db");
+        let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
+        SqliteEnv {
+            broker,
+            topic,
+            dir,
+            db,
+            cfg,
+        }
+    }
+
+    /// A hookline on this store with the admin API behind `token`, ready.
+    pub async fn hookline(&self, token: &str) -> Hookline {
+        let mut h = Hookline::start_with_store(
+            self.dir.path(),
+            &self.cfg,
+            &sqlite_store(&self.db),
+            Some(token),
+            &[],
+        );
+        h.wait_ready(Duration::from_secs(30)).await;
+        h
+    }
+}
