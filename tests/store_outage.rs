@@ -123,6 +123,13 @@ async fn scylla_store_outage_keeps_delivering_and_recovers() {
     rx.wait_acked(&ids(5..10), Duration::from_secs(10)).await;
     let (st, e) = api.get("/v1/subscriptions").await;
     assert_eq!(st, 503, "{e}");
+    // Health still answers, from the cache.
+    let (st, health) = api
+        .get(&format!("/v1/subscriptions/{}/health", sub_id(1)))
+        .await;
+    assert_eq!(st, 200, "{health}");
+    assert_eq!(health["breaker"], "closed");
+    assert_eq!(health["recent_attempts"], serde_json::Value::Null);
     // The attempt rows of the deliveries made during the outage could not be written.
     let t = Instant::now();
     while h.metric("hookline_attempt_log_dropped_total").await < 1.0 {
