@@ -21,6 +21,12 @@ pub enum Command {
     /// List, create, import, enable or disable subscriptions directly in the store.
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
+    /// Re-publish dead-letter records (or the records of any topic hookline wrote), filtered, rate-limited,
+    /// bounded by the end offsets at start, resumable.
+    Replay(ReplayArgs),
+    /// Look at the dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Print the `webhook-signature` value for a body read from stdin.
     Sign(SignArgs),
     /// Check a `webhook-signature` value against a body read from stdin (exit 0 valid, 1 invalid).
@@ -75,6 +81,68 @@ pub enum SubscriptionsCommand {
     /// Resume deliveries to a subscription.
     Enable {
         id: uuid::Uuid,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Topic to read (default: the dead-letter topic, `<retry.topic_prefix>.dlq`).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only records of this subscription.
+    #[arg(long)]
+    pub subscription: Option<uuid::Uuid>,
+    /// Only events whose type matches this pattern (`order.created`, `order.*`, `*`).
+    #[arg(long = "event-type")]
+    pub event_type: Option<String>,
+    /// Only records dead-lettered for this reason (exhausted, rejected, gone, invalid_event).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only records dead-lettered at or after this time (RFC 3339, or a duration meaning "ago": 2h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records dead-lettered before this time (RFC 3339, or a duration meaning "ago").
+    #[arg(long)]
+    pub until: Option<String>,
+    /// `retry.<tier>` (the record's one subscription, through the retry path; default the first tier) or
+    /// `source` (re-publish to the origin topic for full re-matching).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// At most this many records per second.
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Stop after this many matching records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Count and show a sample; produce and commit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Consumer group that records progress (default: derived from --from, --to and the filters, so the
+    /// same command resumes where an interrupted one stopped).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Records shown as a sample.
+    #[arg(long, default_value_t = 5)]
+    pub sample: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Counts by reason, subscription and event type; oldest and newest record.
+    Stats {
+        /// Topic to read (default: the dead-letter topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         config: ConfigArgs,
     },

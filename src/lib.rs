@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod registry;
+pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod source;

@@ -7,12 +7,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hookline::cli::{Cli, Command, RunArgs, SignArgs, SubscriptionsCommand, VerifyArgs};
+use hookline::cli::{
+    Cli, Command, DlqCommand, ReplayArgs, RunArgs, SignArgs, SubscriptionsCommand, VerifyArgs,
+};
+use hookline::config::ConfigError;
 use hookline::config::{Config, LogFormat};
 use hookline::deliver::sign;
 use hookline::manage;
+use hookline::model::Pattern;
 use hookline::model::SigningKey;
 use hookline::pipeline::{self, RunError};
+use hookline::replay;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,6 +25,22 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Migrate(args) => with_store(args.config.as_deref(), |c| async move {
             manage::migrate(&c).await
+        }),
+        Command::Replay(a) => {
+            let path = a.config.config.clone();
+            with_store(path.as_deref(), |c| async move { replay_cmd(&c, a).await })
+        }
+        Command::Dlq(DlqCommand::Stats {
+            topic,
+            json,
+            config,
+        }) => with_store(config.config.as_deref(), |c| async move {
+            let s = replay::stats(&c, topic).await?;
+            Ok(if json {
+                serde_json::to_string_pretty(&s).unwrap_or_default()
+            } else {
+                s.to_string().trim_end().to_string()
+            })
         }),
         Command::Subscriptions(cmd) => {
             let path = match &cmd {
@@ -71,6 +92,53 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e @ RunError::Config(_)) => fail(2, e),
         Err(e) => fail(1, e),
     }
+}
+
+async fn replay_cmd(c: &Config, a: ReplayArgs) -> Result<String, RunError> {
+    let now = hookline::matching::cache::now_ms();
+    let time = |flag: &str, v: &Option<String>| -> Result<Option<u64>, RunError> {
+        v.as_deref()
+            .map(|t| replay::parse_time(t, now))
+            .transpose()
+            .map_err(|m| RunError::Config(ConfigError::new(flag, m)))
+    };
+    let event_type = a
+        .event_type
+        .as_deref()
+        .map(Pattern::parse)
+        .transpose()
+        .map_err(|m| RunError::Config(ConfigError::new("--event-type", m)))?;
+    let filters = replay::Filters {
+        subscription: a.subscription,
+        event_type,
+        reason: a.reason.clone(),
+        since_ms: time("--since", &a.since)?,
+        until_ms: time("--until", &a.until)?,
+    };
+    let filter_text = format!(
+        "{:?} {:?} {:?} {:?} {:?}",
+        a.subscription, a.event_type, a.reason, a.since, a.until
+    );
+    let s = replay::replay(
+        c,
+        replay::ReplayRequest {
+            from: a.from,
+            to: a.to,
+            filters,
+            filter_text,
+            rate: a.rate,
+            limit: a.limit,
+            dry_run: a.dry_run,
+            group: a.group,
+            sample: a.sample,
+        },
+    )
+    .await?;
+    Ok(if a.json {
+        serde_json::to_string(&s).unwrap_or_default()
+    } else {
+        s.to_string().trim_end().to_string()
+    })
 }
 
 /// Runs a store command on a small runtime: prints its output, maps errors to exit codes.

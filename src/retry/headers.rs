@@ -16,6 +16,8 @@ pub const DLQ_REASON: &str = "hookline-dlq-reason";
 /// Times a delivery was handed to the first tier because its endpoint's queue was full (no attempt
 /// spent). Absent when zero.
 pub const DEFERRALS: &str = "hookline-deferrals";
+/// The run of `hookline replay` that re-published a record.
+pub const REPLAY_ID: &str = "hookline-replay-id";
 
 /// Headers hookline sets itself; any earlier value is replaced (origin ones are carried over explicitly).
 pub fn is_hookline_header(name: &str) -> bool {

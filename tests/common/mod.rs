@@ -778,6 +778,11 @@ impl Hookline {
         metric_value(&self.metrics().await, series)
     }
 
+    /// The configuration file this hookline runs with (the CLI commands take the same one).
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
