@@ -1,6 +1,6 @@
 """Demo receiver: verifies each delivery with the reference `standardwebhooks` library and prints it.
 
-usage: demo-receiver.py PORT SECRET
+usage: demo-receiver.py PORT SECRET [HOST]   (HOST defaults to 127.0.0.1; the compose file uses 0.0.0.0)
 """
 import json
 import sys
@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 port, secret = int(sys.argv[1]), sys.argv[2]
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
 wh = Webhook(secret)
 
 
@@ -34,4 +35,4 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+ThreadingHTTPServer((host, port), Handler).serve_forever()
