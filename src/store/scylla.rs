@@ -107,7 +107,8 @@ async fn session(cfg: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session, 
         .known_nodes(&cfg.nodes)
         .connection_timeout(cfg.connect_timeout)
         // hookline reads its own tables only; the cluster-wide schema is not needed.
-        .fetch_schema_metadata(false);
+        .fetch_schema_metadata(false)
+        .fetch_full_schema_metadata(false);
     if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
         b = b.user(u, p);
     }
