@@ -49,7 +49,7 @@ fn typed(failing: Arc<AtomicBool>) -> impl Fn(&Received) -> Reply + Send + Sync 
             return Reply::Status(200);
         }
         match body_type(r).as_str() {
-            "x.rejected" | "y.rejected" => Reply::Status(400),
+            "x.rejected" | "y.rejected" | "z.rejected" => Reply::Status(400),
             "x.gone" => Reply::Status(410),
             "x.exhausted" => Reply::Status(503),
             _ => Reply::Status(200),
@@ -388,10 +388,13 @@ async fn dlq_stats_and_filtered_resumable_rate_limited_replay() {
     drop(h);
 }
 
-/// Replaying to a tier goes through the normal delivery path: the subscription's rate limit applies.
+/// Replaying to a tier goes through the normal delivery path: the subscription's rate limit and its
+/// circuit breaker apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_to_a_tier_obeys_the_rate_limit() {
-    let env = SqliteEnv::new(1);
+async fn replay_to_a_tier_obeys_rate_limit_and_breaker() {
+    let mut env = SqliteEnv::new(1);
+    env.cfg
+        .push_str("[delivery.breaker]\nconsecutive_failures = 3\ncool_down = \"60s\"\n");
     let (broker, topic) = (&env.broker, &env.topic);
     let h = env.hookline(TOKEN).await;
     let api = Api::new(&h, TOKEN);
@@ -442,6 +445,59 @@ async fn replay_to_a_tier_obeys_the_rate_limit() {
         "rate limit not applied to replayed records: {peak} in 1 s"
     );
     assert!(spread >= Duration::from_millis(3000), "{spread:?}");
+
+    // Breaker: a subscription whose endpoint now fails (503) gets 3 requests, then its breaker opens
+    // and the other replayed records are not sent (circuit_open); one request at a time.
+    let rb = Receiver::start(typed(Arc::new(AtomicBool::new(true)))).await;
+    let (st, sb) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": rb.url(), "event_types": ["z.*"], "max_in_flight": 1}),
+        )
+        .await;
+    assert_eq!(st, 201, "{sb}");
+    let b = sb["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let zs: Vec<Record> = (60..70)
+        .map(|i| Record::json(0, plain_event(i, "z.rejected", None)))
+        .collect();
+    broker.produce(topic, &zs).await;
+    let t = Instant::now();
+    while end_offsets(broker, &dlq) < 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "z dead letters missing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    rb.set_behaviour(|_| Reply::Status(503));
+    let open_series = "hookline_delivery_attempts_total{result=\"circuit_open\"}";
+    let open_before = h.metric(open_series).await;
+    let before = rb.count();
+    let (code, out, err) = cli(
+        &h.config_path(),
+        &["replay", "--subscription", &b, "--to", "retry.1s", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["replayed"], 10);
+    let t = Instant::now();
+    loop {
+        let open = h.metric(open_series).await - open_before;
+        if open >= 7.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "breaker did not stop replayed deliveries: {open}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rb.count() - before,
+        3,
+        "requests reached an endpoint whose breaker was open"
+    );
+    println!("replayed 10 to a failing endpoint: 3 requests, then circuit_open");
     drop(h);
 }
 
