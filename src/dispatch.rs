@@ -144,10 +144,10 @@ impl Dispatcher {
         tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
         match outcome {
             // A deferral goes to the first tier whatever the attempt count.
-            Outcome::Retry { .. } if deferred => self.to_tier(&failure, 0).await,
+            Outcome::Retry { .. } if deferred => self.to_tier(&failure, 0, true).await,
             Outcome::Retry { retry_after } => {
                 match next_tier(failure.attempts, retry_after, &self.tier_delays) {
-                    Next::Tier(t) => self.to_tier(&failure, t).await,
+                    Next::Tier(t) => self.to_tier(&failure, t, false).await,
                     Next::DeadLetter => {
                         self.publisher
                             .publish_dead(&failure, DlqReason::Exhausted)
@@ -200,10 +200,12 @@ impl Dispatcher {
         });
     }
 
-    async fn to_tier(&self, failure: &Failure<'_>, tier: usize) {
+    async fn to_tier(&self, failure: &Failure<'_>, tier: usize, local: bool) {
         let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
         let due = now_ms() + delay.as_millis() as u64;
-        self.publisher.publish_retry(failure, tier, due).await;
+        self.publisher
+            .publish_retry(failure, tier, due, local)
+            .await;
     }
 }
 

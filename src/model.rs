@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::deliver::breaker::BreakerConfig;
 use crate::deliver::endpoint::{Endpoint, EndpointLimits};
+use crate::deliver::share::GroupShare;
 use crate::matching::filter::Filter;
 
 /// How a record was encoded on the source topic (DESIGN §2).
@@ -299,8 +300,9 @@ pub struct Subscription {
     pub spec: SubscriptionSpec,
 }
 
-/// Values used where a subscription leaves a field unset (from `[delivery]`).
-#[derive(Debug, Clone, Copy)]
+/// Values used where a subscription leaves a field unset (from `[delivery]`), and the instance's share of
+/// the group's limits.
+#[derive(Debug, Clone)]
 pub struct Defaults {
     pub timeout_ms: u64,
     pub max_in_flight: u32,
@@ -309,6 +311,8 @@ pub struct Defaults {
     /// `delivery.queue_wait`.
     pub queue_wait: Duration,
     pub breaker: BreakerConfig,
+    /// This instance's share of each subscription's limits (DESIGN §6), updated on rebalance.
+    pub share: Arc<GroupShare>,
 }
 
 impl Default for Defaults {
@@ -319,6 +323,7 @@ impl Default for Defaults {
             endpoint_queue: 10_000,
             queue_wait: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
+            share: Arc::default(),
         }
     }
 }
@@ -453,6 +458,7 @@ impl Subscription {
                     queue_wait: defaults.queue_wait,
                 },
                 defaults.breaker,
+                defaults.share.clone(),
             )),
             spec,
         })

@@ -45,6 +45,7 @@ pub fn defaults(config: &Config) -> Defaults {
             cool_down: b.cool_down,
             half_open_probes: b.half_open_probes,
         },
+        share: Default::default(),
     }
 }
 

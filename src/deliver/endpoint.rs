@@ -20,8 +20,8 @@
 //! Everything here is lock-free except the breaker, a short mutex held for a few comparisons.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -29,6 +29,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
+use super::share::{GroupShare, scaled, scaled_rate};
+use arc_swap::ArcSwapOption;
 
 /// The limits of one endpoint, as configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,10 +60,20 @@ impl EndpointLimits {
 }
 
 pub struct Endpoint {
+    /// As configured, for the whole consumer group.
     limits: EndpointLimits,
-    capacity: usize,
+    /// This instance's share of the group's work; the limits below are scaled by it.
+    share: Arc<GroupShare>,
+    /// The share the current limits were computed for.
+    applied: AtomicU32,
+    reshaping: Mutex<()>,
+    capacity: AtomicUsize,
     concurrency: Semaphore,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// Permits currently in circulation (the scaled `max_in_flight`).
+    permits: AtomicU32,
+    /// Permits to take out of circulation when slots are released (the share shrank while they were out).
+    permit_debt: AtomicUsize,
+    limiter: ArcSwapOption<DefaultDirectRateLimiter>,
     /// Deliveries inside `admit` or holding a slot.
     pending: AtomicUsize,
     /// Congested until this many ns after `epoch` (0 = not congested).
@@ -92,7 +104,7 @@ pub enum NotNow {
 /// Permission to send one request; report its result with [`Slot::finish`].
 pub struct Slot<'a> {
     endpoint: &'a Endpoint,
-    _permit: SemaphorePermit<'a>,
+    permit: Option<SemaphorePermit<'a>>,
     probe: bool,
 }
 
@@ -113,7 +125,45 @@ impl Slot<'_> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.endpoint.pending.fetch_sub(1, Ordering::AcqRel);
+        // After the share shrank, released permits leave circulation until the debt is paid.
+        if let Some(p) = self.permit.take()
+            && self
+                .endpoint
+                .permit_debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+                .is_ok()
+        {
+            p.forget();
+        }
     }
+}
+
+/// The limits of one endpoint on this instance for a share: permits, rate limiter, capacity.
+fn shape(l: &EndpointLimits, ppm: u32) -> (u32, Option<DefaultDirectRateLimiter>, usize) {
+    let max = scaled(l.max_in_flight, ppm);
+    let rate = l.rate_per_sec.filter(|r| *r > 0);
+    let limiter = rate.map(|r| {
+        let rate = scaled_rate(r, ppm);
+        let burst = scaled(l.burst.unwrap_or(r).max(1), ppm);
+        // Tokens come 2 % slower than the rate: a receiver counting arrivals in any 1 s window then sees
+        // at most burst + rate - 2 sent in it, which leaves room for requests that were delayed on the way
+        // and arrive bunched, so it never counts more than burst + rate. (At exactly the configured rate
+        // the sender-side maximum is burst + rate - 1, and one late request would reach the limit.)
+        let period = Duration::from_secs_f64(1.02 / rate);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(burst))
+            .allow_burst(burst);
+        RateLimiter::direct(quota)
+    });
+    let capacity = EndpointLimits {
+        max_in_flight: max,
+        rate_per_sec: rate.map(|r| scaled_rate(r, ppm).ceil() as u32),
+        burst: rate.map(|r| scaled(l.burst.unwrap_or(r).max(1), ppm)),
+        ..*l
+    }
+    .capacity();
+    (max, limiter, capacity)
 }
 
 /// Decrements `pending` when an admission is abandoned (deferred, refused, or the task dropped).
@@ -128,30 +178,70 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl Endpoint {
-    pub fn new(limits: EndpointLimits, breaker: BreakerConfig) -> Endpoint {
-        let limiter = limits.rate_per_sec.and_then(NonZeroU32::new).map(|r| {
-            let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(r);
-            // Tokens come 2 % slower than the configured rate: a receiver counting arrivals in any
-            // 1 s window then sees at most burst + rate - 2 sent in it, which leaves room for requests
-            // that were delayed on the way and arrive bunched, so it never counts more than
-            // burst + rate. (At exactly the configured rate the sender-side maximum is burst + rate - 1,
-            // and one late request would reach the limit.)
-            let period = Duration::from_secs_f64(1.02 / f64::from(r.get()));
-            let quota = Quota::with_period(period)
-                .unwrap_or_else(|| Quota::per_second(r))
-                .allow_burst(burst);
-            RateLimiter::direct(quota)
-        });
+    pub fn new(limits: EndpointLimits, breaker: BreakerConfig, share: Arc<GroupShare>) -> Endpoint {
+        let ppm = share.ppm();
+        let (max, limiter, capacity) = shape(&limits, ppm);
         Endpoint {
-            capacity: limits.capacity(),
-            concurrency: Semaphore::new(limits.max_in_flight as usize),
-            limiter,
+            share,
+            applied: AtomicU32::new(ppm),
+            reshaping: Mutex::new(()),
+            capacity: AtomicUsize::new(capacity),
+            concurrency: Semaphore::new(max as usize),
+            permits: AtomicU32::new(max),
+            permit_debt: AtomicUsize::new(0),
+            limiter: ArcSwapOption::new(limiter.map(Arc::new)),
             pending: AtomicUsize::new(0),
             congested_until: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             breaker: Mutex::new(Breaker::new(breaker, Instant::now())),
             limits,
         }
+    }
+
+    /// Applies a new group share: rescales the permits, the rate limiter (its bucket starts afresh)
+    /// and the queue bound. Permits that are out when the share shrinks are withdrawn as they return.
+    fn reshape(&self, ppm: u32) {
+        let _one = self.reshaping.lock().unwrap_or_else(|p| p.into_inner());
+        if self.applied.load(Ordering::Acquire) == ppm {
+            return;
+        }
+        let (max, limiter, capacity) = shape(&self.limits, ppm);
+        let old = self.permits.swap(max, Ordering::AcqRel);
+        if max > old {
+            let mut grow = (max - old) as usize;
+            // Cancel outstanding debt before adding permits.
+            while grow > 0 {
+                let d = self.permit_debt.load(Ordering::Acquire);
+                if d == 0 {
+                    break;
+                }
+                let pay = d.min(grow);
+                if self
+                    .permit_debt
+                    .compare_exchange(d, d - pay, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    grow -= pay;
+                }
+            }
+            self.concurrency.add_permits(grow);
+        } else if max < old {
+            let shrink = (old - max) as usize;
+            let taken = self.concurrency.forget_permits(shrink);
+            self.permit_debt.fetch_add(shrink - taken, Ordering::AcqRel);
+        }
+        self.limiter.store(limiter.map(Arc::new));
+        self.capacity.store(capacity, Ordering::Release);
+        self.applied.store(ppm, Ordering::Release);
+    }
+
+    /// The limits this instance enforces now: (max in flight, rate per second).
+    pub fn effective(&self) -> (u32, Option<f64>) {
+        let ppm = self.applied.load(Ordering::Acquire);
+        (
+            self.permits.load(Ordering::Acquire),
+            self.limits.rate_per_sec.map(|r| scaled_rate(r, ppm)),
+        )
     }
 
     /// Takes over the breaker state of the endpoint's previous configuration (subscription edited).
@@ -191,7 +281,11 @@ impl Endpoint {
     /// Waits until one request may be sent (see the module docs for the order of the checks).
     pub async fn admit(&self) -> Result<Slot<'_>, NotNow> {
         let start = tokio::time::Instant::now();
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+        let ppm = self.share.ppm();
+        if ppm != self.applied.load(Ordering::Acquire) {
+            self.reshape(ppm);
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity.load(Ordering::Acquire) {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(NotNow::QueueFull);
         }
@@ -219,7 +313,7 @@ impl Endpoint {
             Admission::Probe => true,
             Admission::Refused => return Err(NotNow::CircuitOpen),
         };
-        if let Some(l) = &self.limiter {
+        if let Some(l) = self.limiter.load_full() {
             while let Err(not_until) = l.check() {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 tokio::time::sleep(wait).await;
@@ -228,7 +322,7 @@ impl Endpoint {
         guard.1 = false;
         Ok(Slot {
             endpoint: self,
-            _permit: permit,
+            permit: Some(permit),
             probe,
         })
     }
@@ -274,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn queue_overflow_is_refused_at_once_and_slots_free_it() {
-        let e = Endpoint::new(limits(1, 1), breaker_cfg());
+        let e = Endpoint::new(limits(1, 1), breaker_cfg(), Arc::default());
         let first = e.admit().await.expect("a free slot");
         // The second waits for the permit (one queued); the third finds the queue full.
         let second = e.admit();
@@ -294,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_wait_releases_its_place() {
-        let e = Endpoint::new(limits(1, 1), breaker_cfg());
+        let e = Endpoint::new(limits(1, 1), breaker_cfg(), Arc::default());
         let held = e.admit().await.unwrap();
         {
             let waiting = e.admit();
@@ -315,7 +409,7 @@ mod tests {
     async fn a_long_wait_defers_and_marks_the_endpoint_congested() {
         let mut l = limits(1, 100);
         l.queue_wait = Duration::from_millis(500);
-        let e = Endpoint::new(l, breaker_cfg());
+        let e = Endpoint::new(l, breaker_cfg(), Arc::default());
         let held = e.admit().await.unwrap();
         let t0 = tokio::time::Instant::now();
         assert_eq!(e.admit().await.err(), Some(NotNow::QueueFull));
@@ -337,14 +431,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_open_breaker_refuses_without_sending_and_edits_keep_it() {
-        let e = Endpoint::new(limits(4, 4), breaker_cfg());
+        let e = Endpoint::new(limits(4, 4), breaker_cfg(), Arc::default());
         for _ in 0..2 {
             e.admit().await.unwrap().finish(false);
         }
         assert_eq!(e.state(), BreakerState::Open);
         assert_eq!(e.admit().await.err(), Some(NotNow::CircuitOpen));
         assert_eq!(e.pending(), 0);
-        let edited = Endpoint::new(limits(8, 4), breaker_cfg());
+        let edited = Endpoint::new(limits(8, 4), breaker_cfg(), Arc::default());
         edited.inherit(&e);
         assert_eq!(edited.state(), BreakerState::Open);
         assert_eq!(edited.admit().await.err(), Some(NotNow::CircuitOpen));
@@ -355,7 +449,7 @@ mod tests {
         let mut l = limits(100, 100);
         l.rate_per_sec = Some(10);
         l.burst = Some(2);
-        let e = Endpoint::new(l, breaker_cfg());
+        let e = Endpoint::new(l, breaker_cfg(), Arc::default());
         // The burst goes at once; the third request needs a new token (100 ms at 10/s).
         let t0 = std::time::Instant::now();
         for _ in 0..3 {
@@ -366,5 +460,55 @@ mod tests {
             "the third token was waited for: {:?}",
             t0.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn limits_follow_the_group_share() {
+        let share = Arc::new(GroupShare::default());
+        let l = EndpointLimits {
+            max_in_flight: 8,
+            rate_per_sec: Some(100),
+            burst: Some(100),
+            queue: 1000,
+            queue_wait: Duration::from_secs(60),
+        };
+        let e = Endpoint::new(l, breaker_cfg(), share.clone());
+        assert_eq!(e.effective(), (8, Some(100.0)));
+        assert_eq!(e.capacity.load(Ordering::Relaxed), 8 + 200);
+
+        // Half the partitions: half the permits, rate, burst and queue — applied at the next admission.
+        share.set(1, 2);
+        let mut slots = Vec::new();
+        for _ in 0..4 {
+            slots.push(e.admit().await.unwrap());
+        }
+        assert_eq!(e.effective(), (4, Some(50.0)));
+        assert_eq!(e.capacity.load(Ordering::Relaxed), 4 + 100);
+        assert!(
+            e.admit().now_or_never().is_none(),
+            "a fifth slot at share 1/2"
+        );
+        let limiter = e.limiter.load_full().unwrap();
+        let burst = (0..200).take_while(|_| limiter.check().is_ok()).count();
+        assert_eq!(
+            burst,
+            50 - 4,
+            "burst halved (the 4 admissions took a token each)"
+        );
+
+        // A quarter while all 4 slots are out: 2 permits must leave circulation as slots come back.
+        share.set(1, 4);
+        e.reshape(share.ppm());
+        assert_eq!(e.effective().0, 2);
+        assert_eq!(e.permit_debt.load(Ordering::Relaxed), 2);
+        drop(slots);
+        assert_eq!(e.permit_debt.load(Ordering::Relaxed), 0);
+        assert_eq!(e.concurrency.available_permits(), 2);
+
+        // Back to everything: 8 permits again.
+        share.set(4, 4);
+        e.reshape(share.ppm());
+        assert_eq!(e.concurrency.available_permits(), 8);
+        assert_eq!(e.effective(), (8, Some(100.0)));
     }
 }

@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod endpoint;
 pub mod outcome;
 pub mod policy;
+pub mod share;
 pub mod sign;
 
 use std::net::IpAddr;

@@ -55,6 +55,10 @@ pub struct Failure<'a> {
 pub struct Publisher {
     producer: FutureProducer,
     pub topics: Topics,
+    /// Partitions of each tier topic (0 = unknown: the producer's key hashing decides).
+    tier_partitions: Vec<std::sync::atomic::AtomicI32>,
+    /// Tier partitions this instance's retry consumer owns (updated on its rebalances).
+    pub local_tiers: Arc<LocalTiers>,
     metrics: Arc<Metrics>,
     tier_counters: Vec<prometheus_client::metrics::counter::Counter>,
 }
@@ -81,14 +85,42 @@ impl Publisher {
             .collect();
         Ok(Publisher {
             producer,
+            local_tiers: Arc::new(LocalTiers::default()),
+            tier_partitions: topics
+                .tiers
+                .iter()
+                .map(|_| std::sync::atomic::AtomicI32::new(0))
+                .collect(),
             topics,
             metrics,
             tier_counters,
         })
     }
 
-    /// Creates the retry and dead-letter topics that do not exist yet.
+    /// Creates the retry and dead-letter topics that do not exist yet, then learns the tier topics'
+    /// partition counts.
     pub async fn ensure_topics(&self, config: &Config) -> Result<(), String> {
+        self.create_missing(config).await?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .kafka_client(&[("client.id", "hookline-admin")], &[])
+            .create()
+            .map_err(|e| format!("admin client: {e}"))?;
+        for (topic, count) in self.topics.tiers.iter().zip(&self.tier_partitions) {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
+            let n = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len());
+            count.store(n as i32, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn create_missing(&self, config: &Config) -> Result<(), String> {
         let admin: AdminClient<DefaultClientContext> = config
             .kafka_client(&[("client.id", "hookline-admin")], &[])
             .create()
@@ -144,12 +176,30 @@ impl Publisher {
         Ok(())
     }
 
-    /// Hands a failed delivery to retry tier `tier`, due at `due_ms`.
-    pub async fn publish_retry(&self, f: &Failure<'_>, tier: usize, due_ms: u64) {
+    /// Hands a failed delivery to retry tier `tier`, due at `due_ms`. `local`: prefer a tier partition
+    /// this instance consumes (deferrals: the work stays where its share of the limits was granted).
+    pub async fn publish_retry(&self, f: &Failure<'_>, tier: usize, due_ms: u64, local: bool) {
         let headers = delivery_headers(f, Some(due_ms), None);
+        // The key is the subscription (DESIGN §5), but the partition is chosen here, not by hashing the
+        // key: otherwise one subscription's retries — a rate-limited endpoint's deferred backlog above
+        // all — would all land on one partition and be delivered by one instance at its share of the
+        // limit. A deferral goes to a partition this instance consumes, a failure's retry to a partition
+        // chosen by the event's id (stable for an event).
+        let id = f.event.webhook_id.as_bytes();
+        // A deferral stays on this instance: a partition of the wanted tier it consumes, else of the
+        // next tier it consumes one of (the record is still due at the wanted tier's time; the attempt
+        // count, not the topic, decides later tiers).
+        let (tier, partition) = match local.then(|| self.local_tiers.pick(tier, id)).flatten() {
+            Some((t, p)) => (t, Some(p)),
+            None => {
+                let n = self.tier_partitions[tier].load(std::sync::atomic::Ordering::Relaxed);
+                (tier, (n > 0).then(|| spread(id, n)))
+            }
+        };
         self.send(
             &self.topics.tiers[tier],
             Some(f.subscription_id.as_bytes()),
+            partition,
             &f.event.body,
             headers,
         )
@@ -165,6 +215,7 @@ impl Publisher {
         self.send(
             &self.topics.dlq,
             Some(f.subscription_id.as_bytes()),
+            None,
             &f.event.body,
             headers,
         )
@@ -214,13 +265,20 @@ impl Publisher {
                 key: h::DLQ_REASON,
                 value: Some(b"invalid_event"),
             });
-        self.send(&self.topics.dlq, key, value, hs).await;
+        self.send(&self.topics.dlq, key, None, value, hs).await;
         self.metrics
             .dlq_counter(DlqReason::InvalidEvent.as_str())
             .inc();
     }
 
-    async fn send(&self, topic: &str, key: Option<&[u8]>, value: &[u8], headers: OwnedHeaders) {
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        partition: Option<i32>,
+        value: &[u8],
+        headers: OwnedHeaders,
+    ) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
@@ -228,6 +286,9 @@ impl Publisher {
                 .headers(headers.clone());
             if let Some(k) = key {
                 rec = rec.key(k);
+            }
+            if let Some(p) = partition {
+                rec = rec.partition(p);
             }
             match self.producer.send(rec, Duration::from_secs(5)).await {
                 Ok(_) => return,
@@ -246,6 +307,39 @@ impl Publisher {
             tracing::warn!(error = %e, "retry producer flush incomplete");
         }
     }
+}
+
+/// The tier partitions the local retry consumer owns, per tier index.
+#[derive(Debug, Default)]
+pub struct LocalTiers {
+    parts: std::sync::RwLock<Vec<Vec<i32>>>,
+}
+
+impl LocalTiers {
+    /// Replaces the assignment (partitions per tier index).
+    pub fn set(&self, parts: Vec<Vec<i32>>) {
+        *self.parts.write().unwrap_or_else(|p| p.into_inner()) = parts;
+    }
+
+    /// A local partition for this event: of `tier` if this instance consumes one, else of the first
+    /// later tier it does. Returns (tier, partition).
+    fn pick(&self, tier: usize, webhook_id: &[u8]) -> Option<(usize, i32)> {
+        let parts = self.parts.read().unwrap_or_else(|p| p.into_inner());
+        let (t, local) = parts
+            .iter()
+            .enumerate()
+            .skip(tier)
+            .find(|(_, v)| !v.is_empty())?;
+        Some((t, local[spread(webhook_id, local.len() as i32) as usize]))
+    }
+}
+
+/// The tier partition of an event: a stable hash of its `webhook-id` over `n` partitions.
+fn spread(webhook_id: &[u8], n: i32) -> i32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    webhook_id.hash(&mut h);
+    (h.finish() % n.max(1) as u64) as i32
 }
 
 /// Where the record came from: source topic, partition, offset and (when it had one) its timestamp.
@@ -338,4 +432,34 @@ fn delivery_headers(
         });
     }
     hs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn retries_spread_over_tier_partitions_stably() {
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            let id = format!("evt-{i}");
+            let p = spread(id.as_bytes(), 4);
+            assert_eq!(p, spread(id.as_bytes(), 4), "stable per event");
+            counts[p as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(spread(b"x", 1), 0);
+    }
+
+    #[test]
+    fn deferrals_pick_a_local_partition_of_the_first_tier_consumed_here() {
+        let lt = super::LocalTiers::default();
+        assert_eq!(lt.pick(0, b"e"), None);
+        lt.set(vec![vec![], vec![3], vec![0, 1]]);
+        assert_eq!(lt.pick(0, b"e"), Some((1, 3)));
+        assert!(matches!(lt.pick(2, b"e"), Some((2, 0 | 1))));
+        lt.set(vec![vec![2], vec![], vec![]]);
+        assert_eq!(lt.pick(0, b"e"), Some((0, 2)));
+        assert_eq!(lt.pick(1, b"e"), None);
+    }
 }

@@ -42,12 +42,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::decode::{self, RawRecord};
+use crate::deliver::share::GroupShare;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::Prior;
 use crate::matching::cache::Cache;
 use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
+use crate::retry::publish::LocalTiers;
 use crate::retry::tier;
 use tracker::{Completion, PartitionTracker};
 
@@ -221,6 +223,10 @@ struct SourceContext {
     state: Arc<Mutex<State>>,
     topics: Vec<Arc<str>>,
     rebalance_timeout: Duration,
+    /// Source role: this instance's share of the group's limits, updated after every rebalance.
+    share: Option<Arc<GroupShare>>,
+    /// Retry role: the tier partitions owned here, for deferrals to stay local.
+    local_tiers: Option<Arc<LocalTiers>>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -231,6 +237,62 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl ClientContext for SourceContext {}
 
 impl SourceContext {
+    /// Retry role: publishes which tier partitions are consumed here.
+    fn update_local_tiers(&self) {
+        let Some(lt) = &self.local_tiers else {
+            return;
+        };
+        let st = lock(&self.state);
+        let parts = self
+            .topics
+            .iter()
+            .map(|t| {
+                let mut v: Vec<i32> = st
+                    .parts
+                    .keys()
+                    .filter(|(topic, _)| topic == t)
+                    .map(|(_, p)| *p)
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        drop(st);
+        lt.set(parts);
+    }
+
+    /// Recomputes the group share from the partitions assigned here and the topics' partition counts.
+    fn update_share(&self, consumer: &BaseConsumer<Self>) {
+        let Some(share) = &self.share else {
+            return;
+        };
+        let assigned = lock(&self.state).parts.len();
+        let mut total = 0usize;
+        for t in &self.topics {
+            match consumer.fetch_metadata(Some(t), Duration::from_secs(5)) {
+                Ok(md) => {
+                    total += md
+                        .topics()
+                        .iter()
+                        .find(|m| m.name() == &**t)
+                        .map_or(0, |m| m.partitions().len())
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %t, error = %e, "partition count unknown; keeping the previous limit share");
+                    return;
+                }
+            }
+        }
+        if let Some(ppm) = share.set(assigned, total) {
+            tracing::info!(
+                assigned,
+                total,
+                share = f64::from(ppm) / f64::from(crate::deliver::share::FULL),
+                "limit share of this instance changed"
+            );
+        }
+    }
+
     fn topic(&self, name: &str) -> Option<Arc<str>> {
         self.topics.iter().find(|t| ***t == *name).cloned()
     }
@@ -318,8 +380,13 @@ impl ConsumerContext for SourceContext {
                     let _ = consumer.resume(tpl);
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.update_share(consumer);
+                self.update_local_tiers();
             }
-            Rebalance::Revoke(_) => {}
+            Rebalance::Revoke(_) => {
+                self.update_share(consumer);
+                self.update_local_tiers();
+            }
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
         }
     }
@@ -407,6 +474,8 @@ impl Source {
             state: state.clone(),
             topics: topics.clone(),
             rebalance_timeout: config.source.rebalance_timeout,
+            share: (role == Role::Source).then(|| cache.defaults().share.clone()),
+            local_tiers: (role == Role::Retry).then(|| dispatcher.publisher.local_tiers.clone()),
         };
         let consumer: StreamConsumer<SourceContext> =
             consumer_config(config, role).create_with_context(ctx)?;
