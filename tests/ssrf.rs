@@ -37,22 +37,38 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
         (2, format!("http://[::1]:{p6}/hook"), "loopback"),
         (3, format!("http://localhost:{p4}/hook"), "loopback"),
         (4, "http://10.20.30.40:8080/hook".to_string(), "private"),
-        (5, "http://169.254.169.254/latest/meta-data/".to_string(), "link-local"),
+        (
+            5,
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "link-local",
+        ),
         (6, "http://192.168.1.10/hook".to_string(), "private"),
-        (7, "http://100.64.0.1/hook".to_string(), "shared address space"),
-        (8, format!("http://[::ffff:127.0.0.1]:{p4}/hook"), "loopback"),
+        (
+            7,
+            "http://100.64.0.1/hook".to_string(),
+            "shared address space",
+        ),
+        (
+            8,
+            format!("http://[::ffff:127.0.0.1]:{p4}/hook"),
+            "loopback",
+        ),
     ];
-    let subs: Vec<_> = targets.iter().map(|(i, url, _)| sub(*i, url, &["*"])).collect();
+    let subs: Vec<_> = targets
+        .iter()
+        .map(|(i, url, _)| sub(*i, url, &["*"]))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(&broker, &["events"], "ssrf").replace(
-        "allow_networks = [\"127.0.0.0/8\"]",
-        "allow_networks = []",
-    );
+    let cfg = base_config(&broker, &["events"], "ssrf")
+        .replace("allow_networks = [\"127.0.0.0/8\"]", "allow_networks = []");
     assert!(cfg.contains("allow_networks = []"));
     let mut h = Hookline::start(dir.path(), &cfg, &subs);
     h.wait_ready(Duration::from_secs(30)).await;
     broker
-        .produce("events", &[Record::json(0, plain_event(1, "order.created", None))])
+        .produce(
+            "events",
+            &[Record::json(0, plain_event(1, "order.created", None))],
+        )
         .await;
     let dlq = format!("{}.dlq", prefix_of(&cfg));
     let t = Instant::now();
@@ -61,7 +77,12 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
         if r.len() >= targets.len() {
             break r;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "{} of {} dead letters", r.len(), targets.len());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} of {} dead letters",
+            r.len(),
+            targets.len()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(records.len(), targets.len());
@@ -74,10 +95,20 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
         assert_eq!(r.headers["hookline-dlq-reason"], "rejected", "{url}");
         assert_eq!(r.headers["hookline-last-status"], "refused", "{url}");
         let err = &r.headers["hookline-last-error"];
-        assert!(err.contains("address policy refused") && err.contains(class), "{url}: {err}");
-        assert_eq!(r.headers["hookline-attempt"], "1", "refused at once, not retried: {url}");
+        assert!(
+            err.contains("address policy refused") && err.contains(class),
+            "{url}: {err}"
+        );
+        assert_eq!(
+            r.headers["hookline-attempt"], "1",
+            "refused at once, not retried: {url}"
+        );
     }
-    assert_eq!(hits4.load(Ordering::SeqCst), 0, "a request reached 127.0.0.1");
+    assert_eq!(
+        hits4.load(Ordering::SeqCst),
+        0,
+        "a request reached 127.0.0.1"
+    );
     assert_eq!(hits6.load(Ordering::SeqCst), 0, "a request reached [::1]");
     println!(
         "{} private destinations refused, 0 connections to the loopback listeners, e.g. {:?}",
