@@ -61,6 +61,39 @@ pub struct RawRecord<'a> {
 }
 
 const MAX_ID_BYTES: usize = 1024;
+/// Deepest nesting of arrays and objects accepted in a JSON event (serde_json's own limit for values,
+/// which receivers' parsers often share).
+const MAX_DEPTH: usize = 128;
+
+/// The byte offset where a JSON text first nests deeper than `max`, if it does. One pass, no allocation;
+/// brackets inside strings do not count.
+fn too_deep(json: &[u8], max: usize) -> Option<usize> {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, &b) in json.iter().enumerate() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Some(i);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
 const MAX_TYPE_BYTES: usize = 255;
 const MAX_HEADERS: usize = 256;
 
@@ -205,6 +238,12 @@ pub fn decode(record: &RawRecord<'_>, origin: Origin, max_bytes: usize) -> Resul
                 "not_json"
             };
             return Err(invalid(reason, "value is not a JSON object"));
+        }
+        if let Some(d) = too_deep(value, MAX_DEPTH) {
+            return Err(invalid(
+                "not_json",
+                format!("nested deeper than {MAX_DEPTH} levels (at byte {d})"),
+            ));
         }
         let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
             let reason = if !e.is_data() {
@@ -414,35 +453,38 @@ mod tests {
         }
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let deep = format!("{{\"id\":\"x\",\"type\":\"t\",\"d\":{deep}}}");
-        // Deep nesting in unread fields is skipped without recursion: the event is valid and delivered
-        // byte for byte; only the filter document (a full parse, depth-limited) gives up and is null.
-        let e = decode(
-            &RawRecord {
-                value: Some(deep.as_bytes()),
-                headers: &[],
-            },
-            test_origin(),
-            1 << 20,
-        )
-        .unwrap();
-        assert!(filter_document(&e).is_null());
+        // Nesting deeper than MAX_DEPTH anywhere is refused before any parse (receivers' parsers have
+        // depth limits too, and a filter could not read it), in any field.
+        let dec_mib = |v: &[u8]| {
+            decode(
+                &RawRecord {
+                    value: Some(v),
+                    headers: &[],
+                },
+                test_origin(),
+                1 << 20,
+            )
+        };
+        assert_eq!(dec_mib(deep.as_bytes()).unwrap_err().reason, "not_json");
         let deep_id = format!(
             "{{\"id\":{}\"x\"{},\"type\":\"t\"}}",
             "[".repeat(5000),
             "]".repeat(5000)
         );
-        let e = decode(
-            &RawRecord {
-                value: Some(deep_id.as_bytes()),
-                headers: &[],
-            },
-            test_origin(),
-            1 << 20,
-        )
-        .unwrap_err();
-        assert_eq!(e.reason, "bad_id", "{e}");
+        assert_eq!(dec_mib(deep_id.as_bytes()).unwrap_err().reason, "not_json");
         let big = vec![b' '; 1025];
         assert_eq!(dec(&big, &[]).unwrap_err().reason, "too_large");
+        let mut deep = br#"{"id":"d","type":"a.b","data":"#.to_vec();
+        deep.extend(std::iter::repeat_n(b'[', 200));
+        deep.extend(std::iter::repeat_n(b']', 200));
+        deep.push(b'}');
+        assert_eq!(dec(&deep, &[]).unwrap_err().reason, "not_json");
+        // Brackets inside strings do not count; 128 levels are fine.
+        let mut ok = br#"{"id":"d","type":"a.b","s":"[[[[\"[[[","data":"#.to_vec();
+        ok.extend(std::iter::repeat_n(b'[', 127));
+        ok.extend(std::iter::repeat_n(b']', 127));
+        ok.push(b'}');
+        assert!(dec(&ok, &[]).is_ok());
         let bad_hdr: &[(&str, Option<&[u8]>)] = &[("tenant", Some(b"\xff"))];
         assert_eq!(
             dec(br#"{"id":"x","type":"t"}"#, bad_hdr)

@@ -54,6 +54,8 @@ pub struct Failure<'a> {
 
 pub struct Publisher {
     producer: FutureProducer,
+    /// `source.max_event_bytes`.
+    max_event_bytes: usize,
     pub topics: Topics,
     /// Partitions of each tier topic (0 = unknown: the producer's key hashing decides).
     tier_partitions: Vec<std::sync::atomic::AtomicI32>,
@@ -64,8 +66,17 @@ pub struct Publisher {
 }
 
 pub fn producer_config(config: &Config) -> ClientConfig {
+    // Room for the largest event hookline accepts plus its headers (librdkafka's default is 1 000 000
+    // bytes, less than the default source.max_event_bytes).
+    let max = (config.source.max_event_bytes + (1 << 20))
+        .max(1_000_000)
+        .to_string();
     config.kafka_client(
-        &[("linger.ms", "50"), ("client.id", "hookline-retry")],
+        &[
+            ("linger.ms", "50"),
+            ("client.id", "hookline-retry"),
+            ("message.max.bytes", max.as_str()),
+        ],
         &[("enable.idempotence", "true"), ("acks", "all")],
     )
 }
@@ -85,6 +96,7 @@ impl Publisher {
             .collect();
         Ok(Publisher {
             producer,
+            max_event_bytes: config.source.max_event_bytes,
             local_tiers: Arc::new(LocalTiers::default()),
             tier_partitions: topics
                 .tiers
@@ -233,7 +245,18 @@ impl Publisher {
         origin: &Origin,
         detail: &str,
     ) {
-        let mut hs = OwnedHeaders::new_with_capacity(original.len() + 6);
+        let mut hs = OwnedHeaders::new_with_capacity(original.len() + 7);
+        // A record over source.max_event_bytes is dead-lettered without its value (it may not even fit
+        // the dead-letter topic); the origin headers say where to find it while the source retains it.
+        let value = if value.len() > self.max_event_bytes {
+            hs = hs.insert(Header {
+                key: h::VALUE_OMITTED,
+                value: Some(value.len().to_string().as_bytes()),
+            });
+            &[][..]
+        } else {
+            value
+        };
         for (k, v) in original {
             if !h::is_hookline_header(k) {
                 hs = hs.insert(Header {

@@ -170,6 +170,7 @@ impl Broker {
             ClientConfig::new()
                 .set("bootstrap.servers", self.bootstrap())
                 .set("linger.ms", "5")
+                .set("message.max.bytes", "33554432")
                 .set("enable.idempotence", "true")
                 .create()
                 .unwrap()
