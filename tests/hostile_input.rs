@@ -22,8 +22,11 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// The hostile records: (name, value, headers).
-fn corpus() -> Vec<(String, Vec<u8>, Vec<(String, String)>)> {
+/// One hostile record: name, value, headers.
+type Case = (String, Vec<u8>, Vec<(String, String)>);
+
+/// The hostile records.
+fn corpus() -> Vec<Case> {
     let dir = repo_root().join("tests/corpus/hostile");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -31,7 +34,7 @@ fn corpus() -> Vec<(String, Vec<u8>, Vec<(String, String)>)> {
         .filter(|p| p.extension().is_some_and(|e| e == "json" || e == "bin"))
         .collect();
     files.sort();
-    let mut out: Vec<(String, Vec<u8>, Vec<(String, String)>)> = files
+    let mut out: Vec<Case> = files
         .iter()
         .map(|p| {
             (
