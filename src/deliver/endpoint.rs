@@ -46,13 +46,17 @@ pub struct EndpointLimits {
 
 impl EndpointLimits {
     /// Deliveries that may be waiting or sending at once; more are deferred. A rate-limited endpoint
-    /// queues at most about one second of its rate (plus its burst), because a longer queue would only
-    /// keep source records (and the partition's commit) waiting.
+    /// queues at most `queue_wait` worth of its rate (plus its burst): its drain rate is known, so a
+    /// longer queue would only keep source records (and the partition's commit) waiting longer than any
+    /// other endpoint may, and a shorter one would send most of a backlog around the retry topic again
+    /// and again (each deferral is a produce and a fetch).
     pub fn capacity(&self) -> usize {
         let queue = match self.rate_per_sec {
-            Some(r) => self
-                .queue
-                .min(r as usize + self.burst.unwrap_or(r) as usize),
+            Some(r) => {
+                let secs = self.queue_wait.as_secs_f64().max(1.0);
+                self.queue
+                    .min((f64::from(r) * secs) as usize + self.burst.unwrap_or(r) as usize)
+            }
             None => self.queue,
         };
         self.max_in_flight as usize + queue
@@ -355,13 +359,20 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_in_flight_plus_queue_and_about_one_second_of_rate() {
+    fn capacity_is_in_flight_plus_queue_and_queue_wait_of_rate() {
         assert_eq!(limits(4, 10).capacity(), 14);
         let mut l = limits(4, 1000);
+        l.queue_wait = Duration::from_secs(5);
         l.rate_per_sec = Some(50);
-        assert_eq!(l.capacity(), 4 + 100, "50/s with burst defaulting to 50");
+        assert_eq!(
+            l.capacity(),
+            4 + 250 + 50,
+            "5 s of 50/s, burst defaulting to 50"
+        );
         l.burst = Some(5);
-        assert_eq!(l.capacity(), 4 + 55);
+        assert_eq!(l.capacity(), 4 + 255);
+        l.queue_wait = Duration::from_millis(200);
+        assert_eq!(l.capacity(), 4 + 55, "at least one second of rate");
         l.queue = 10;
         assert_eq!(l.capacity(), 14, "the configured queue is still the cap");
     }
@@ -470,7 +481,7 @@ mod tests {
             rate_per_sec: Some(100),
             burst: Some(100),
             queue: 1000,
-            queue_wait: Duration::from_secs(60),
+            queue_wait: Duration::from_secs(1),
         };
         let e = Endpoint::new(l, breaker_cfg(), share.clone());
         assert_eq!(e.effective(), (8, Some(100.0)));

@@ -125,8 +125,27 @@ impl Broker {
         wait_port(self.port, Duration::from_secs(10));
     }
 
+    /// The broker's own log (stdout and stderr of every run).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker with `sig` (SIGTERM: then SIGKILL after 5 s) and leaves it down.
+    pub fn stop(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, sig);
+            wait_child(&mut c, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts a stopped broker again on the same port and data.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "broker still running");
+        self.spawn();
     }
 
     /// Stops the broker (SIGTERM, then SIGKILL after 5 s) and starts it again on the same port and data.

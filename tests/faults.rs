@@ -1,0 +1,257 @@
+//! Issue 7, must show 1 and 2: a bounded fault campaign under steady load against the real broker. Every
+//! event the broker acknowledged must reach the receiver at least once (it answers 200, so nothing
+//! should be dead-lettered); the test prints duplicates and how long partitions went without deliveries.
+//! 1. Three instances in one group: one is killed with SIGKILL at a random moment and restarted later,
+//!    another is stopped gracefully for good.
+//! 2. Two instances; the broker is stopped with SIGTERM, then with SIGKILL, and restarted each time;
+//!    the instances recover unattended. (Ignored on tansu: see the test.)
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const PARTITIONS: i32 = 6;
+
+/// Produces one event per partition every `every` until stopped, with its own producer (so the broker
+/// object can be restarted meanwhile). Returns the ids the broker acknowledged.
+fn load(
+    bootstrap: String,
+    topic: &'static str,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "5")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "120000")
+            .create()
+            .unwrap();
+        let mut acked = Vec::new();
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let batch: Vec<(String, String)> = (0..PARTITIONS)
+                .map(|p| {
+                    let id = format!("p{p}-{n}");
+                    let body =
+                        serde_json::json!({"id": id, "type": "order.created", "data": {"n": n}})
+                            .to_string();
+                    (id, body)
+                })
+                .collect();
+            let sends = batch.iter().enumerate().map(|(p, (_, body))| {
+                producer.send(
+                    FutureRecord::<[u8], [u8]>::to(topic)
+                        .payload(body.as_bytes())
+                        .partition(p as i32),
+                    Duration::from_secs(120),
+                )
+            });
+            let results = futures_util::future::join_all(sends).await;
+            for ((id, _), r) in batch.into_iter().zip(results) {
+                if r.is_ok() {
+                    acked.push(id);
+                }
+            }
+            n += 1;
+            tokio::time::sleep(every).await;
+        }
+        acked
+    })
+}
+
+/// Waits until every acknowledged id was received; reports duplicates and the longest silence per
+/// partition after `since`.
+async fn settle(
+    rx: &Receiver,
+    acked: &[String],
+    since: Instant,
+    timeout: Duration,
+) -> (usize, HashMap<char, Duration>) {
+    let want: HashSet<String> = acked.iter().cloned().collect();
+    rx.wait_acked(&want, timeout).await;
+    let got = rx.received();
+    let mut times: HashMap<char, Vec<Instant>> = HashMap::new();
+    for r in &got {
+        let p = r.webhook_id.chars().nth(1).unwrap_or('?');
+        times.entry(p).or_default().push(r.at);
+    }
+    let mut gaps = HashMap::new();
+    for (p, mut ts) in times {
+        ts.sort();
+        let gap = ts
+            .windows(2)
+            .filter(|w| w[1] >= since)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        gaps.insert(p, gap);
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &got {
+        *counts.entry(r.webhook_id.as_str()).or_default() += 1;
+    }
+    let dups = counts.values().filter(|c| **c > 1).map(|c| c - 1).sum();
+    (dups, gaps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("orders", PARTITIONS);
+    let rx = Receiver::ok().await;
+    let cfg = base_config(&broker, &["orders"], "faults");
+    let subs = [sub(1, &rx.url(), &["order.*"])];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hs: Vec<Hookline> = dirs
+        .iter()
+        .map(|d| Hookline::start(d.path(), &cfg, &subs))
+        .collect();
+    for h in hs.iter_mut() {
+        h.wait_ready(Duration::from_secs(30)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = load(
+        broker.bootstrap(),
+        "orders",
+        Duration::from_millis(50),
+        stop.clone(),
+    );
+    let t0 = Instant::now();
+
+    // SIGKILL instance 1 at a random moment 3-7 s in; restart it 6 s later.
+    let kill_at = Duration::from_millis(3000 + fastrand::u64(0..4000));
+    tokio::time::sleep(kill_at).await;
+    let killed = Instant::now();
+    hs[1].kill9();
+    let delivered_at_kill = rx.count();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    hs[1].restart();
+    hs[1].wait_ready(Duration::from_secs(30)).await;
+    // Stop instance 2 gracefully (for good) 3 s later.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    hs[2].sigterm();
+    let (status, took) = hs[2].wait_exit(Duration::from_secs(40));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "graceful stop failed: {status:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = producer.await.unwrap();
+    let (dups, gaps) = settle(&rx, &acked, killed, Duration::from_secs(90)).await;
+    let worst = gaps.values().max().copied().unwrap_or_default();
+    println!(
+        "3 instances, {} events acknowledged over {:?}: 0 lost; SIGKILL at {kill_at:?} ({delivered_at_kill} delivered by then), \
+         graceful stop took {took:?}; {dups} duplicates; longest silence per partition after the kill {gaps:?} (worst {worst:?})",
+        acked.len(),
+        t0.elapsed()
+    );
+    let dlq = broker.read_all(&format!("{}.dlq", prefix_of(&cfg)));
+    assert!(
+        dlq.is_empty(),
+        "{} dead letters with an always-200 receiver",
+        dlq.len()
+    );
+    assert!(
+        worst < Duration::from_secs(30),
+        "a partition went {worst:?} without deliveries"
+    );
+    drop(hs);
+}
+
+/// Not run by default: on this machine's broker (tansu 0.6.0, sqlite storage) a restart *under load* —
+/// SIGTERM or SIGKILL — leaves the new broker process failing every Produce with `UnableToSend`
+/// (tansu_storage::service::produce), for the test's own producer as much as for hookline, so nothing
+/// can flow afterwards; idle restarts work. Run with `cargo test --test faults -- --ignored` against a
+/// broker that survives restarts.
+#[ignore = "tansu 0.6.0 fails all produces after a restart under load (UnableToSend)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarts_under_load_lose_nothing() {
+    let mut broker = Broker::start();
+    broker.create_topic("orders", PARTITIONS);
+    let rx = Receiver::ok().await;
+    let cfg = base_config(&broker, &["orders"], "broker-faults");
+    let subs = [sub(1, &rx.url(), &["order.*"])];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hs: Vec<Hookline> = dirs
+        .iter()
+        .map(|d| Hookline::start(d.path(), &cfg, &subs))
+        .collect();
+    for h in hs.iter_mut() {
+        h.wait_ready(Duration::from_secs(30)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = load(
+        broker.bootstrap(),
+        "orders",
+        Duration::from_millis(50),
+        stop.clone(),
+    );
+    let recoveries = Arc::new(Mutex::new(Vec::new()));
+    let first = Instant::now();
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let before = rx.count();
+        let down = Instant::now();
+        broker.stop(sig);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker.start_again();
+        // Recovery: deliveries resume, and both instances report ready again, unattended.
+        let t = Instant::now();
+        while rx.count() <= before + 50 {
+            if t.elapsed() > Duration::from_secs(60) {
+                let logs: Vec<String> = hs
+                    .iter()
+                    .map(|h| {
+                        h.log()
+                            .lines()
+                            .rev()
+                            .take(12)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .collect();
+                panic!(
+                    "no deliveries after the {name} restart ({} since); broker log tail:\n{}\nhookline logs:\n{}",
+                    rx.count() - before,
+                    broker
+                        .log()
+                        .lines()
+                        .rev()
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    logs.join("\n----\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let resumed = down.elapsed();
+        for h in hs.iter_mut() {
+            h.wait_ready(Duration::from_secs(60)).await;
+        }
+        recoveries.lock().unwrap().push(format!(
+            "{name}: deliveries resumed {resumed:?} after the stop (2 s down)"
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = producer.await.unwrap();
+    let (dups, gaps) = settle(&rx, &acked, first, Duration::from_secs(90)).await;
+    println!(
+        "broker restarts under load: {} events acknowledged, 0 lost, {dups} duplicates; {}; longest silence {:?}",
+        acked.len(),
+        recoveries.lock().unwrap().join("; "),
+        gaps.values().max()
+    );
+    drop(hs);
+}
