@@ -16,8 +16,8 @@ pub const DLQ_REASON: &str = "hookline-dlq-reason";
 /// Times a delivery was handed to the first tier because its endpoint's queue was full (no attempt
 /// spent). Absent when zero.
 pub const DEFERRALS: &str = "hookline-deferrals";
-/// On a dead-letter record whose value was left out because it exceeded `source.max_event_bytes`: the
-/// original value's size in bytes (the origin headers point at the record on the source topic).
+/// On a dead-letter record whose value was left out because it exceeded `source.max_event_bytes` by more
+/// than 512 KiB: the original value's size in bytes (the origin headers point at the source record).
 pub const VALUE_OMITTED: &str = "hookline-value-omitted";
 /// The run of `hookline replay` that re-published a record.
 pub const REPLAY_ID: &str = "hookline-replay-id";

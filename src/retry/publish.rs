@@ -246,9 +246,10 @@ impl Publisher {
         detail: &str,
     ) {
         let mut hs = OwnedHeaders::new_with_capacity(original.len() + 7);
-        // A record over source.max_event_bytes is dead-lettered without its value (it may not even fit
-        // the dead-letter topic); the origin headers say where to find it while the source retains it.
-        let value = if value.len() > self.max_event_bytes {
+        // A record far over source.max_event_bytes (more than 512 KiB over, beyond what the producer is
+        // sized for) is dead-lettered without its value; the origin headers say where to find it while
+        // the source topic retains it. Smaller oversized records keep their bytes.
+        let value = if value.len() > self.max_event_bytes + (512 << 10) {
             hs = hs.insert(Header {
                 key: h::VALUE_OMITTED,
                 value: Some(value.len().to_string().as_bytes()),
