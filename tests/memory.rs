@@ -2,6 +2,7 @@
 //! 1. 10 000 deliveries in flight at once (10 subscriptions x 1 000, receivers that take 5 s to answer).
 //! 2. Then a dead endpoint (connection refused) receiving a flood of events for 60 s while its retries
 //!    cycle through the tiers into the dead-letter topic.
+//!
 //! RSS is sampled throughout; it must stay under 200 MiB, and must not grow during the flood.
 
 mod common;
