@@ -144,7 +144,13 @@ impl Dispatcher {
         tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
         match outcome {
             // A deferral goes to the first tier whatever the attempt count.
-            Outcome::Retry { .. } if deferred => self.to_tier(&failure, 0, true).await,
+            // A deferral goes to the first tier whose delay covers the endpoint's expected wait (a
+            // rate-limited backlog then comes back about when it can be sent, instead of cycling
+            // through the first tier again and again).
+            Outcome::Retry { .. } if deferred => {
+                let tier = deferral_tier(sub.endpoint.expected_wait(), &self.tier_delays);
+                self.to_tier(&failure, tier, true).await
+            }
             Outcome::Retry { retry_after } => {
                 match next_tier(failure.attempts, retry_after, &self.tier_delays) {
                     Next::Tier(t) => self.to_tier(&failure, t, false).await,
@@ -221,5 +227,31 @@ pub fn log_result(r: &AttemptResult, outcome: Outcome) -> &'static str {
         (AttemptResult::CircuitOpen, _) => "circuit_open",
         (AttemptResult::Deferred, _) => "deferred",
         (AttemptResult::Status { .. }, Outcome::Retry { .. }) => "failed",
+    }
+}
+
+/// The tier for a deferral: the first whose delay is at least `wait`, else the last.
+pub fn deferral_tier(wait: Duration, delays: &[Duration]) -> usize {
+    delays
+        .iter()
+        .position(|d| *d >= wait)
+        .unwrap_or(delays.len().saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferrals_wait_about_as_long_as_the_endpoint_needs() {
+        let d = [1, 2, 3].map(Duration::from_secs);
+        assert_eq!(deferral_tier(Duration::ZERO, &d), 0);
+        assert_eq!(deferral_tier(Duration::from_millis(1500), &d), 1);
+        assert_eq!(deferral_tier(Duration::from_secs(2), &d), 1);
+        assert_eq!(
+            deferral_tier(Duration::from_secs(60), &d),
+            2,
+            "the last tier at most"
+        );
     }
 }

@@ -103,14 +103,23 @@ async fn settle(
     (dups, gaps)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
-    let broker = Broker::start();
+/// What every fault test starts with: the topic, a receiver, `n` hookline instances in one group (ready)
+/// and the steady load running.
+struct Setup {
+    rx: Receiver,
+    cfg: String,
+    hs: Vec<Hookline>,
+    stop: Arc<AtomicBool>,
+    producer: tokio::task::JoinHandle<Vec<String>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn setup(broker: &Broker, group: &str, n: usize) -> Setup {
     broker.create_topic("orders", PARTITIONS);
     let rx = Receiver::ok().await;
-    let cfg = base_config(&broker, &["orders"], "faults");
+    let cfg = base_config(broker, &["orders"], group);
     let subs = [sub(1, &rx.url(), &["order.*"])];
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut hs: Vec<Hookline> = dirs
         .iter()
         .map(|d| Hookline::start(d.path(), &cfg, &subs))
@@ -125,6 +134,27 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
         Duration::from_millis(50),
         stop.clone(),
     );
+    Setup {
+        rx,
+        cfg,
+        hs,
+        stop,
+        producer,
+        _dirs: dirs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
+    let broker = Broker::start();
+    let Setup {
+        rx,
+        cfg,
+        mut hs,
+        stop,
+        producer,
+        _dirs,
+    } = setup(&broker, "faults", 3).await;
     let t0 = Instant::now();
 
     // SIGKILL instance 1 at a random moment 3-7 s in; restart it 6 s later.
@@ -177,25 +207,14 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarts_under_load_lose_nothing() {
     let mut broker = Broker::start();
-    broker.create_topic("orders", PARTITIONS);
-    let rx = Receiver::ok().await;
-    let cfg = base_config(&broker, &["orders"], "broker-faults");
-    let subs = [sub(1, &rx.url(), &["order.*"])];
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut hs: Vec<Hookline> = dirs
-        .iter()
-        .map(|d| Hookline::start(d.path(), &cfg, &subs))
-        .collect();
-    for h in hs.iter_mut() {
-        h.wait_ready(Duration::from_secs(30)).await;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = load(
-        broker.bootstrap(),
-        "orders",
-        Duration::from_millis(50),
-        stop.clone(),
-    );
+    let Setup {
+        rx,
+        cfg: _,
+        mut hs,
+        stop,
+        producer,
+        _dirs,
+    } = setup(&broker, "broker-faults", 2).await;
     let recoveries = Arc::new(Mutex::new(Vec::new()));
     let first = Instant::now();
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {

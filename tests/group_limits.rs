@@ -10,18 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn max_per_second(times: &[Instant]) -> usize {
-    let mut best = 0;
-    let mut j = 0;
-    for i in 0..times.len() {
-        while times[i] - times[j] >= Duration::from_secs(1) {
-            j += 1;
-        }
-        best = best.max(i - j + 1);
-    }
-    best
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_rate_limit() {
     let broker = Broker::start();

@@ -7,19 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Maximum number of requests in any window `[t, t + 1 s)`.
-fn max_per_second(times: &[Instant]) -> usize {
-    let mut best = 0;
-    let mut j = 0;
-    for i in 0..times.len() {
-        while times[i] - times[j] >= Duration::from_secs(1) {
-            j += 1;
-        }
-        best = best.max(i - j + 1);
-    }
-    best
-}
-
 /// Must show 4: a 50/s limit (burst 10) on one subscription with 1 000 events: its receiver never sees
 /// more than burst + 50 in any 1 s window, and gets every event; another subscription of the same
 /// events is not slowed.

@@ -267,6 +267,16 @@ impl Endpoint {
         self.breaker().recent(Instant::now())
     }
 
+    /// How long a delivery turned away now would probably have to wait for this endpoint: the queue
+    /// ahead of it at the endpoint's rate when it is rate-limited, else `queue_wait`.
+    pub fn expected_wait(&self) -> Duration {
+        let (_, rate) = self.effective();
+        match rate {
+            Some(r) if r > 0.0 => Duration::from_secs_f64(self.pending() as f64 / r),
+            _ => self.limits.queue_wait,
+        }
+    }
+
     /// Deliveries waiting or sending.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)

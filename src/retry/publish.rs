@@ -198,9 +198,9 @@ impl Publisher {
         // limit. A deferral goes to a partition this instance consumes, a failure's retry to a partition
         // chosen by the event's id (stable for an event).
         let id = f.event.webhook_id.as_bytes();
-        // A deferral stays on this instance: a partition of the wanted tier it consumes, else of the
-        // next tier it consumes one of (the record is still due at the wanted tier's time; the attempt
-        // count, not the topic, decides later tiers).
+        // A deferral stays on this instance: a partition of the wanted tier it consumes, else of another
+        // tier it consumes one of (the record is still due at the wanted tier's time; the attempt count,
+        // not the topic, decides later tiers).
         let (tier, partition) = match local.then(|| self.local_tiers.pick(tier, id)).flatten() {
             Some((t, p)) => (t, Some(p)),
             None => {
@@ -346,13 +346,15 @@ impl LocalTiers {
     }
 
     /// A local partition for this event: of `tier` if this instance consumes one, else of the first
-    /// later tier it does. Returns (tier, partition).
+    /// later tier it does, else of the nearest earlier one. Returns (tier, partition).
     fn pick(&self, tier: usize, webhook_id: &[u8]) -> Option<(usize, i32)> {
         let parts = self.parts.read().unwrap_or_else(|p| p.into_inner());
+        // The wanted tier, else a later one, else an earlier one: any partition consumed here.
         let (t, local) = parts
             .iter()
             .enumerate()
             .skip(tier)
+            .chain(parts.iter().enumerate().take(tier).rev())
             .find(|(_, v)| !v.is_empty())?;
         Some((t, local[spread(webhook_id, local.len() as i32) as usize]))
     }
@@ -484,6 +486,12 @@ mod tests {
         assert!(matches!(lt.pick(2, b"e"), Some((2, 0 | 1))));
         lt.set(vec![vec![2], vec![], vec![]]);
         assert_eq!(lt.pick(0, b"e"), Some((0, 2)));
+        assert_eq!(
+            lt.pick(1, b"e"),
+            Some((0, 2)),
+            "an earlier tier when no later one is local"
+        );
+        lt.set(vec![vec![], vec![], vec![]]);
         assert_eq!(lt.pick(1, b"e"), None);
     }
 }

@@ -1035,3 +1035,16 @@ impl SqliteEnv {
         h
     }
 }
+
+/// The most requests in any window `[t, t + 1 s)` (times sorted).
+pub fn max_per_second(times: &[Instant]) -> usize {
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while times[i] - times[j] >= Duration::from_secs(1) {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
