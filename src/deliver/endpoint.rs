@@ -99,7 +99,7 @@ impl std::fmt::Debug for Endpoint {
 /// Why a delivery may not be sent now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotNow {
-    /// The endpoint's queue is full: defer to the first tier, no attempt spent.
+    /// The endpoint's queue is full: defer to a tier (no attempt spent).
     QueueFull,
     /// The breaker is open: a failed `circuit_open` attempt.
     CircuitOpen,
