@@ -446,6 +446,9 @@ pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
             ("auto.offset.reset", "earliest"),
             ("client.id", client_id),
             ("enable.partition.eof", "false"),
+            // librdkafka prefetches up to 64 MiB per consumer by default; hookline bounds what it
+            // takes in flight itself, so a smaller prefetch bounds memory under a backlog.
+            ("queued.max.messages.kbytes", "16384"),
         ],
         &[
             ("group.id", group.as_str()),
