@@ -11,17 +11,13 @@ use crate::model::{Defaults, Subscription, SubscriptionSpec, generate_secret, rf
 use crate::pipeline::{RunError, defaults};
 use crate::store::{self, yaml};
 
-fn runtime(e: impl std::fmt::Display) -> RunError {
-    RunError::Runtime(e.to_string())
-}
-
 /// `hookline migrate`.
 pub async fn migrate(config: &Config) -> Result<String, RunError> {
     match config.store.kind {
         StoreKind::Scylla => {
             let n = store::scylla::migrate(&config.store.scylla)
                 .await
-                .map_err(runtime)?;
+                .map_err(RunError::runtime)?;
             Ok(format!(
                 "migrate: {n} schema statements applied to keyspace {} on {}",
                 config.store.scylla.keyspace,
@@ -55,7 +51,7 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
     let mut out = String::new();
     match cmd {
         SubscriptionsCommand::List(_) => {
-            let mut all = store.list().await.map_err(runtime)?;
+            let mut all = store.list().await.map_err(RunError::runtime)?;
             all.sort_by(|a, b| (&a.tenant, &a.url, a.id).cmp(&(&b.tenant, &b.url, b.id)));
             for s in &all {
                 let _ = writeln!(
@@ -83,13 +79,13 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             let mut seen = HashSet::new();
             for mut s in specs {
                 seen.insert(s.id);
-                let existing = store.get(s.id).await.map_err(runtime)?;
+                let existing = store.get(s.id).await.map_err(RunError::runtime)?;
                 s.created_at = s
                     .created_at
                     .or_else(|| existing.and_then(|e| e.created_at))
                     .or_else(|| Some(now.clone()));
                 s.updated_at = Some(now.clone());
-                store.put(&s).await.map_err(runtime)?;
+                store.put(&s).await.map_err(RunError::runtime)?;
             }
             let _ = write!(
                 out,
@@ -108,22 +104,22 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             let mut spec = SubscriptionSpec::new(
                 url,
                 event_types,
-                vec![generate_secret().map_err(runtime)?],
+                vec![generate_secret().map_err(RunError::runtime)?],
                 now_ms(),
             );
             spec.tenant = tenant;
             check(&spec, &defaults)?;
-            store.put(&spec).await.map_err(runtime)?;
+            store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "id: {}\nsecret: {}", spec.id, spec.secrets[0]);
         }
         SubscriptionsCommand::Disable { id, .. } | SubscriptionsCommand::Enable { id, .. } => {
             let enable = matches!(cmd, SubscriptionsCommand::Enable { .. });
-            let Some(mut spec) = store.get(id).await.map_err(runtime)? else {
+            let Some(mut spec) = store.get(id).await.map_err(RunError::runtime)? else {
                 return Err(RunError::Runtime(format!("no subscription {id}")));
             };
             spec.enabled = enable;
             spec.updated_at = Some(rfc3339_ms(now_ms()));
-            store.put(&spec).await.map_err(runtime)?;
+            store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "{id} {}", if enable { "enabled" } else { "disabled" });
         }
     }

@@ -30,6 +30,13 @@ pub enum RunError {
     Runtime(String),
 }
 
+impl RunError {
+    /// A runtime failure (exit 1) described by `e`.
+    pub fn runtime(e: impl std::fmt::Display) -> RunError {
+        RunError::Runtime(e.to_string())
+    }
+}
+
 pub fn defaults(config: &Config) -> Defaults {
     let b = &config.delivery.breaker;
     Defaults {
@@ -76,27 +83,26 @@ pub async fn load_cache(
 
 /// `hookline run --check-config`: everything that can be checked without contacting Kafka.
 pub async fn check(config: &Config) -> Result<String, RunError> {
-    if config.store.kind == crate::config::StoreKind::Sqlite && !config.store.path.exists() {
-        // A check must not create the file; `run` will.
-        return Ok(format!(
-            "config ok: topics {:?}, group {:?}, {} retry tiers ({}), store sqlite file {} (does not exist yet; created at start), 0 subscriptions",
-            config.source.topics,
-            config.source.group,
-            config.retry.tiers.len(),
-            config.retry.tiers.join(", "),
-            config.store.path.display(),
-        ));
-    }
-    let metrics = Arc::new(Metrics::new());
-    let (cache, store) = load_cache(config, metrics).await?;
+    let (store, subscriptions) =
+        if config.store.kind == crate::config::StoreKind::Sqlite && !config.store.path.exists() {
+            // A check must not create the file; `run` will.
+            (
+                format!(
+                    "sqlite file {} (does not exist yet; created at start)",
+                    config.store.path.display()
+                ),
+                0,
+            )
+        } else {
+            let (cache, store) = load_cache(config, Arc::new(Metrics::new())).await?;
+            (store.describe(), cache.index().len())
+        };
     Ok(format!(
-        "config ok: topics {:?}, group {:?}, {} retry tiers ({}), store {}, {} enabled subscriptions",
+        "config ok: topics {:?}, group {:?}, {} retry tiers ({}), store {store}, {subscriptions} enabled subscriptions",
         config.source.topics,
         config.source.group,
         config.retry.tiers.len(),
         config.retry.tiers.join(", "),
-        store.describe(),
-        cache.index().len()
     ))
 }
 

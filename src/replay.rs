@@ -35,11 +35,8 @@ use crate::pipeline::RunError;
 use crate::retry::Topics;
 use crate::retry::headers as h;
 use crate::retry::publish::producer_config;
+use crate::source::topic_partitions;
 use crate::store::{self, Store};
-
-fn runtime(e: impl std::fmt::Display) -> RunError {
-    RunError::Runtime(e.to_string())
-}
 
 /// Which records a replay takes. All given filters must hold.
 #[derive(Debug, Clone, Default)]
@@ -210,23 +207,16 @@ fn consumer(config: &Config, group: &str) -> Result<StreamConsumer, RunError> {
             ],
         )
         .create()
-        .map_err(|e| runtime(format!("kafka consumer: {e}")))
+        .map_err(|e| RunError::runtime(format!("kafka consumer: {e}")))
 }
 
 /// Start (committed offset of `group`, or the low watermark) and end (high watermark now) per partition.
 async fn bounds(c: &StreamConsumer, topic: &str, use_committed: bool) -> Result<Bounds, RunError> {
     let timeout = Duration::from_secs(10);
-    let md = c
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| runtime(format!("metadata of {topic}: {e}")))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let parts = topic_partitions(c.client(), topic, timeout)
+        .map_err(|e| RunError::runtime(format!("metadata of {topic}: {e}")))?;
     if parts.is_empty() {
-        return Err(runtime(format!(
+        return Err(RunError::runtime(format!(
             "topic {topic} does not exist or has no partitions"
         )));
     }
@@ -236,7 +226,7 @@ async fn bounds(c: &StreamConsumer, topic: &str, use_committed: bool) -> Result<
             tpl.add_partition(topic, *p);
         }
         c.committed_offsets(tpl, timeout)
-            .map_err(|e| runtime(format!("committed offsets: {e}")))?
+            .map_err(|e| RunError::runtime(format!("committed offsets: {e}")))?
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
@@ -251,7 +241,7 @@ async fn bounds(c: &StreamConsumer, topic: &str, use_committed: bool) -> Result<
     for p in parts {
         let (low, high) = c
             .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| runtime(format!("watermarks of {topic}/{p}: {e}")))?;
+            .map_err(|e| RunError::runtime(format!("watermarks of {topic}/{p}: {e}")))?;
         let start = committed.get(&p).copied().unwrap_or(low).max(low);
         out.insert(p, (start, high));
     }
@@ -270,20 +260,20 @@ async fn read_bounded(
     for (p, (start, end)) in &b.parts {
         if start < end {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*start))
-                .map_err(runtime)?;
+                .map_err(RunError::runtime)?;
             open.insert(*p, *end);
         }
     }
     if open.is_empty() {
         return Ok(());
     }
-    c.assign(&tpl).map_err(runtime)?;
+    c.assign(&tpl).map_err(RunError::runtime)?;
     while !open.is_empty() {
         let m = match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
             Ok(Ok(m)) => m,
-            Ok(Err(e)) => return Err(runtime(format!("reading {topic}: {e}"))),
+            Ok(Err(e)) => return Err(RunError::runtime(format!("reading {topic}: {e}"))),
             Err(_) => {
-                return Err(runtime(format!(
+                return Err(RunError::runtime(format!(
                     "reading {topic}: no record for 30 s before the end offsets taken at start"
                 )));
             }
@@ -605,10 +595,10 @@ fn commit(c: &StreamConsumer, topic: &str, next: &BTreeMap<i32, i64>) -> Result<
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
-            .map_err(runtime)?;
+            .map_err(RunError::runtime)?;
     }
     c.commit(&tpl, rdkafka::consumer::CommitMode::Sync)
-        .map_err(|e| runtime(format!("committing the replay position: {e}")))
+        .map_err(|e| RunError::runtime(format!("committing the replay position: {e}")))
 }
 
 pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunError> {
@@ -633,7 +623,7 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
     let producer: FutureProducer = producer_config(config)
         .set("client.id", "hookline-replay")
         .create()
-        .map_err(|e| runtime(format!("kafka producer: {e}")))?;
+        .map_err(|e| RunError::runtime(format!("kafka producer: {e}")))?;
     let b = bounds(&c, &from, true).await?;
     let replay_id = Uuid::new_v4().to_string();
     let mut s = Summary {
@@ -696,7 +686,7 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
                                     Some(st) => st
                                         .get(id)
                                         .await
-                                        .map_err(|e| runtime(format!("store: {e}")))?
+                                        .map_err(|e| RunError::runtime(format!("store: {e}")))?
                                         .is_some_and(|spec| spec.enabled),
                                     None => true,
                                 };
@@ -742,7 +732,9 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
                     producer
                         .send(rec, Duration::from_secs(30))
                         .await
-                        .map_err(|(e, _)| runtime(format!("producing to {topic}: {e}")))?;
+                        .map_err(|(e, _)| {
+                            RunError::runtime(format!("producing to {topic}: {e}"))
+                        })?;
                     s.replayed += 1;
                 }
             }

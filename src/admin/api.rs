@@ -215,7 +215,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::bad("id", format!("{raw:?} is not a UUID")))
 }
 
-/// Query parameters: only `allowed` names; `limit` within 1..=max.
+/// The listing query parameters: only `limit` (1..=1000, default `default_limit`) and `cursor`.
 fn query_params(
     q: &BTreeMap<String, String>,
     default_limit: u32,

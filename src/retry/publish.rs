@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
+use crate::source::topic_partitions;
 
 /// Dead-letter reasons (`hookline-dlq-reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,31 +113,25 @@ impl Publisher {
     /// Creates the retry and dead-letter topics that do not exist yet, then learns the tier topics'
     /// partition counts.
     pub async fn ensure_topics(&self, config: &Config) -> Result<(), String> {
-        self.create_missing(config).await?;
         let admin: AdminClient<DefaultClientContext> = config
             .kafka_client(&[("client.id", "hookline-admin")], &[])
             .create()
             .map_err(|e| format!("admin client: {e}"))?;
+        self.create_missing(config, &admin).await?;
         for (topic, count) in self.topics.tiers.iter().zip(&self.tier_partitions) {
-            let md = admin
-                .inner()
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
-            let n = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map_or(0, |t| t.partitions().len());
+            let n = topic_partitions(admin.inner(), topic, Duration::from_secs(10))
+                .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?
+                .len();
             count.store(n as i32, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
 
-    async fn create_missing(&self, config: &Config) -> Result<(), String> {
-        let admin: AdminClient<DefaultClientContext> = config
-            .kafka_client(&[("client.id", "hookline-admin")], &[])
-            .create()
-            .map_err(|e| format!("admin client: {e}"))?;
+    async fn create_missing(
+        &self,
+        config: &Config,
+        admin: &AdminClient<DefaultClientContext>,
+    ) -> Result<(), String> {
         let md = admin
             .inner()
             .fetch_metadata(None, Duration::from_secs(10))

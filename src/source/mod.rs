@@ -269,14 +269,8 @@ impl SourceContext {
         let assigned = lock(&self.state).parts.len();
         let mut total = 0usize;
         for t in &self.topics {
-            match consumer.fetch_metadata(Some(t), Duration::from_secs(5)) {
-                Ok(md) => {
-                    total += md
-                        .topics()
-                        .iter()
-                        .find(|m| m.name() == &**t)
-                        .map_or(0, |m| m.partitions().len())
-                }
+            match topic_partitions(consumer.client(), t, Duration::from_secs(5)) {
+                Ok(parts) => total += parts.len(),
                 Err(e) => {
                     tracing::warn!(topic = %t, error = %e, "partition count unknown; keeping the previous limit share");
                     return;
@@ -431,6 +425,22 @@ pub struct Source {
     cache: Arc<Cache>,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
+}
+
+/// The partition ids of `topic` as the cluster's metadata has them (empty when the topic does not exist
+/// or reports an error).
+pub fn topic_partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default())
 }
 
 pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {

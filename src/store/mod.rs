@@ -33,6 +33,13 @@ pub enum StoreError {
     BadCursor,
 }
 
+impl StoreError {
+    /// The store could not be reached or read, because of `e`.
+    pub fn unavailable(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
 /// One delivery attempt, as kept in the attempt log (DESIGN §10).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttemptRecord {

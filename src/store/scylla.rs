@@ -83,10 +83,6 @@ pub struct ScyllaStore {
     describe: String,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 /// The schema statements for a keyspace and replication setting, in order.
 pub fn schema_statements(keyspace: &str, replication: &str) -> Vec<String> {
     let text: Vec<&str> = SCHEMA
@@ -117,7 +113,7 @@ async fn session(cfg: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session, 
     }
     b.build()
         .await
-        .map_err(|e| unavailable(format!("cannot connect to {:?}: {e}", cfg.nodes)))
+        .map_err(|e| StoreError::unavailable(format!("cannot connect to {:?}: {e}", cfg.nodes)))
 }
 
 /// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements run.
@@ -127,7 +123,7 @@ pub async fn migrate(cfg: &ScyllaConfig) -> Result<usize, StoreError> {
     for stmt in &stmts {
         s.query_unpaged(stmt.as_str(), ())
             .await
-            .map_err(|e| unavailable(format!("{e} in: {stmt}")))?;
+            .map_err(|e| StoreError::unavailable(format!("{e} in: {stmt}")))?;
     }
     Ok(stmts.len())
 }
@@ -138,10 +134,9 @@ impl ScyllaStore {
         let prep = |q: String| {
             let session = &session;
             async move {
-                session
-                    .prepare(q.as_str())
-                    .await
-                    .map_err(|e| unavailable(format!("{e} (did `hookline migrate` run?) in: {q}")))
+                session.prepare(q.as_str()).await.map_err(|e| {
+                    StoreError::unavailable(format!("{e} (did `hookline migrate` run?) in: {q}"))
+                })
             }
         };
         let mut list = prep(format!("SELECT {COLUMNS} FROM subscriptions")).await?;
@@ -178,7 +173,7 @@ impl ScyllaStore {
         self.session
             .execute_unpaged(&self.st.bump, (Uuid::new_v4(), "subscriptions"))
             .await
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
         Ok(())
     }
 
@@ -192,11 +187,11 @@ impl ScyllaStore {
             .session
             .execute_single_page(st, values, paging)
             .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
+        let rows = res.into_rows_result().map_err(StoreError::unavailable)?;
         let mut out = Vec::new();
-        for r in rows.rows::<SpecRow>().map_err(unavailable)? {
-            out.push(from_row(r.map_err(unavailable)?)?);
+        for r in rows.rows::<SpecRow>().map_err(StoreError::unavailable)? {
+            out.push(from_row(r.map_err(StoreError::unavailable)?)?);
         }
         Ok((out, more))
     }
@@ -266,12 +261,12 @@ impl Store for ScyllaStore {
             .session
             .execute_iter(self.st.list.clone(), ())
             .await
-            .map_err(unavailable)?
+            .map_err(StoreError::unavailable)?
             .rows_stream::<SpecRow>()
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
         let mut out = Vec::new();
         while let Some(r) = rows.next().await {
-            out.push(from_row(r.map_err(unavailable)?)?);
+            out.push(from_row(r.map_err(StoreError::unavailable)?)?);
         }
         Ok(out)
     }
@@ -281,12 +276,12 @@ impl Store for ScyllaStore {
             .session
             .execute_unpaged(&self.st.revision, ("subscriptions",))
             .await
-            .map_err(unavailable)?
+            .map_err(StoreError::unavailable)?
             .into_rows_result()
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
         let v = res
             .maybe_first_row::<(Option<Uuid>,)>()
-            .map_err(unavailable)?
+            .map_err(StoreError::unavailable)?
             .and_then(|r| r.0);
         // Never written yet: a stable value, so an empty keyspace is not reloaded on every poll.
         Ok(Some(v.map_or_else(|| "0".into(), |u| u.to_string())))
@@ -350,7 +345,7 @@ impl Store for ScyllaStore {
         self.session
             .execute_unpaged(&self.st.put, values)
             .await
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
         self.bump().await
     }
 
@@ -361,7 +356,7 @@ impl Store for ScyllaStore {
         self.session
             .execute_unpaged(&self.st.delete, (id,))
             .await
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
         self.bump().await?;
         Ok(true)
     }
@@ -396,11 +391,11 @@ impl Store for ScyllaStore {
             if pending.len() >= 16
                 && let Some(r) = pending.next().await
             {
-                r.map_err(unavailable)?;
+                r.map_err(StoreError::unavailable)?;
             }
         }
         while let Some(r) = pending.next().await {
-            r.map_err(unavailable)?;
+            r.map_err(StoreError::unavailable)?;
         }
         Ok(())
     }
@@ -436,10 +431,10 @@ impl Store for ScyllaStore {
                 .session
                 .execute_single_page(&st, (subscription, day as i32), paging)
                 .await
-                .map_err(unavailable)?;
-            let rows = res.into_rows_result().map_err(unavailable)?;
-            for r in rows.rows::<AttemptRow>().map_err(unavailable)? {
-                let r = r.map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
+            let rows = res.into_rows_result().map_err(StoreError::unavailable)?;
+            for r in rows.rows::<AttemptRow>().map_err(StoreError::unavailable)? {
+                let r = r.map_err(StoreError::unavailable)?;
                 let at_ms = r.0.0.max(0) as u64;
                 if !attempt_live(at_ms, self.ttl, now) {
                     continue;

@@ -66,27 +66,23 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Option<(Connection, u64)>>>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the file and its tables.
     pub async fn open(path: PathBuf, ttl: Duration) -> Result<SqliteStore, StoreError> {
         let p = path.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            let c =
-                Connection::open(&p).map_err(|e| unavailable(format!("{}: {e}", p.display())))?;
+            let c = Connection::open(&p)
+                .map_err(|e| StoreError::unavailable(format!("{}: {e}", p.display())))?;
             c.busy_timeout(Duration::from_secs(5))
-                .map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
             c.pragma_update(None, "journal_mode", "WAL")
-                .map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
             c.execute_batch(SCHEMA)
-                .map_err(|e| unavailable(format!("{}: {e}", p.display())))?;
+                .map_err(|e| StoreError::unavailable(format!("{}: {e}", p.display())))?;
             Ok(())
         })
         .await
-        .map_err(unavailable)??;
+        .map_err(StoreError::unavailable)??;
         Ok(SqliteStore {
             path,
             ttl,
@@ -104,7 +100,7 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             let ino = std::fs::metadata(&path)
-                .map_err(|e| unavailable(format!("{}: {e}", path.display())))?
+                .map_err(|e| StoreError::unavailable(format!("{}: {e}", path.display())))?
                 .ino();
             if guard.as_ref().is_none_or(|(_, i)| *i != ino) {
                 *guard = None;
@@ -112,13 +108,13 @@ impl SqliteStore {
                     &path,
                     OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
-                .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+                .map_err(|e| StoreError::unavailable(format!("{}: {e}", path.display())))?;
                 c.busy_timeout(Duration::from_secs(5))
-                    .map_err(unavailable)?;
+                    .map_err(StoreError::unavailable)?;
                 *guard = Some((c, ino));
             }
             let Some((conn, _)) = guard.as_mut() else {
-                return Err(unavailable("no connection"));
+                return Err(StoreError::unavailable("no connection"));
             };
             let r = f(conn);
             if let Err(StoreError::Unavailable(_)) = &r {
@@ -128,7 +124,7 @@ impl SqliteStore {
             r
         })
         .await
-        .map_err(unavailable)?
+        .map_err(StoreError::unavailable)?
     }
 }
 
@@ -148,7 +144,7 @@ fn from_json<T: serde::de::DeserializeOwned>(
 }
 
 fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
-    let get = |e: rusqlite::Error| unavailable(e);
+    let get = |e: rusqlite::Error| StoreError::unavailable(e);
     let id: String = r.get(0).map_err(get)?;
     let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Invalid {
         at: format!("subscription {id:?}.id"),
@@ -185,10 +181,10 @@ fn query_specs(
     sql: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<SubscriptionSpec>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
-    let mut rows = stmt.query(params).map_err(unavailable)?;
+    let mut stmt = conn.prepare_cached(sql).map_err(StoreError::unavailable)?;
+    let mut rows = stmt.query(params).map_err(StoreError::unavailable)?;
     let mut out = Vec::new();
-    while let Some(r) = rows.next().map_err(unavailable)? {
+    while let Some(r) = rows.next().map_err(StoreError::unavailable)? {
         out.push(row_to_spec(r)?);
     }
     Ok(out)
@@ -196,7 +192,7 @@ fn query_specs(
 
 fn bump_revision(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute("UPDATE revision SET value = value + 1 WHERE id = 0", [])
-        .map_err(unavailable)?;
+        .map_err(StoreError::unavailable)?;
     Ok(())
 }
 
@@ -215,7 +211,7 @@ impl Store for SqliteStore {
         self.with(|c| {
             let v: i64 = c
                 .query_row("SELECT value FROM revision WHERE id = 0", [], |r| r.get(0))
-                .map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
             Ok(Some(v.to_string()))
         })
         .await
@@ -263,7 +259,7 @@ impl Store for SqliteStore {
     async fn put(&self, spec: &SubscriptionSpec) -> Result<(), StoreError> {
         let s = spec.clone();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c.transaction().map_err(StoreError::unavailable)?;
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
@@ -287,26 +283,26 @@ impl Store for SqliteStore {
                     s.updated_at,
                 ],
             )
-            .map_err(unavailable)?;
+            .map_err(StoreError::unavailable)?;
             bump_revision(&tx)?;
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(StoreError::unavailable)
         })
         .await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c.transaction().map_err(StoreError::unavailable)?;
             let n = tx
                 .execute(
                     "DELETE FROM subscriptions WHERE id = ?1",
                     params![id.to_string()],
                 )
-                .map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
             if n > 0 {
                 bump_revision(&tx)?;
             }
-            tx.commit().map_err(unavailable)?;
+            tx.commit().map_err(StoreError::unavailable)?;
             Ok(n > 0)
         })
         .await
@@ -315,7 +311,7 @@ impl Store for SqliteStore {
     async fn write_attempts(&self, batch: &[AttemptRecord]) -> Result<(), StoreError> {
         let batch = batch.to_vec();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c.transaction().map_err(StoreError::unavailable)?;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -323,7 +319,7 @@ impl Store for SqliteStore {
                          attempt, result, status_code, duration_ms, error) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )
-                    .map_err(unavailable)?;
+                    .map_err(StoreError::unavailable)?;
                 for a in &batch {
                     stmt.execute(params![
                         a.subscription_id.to_string(),
@@ -336,10 +332,10 @@ impl Store for SqliteStore {
                         a.duration_ms,
                         a.error,
                     ])
-                    .map_err(unavailable)?;
+                    .map_err(StoreError::unavailable)?;
                 }
             }
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(StoreError::unavailable)
         })
         .await
     }
@@ -373,7 +369,7 @@ impl Store for SqliteStore {
                          AND (at_ms < ?3 OR (at_ms = ?3 AND seq < ?4)) \
                          ORDER BY at_ms DESC, seq DESC LIMIT ?5",
                     )
-                    .map_err(unavailable)?;
+                    .map_err(StoreError::unavailable)?;
                 let rows = stmt
                     .query_map(
                         params![
@@ -400,8 +396,9 @@ impl Store for SqliteStore {
                             ))
                         },
                     )
-                    .map_err(unavailable)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+                    .map_err(StoreError::unavailable)?;
+                rows.collect::<Result<Vec<_>, _>>()
+                    .map_err(StoreError::unavailable)
             })
             .await?;
         let page = paged(rows, limit as usize, |(seq, a)| {
@@ -422,7 +419,7 @@ impl Store for SqliteStore {
                     "DELETE FROM delivery_attempts WHERE at_ms <= ?1",
                     params![oldest],
                 )
-                .map_err(unavailable)?;
+                .map_err(StoreError::unavailable)?;
             Ok(n as u64)
         })
         .await
@@ -469,7 +466,7 @@ mod tests {
         let n: i64 = s
             .with(|c| {
                 c.query_row("SELECT count(*) FROM delivery_attempts", [], |r| r.get(0))
-                    .map_err(unavailable)
+                    .map_err(StoreError::unavailable)
             })
             .await
             .unwrap();
