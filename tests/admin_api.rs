@@ -45,11 +45,6 @@ fn steady_producer(
     })
 }
 
-fn body_type(r: &Received) -> String {
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    v["type"].as_str().unwrap_or_default().to_string()
-}
-
 fn partition_of(r: &Received) -> char {
     r.webhook_id.chars().nth(1).unwrap_or('?')
 }
@@ -117,7 +112,7 @@ async fn api_changes_reach_every_instance_within_5s() {
     assert!(
         rx.received()
             .iter()
-            .all(|r| body_type(r) == "order.created")
+            .all(|r| r.event_type() == "order.created")
     );
 
     // PATCH on instance 2: matching changes on both instances within 5 s.
@@ -132,7 +127,7 @@ async fn api_changes_reach_every_instance_within_5s() {
     let t1 = Instant::now();
     for p in ['0', '1'] {
         let d = first_after(&rx, t1, Duration::from_secs(5), |r| {
-            partition_of(r) == p && body_type(r) == "order.updated"
+            partition_of(r) == p && r.event_type() == "order.updated"
         })
         .await;
         println!("patch → first order.updated on partition {p}: {d:?}");
@@ -141,7 +136,7 @@ async fn api_changes_reach_every_instance_within_5s() {
     let late_created: Vec<_> = rx
         .received()
         .into_iter()
-        .filter(|r| r.at >= t1 + Duration::from_secs(5) && body_type(r) == "order.created")
+        .filter(|r| r.at >= t1 + Duration::from_secs(5) && r.event_type() == "order.created")
         .map(|r| r.webhook_id)
         .collect();
     assert!(

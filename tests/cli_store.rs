@@ -1,24 +1,16 @@
 //! `hookline subscriptions …`, `hookline migrate` and `--check-config` against an SQLite store, from the
 //! command line (no broker needed: these commands never contact Kafka).
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::hookline_cli;
 
 fn run(args: &[&str], config: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hookline"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let config = config.to_str().unwrap();
+    let r = hookline_cli(&[args, &["--config", config]].concat(), &[]);
+    (r.code, r.all())
 }
 
 fn config(dir: &Path, store: &str) -> std::path::PathBuf {

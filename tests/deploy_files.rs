@@ -5,6 +5,7 @@
 //! `run --check-config`, exactly as the compose services run them, against the CQL test server (not
 //! ScyllaDB); Prometheus and Alertmanager configs pass promtool and amtool; names agree across files.
 
+mod common;
 mod cql_server;
 
 use std::path::PathBuf;
@@ -152,20 +153,8 @@ fn dockerfile_is_multi_stage_and_non_root() {
 }
 
 fn hookline(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hookline"))
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let r = common::hookline_cli(args, env);
+    (r.code, r.all())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,15 +11,7 @@ use common::*;
 
 /// Resident set size (VmRSS) and its peak (VmHWM) of a process, in MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (proc_mib(pid, "VmRSS:"), proc_mib(pid, "VmHWM:"))
 }
 
 /// One hostile record: name, value, headers.

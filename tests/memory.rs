@@ -12,13 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_mib(pid, "VmRSS:")
 }
 
 /// Ignored because hookline does not meet it yet (issue 7 stays open): measured on 2026-11-25, RSS went

@@ -16,29 +16,16 @@ use serde_json::{Value, json};
 const TOKEN: &str = "replay-test-token-0123456789";
 
 fn cli(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hookline"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let config = config.to_str().unwrap();
+    let r = hookline_cli(
+        &[args, &["--config", config]].concat(),
+        &[("RUST_LOG", "warn")],
+    );
+    (r.code, r.stdout, r.stderr)
 }
 
 fn json_of(stdout: &str) -> Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
-
-fn body_type(r: &Received) -> String {
-    serde_json::from_slice::<Value>(&r.body).unwrap()["type"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Fails by event type while `failing` is set: x.rejected → 400, x.gone → 410, x.exhausted and y.* → 503
@@ -48,7 +35,7 @@ fn typed(failing: Arc<AtomicBool>) -> impl Fn(&Received) -> Reply + Send + Sync 
         if !failing.load(Ordering::Relaxed) {
             return Reply::Status(200);
         }
-        match body_type(r).as_str() {
+        match r.event_type().as_str() {
             "x.rejected" | "y.rejected" | "z.rejected" => Reply::Status(400),
             "x.gone" => Reply::Status(410),
             "x.exhausted" => Reply::Status(503),

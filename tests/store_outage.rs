@@ -44,20 +44,9 @@ async fn wait_readyz(h: &Hookline, status: u16, limit: Duration) -> Duration {
 }
 
 fn cli(args: &[&str], config: &std::path::Path) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookline"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let config = config.to_str().unwrap();
+    let r = hookline_cli(&[args, &["--config", config]].concat(), &[]);
+    (r.code == 0, r.all())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -479,6 +479,16 @@ pub struct Receiver {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Received {
+    /// The `type` of the JSON event this request carried ("" when it has none).
+    pub fn event_type(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["type"].as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
 impl Receiver {
     pub async fn start(behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -1047,4 +1057,44 @@ pub fn max_per_second(times: &[Instant]) -> usize {
         best = best.max(i - j + 1);
     }
     best
+}
+
+/// What one run of the hookline binary printed.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// stdout then stderr.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `hookline ARGS` from the repository root with extra environment, and waits for it.
+pub fn hookline_cli(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let out = Command::new(env!("CARGO_BIN_EXE_hookline"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A `/proc/<pid>/status` size field (`VmRSS:`, `VmHWM:`) in MiB, 0 when unreadable.
+pub fn proc_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
