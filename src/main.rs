@@ -70,6 +70,7 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(2, format!("config error: {e}")),
     };
     init_logging(&config);
+    hookline::deliver::http::raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.runtime.worker_threads > 0 {
         rt.worker_threads(config.runtime.worker_threads);

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::deliver::breaker::BreakerConfig;
+use crate::deliver::http::Target;
 use crate::deliver::endpoint::{Endpoint, EndpointLimits};
 use crate::deliver::share::GroupShare;
 use crate::matching::filter::Filter;
@@ -287,7 +288,9 @@ pub struct Subscription {
     /// `id` as text, kept for headers and logs.
     pub id_str: Box<str>,
     pub tenant: Option<Box<str>>,
-    pub url: reqwest::Url,
+    pub url: url::Url,
+    /// Where requests go (host, port, path), parsed once.
+    pub target: Target,
     pub patterns: Vec<Pattern>,
     pub filter: Option<Filter>,
     pub keys: Vec<SigningKey>,
@@ -351,7 +354,7 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 impl Subscription {
     /// Validates a spec and prepares it. Errors name the field (`url`, `event_types[1]`, `secrets[0]`, …).
     pub fn prepare(spec: SubscriptionSpec, defaults: &Defaults) -> Result<Subscription, SpecError> {
-        let url = reqwest::Url::parse(&spec.url)
+        let url = url::Url::parse(&spec.url)
             .map_err(|e| spec_err("url", format!("{:?} is not a URL ({e})", spec.url)))?;
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(spec_err("url", "scheme must be http or https"));
@@ -438,8 +441,10 @@ impl Subscription {
             v.set_sensitive(true);
             headers.insert(n, v);
         }
+        let target = Target::from_url(&url).map_err(|m| spec_err("url", m))?;
         Ok(Subscription {
             id: spec.id,
+            target,
             id_str: spec.id.to_string().into(),
             tenant: spec.tenant.as_deref().map(Into::into),
             url,

@@ -1,10 +1,10 @@
 //! Outbound address policy (SSRF protection). Destinations in loopback, private, shared (CGNAT),
 //! link-local, unspecified, multicast and broadcast ranges are refused after DNS resolution unless an
 //! allow-listed network contains them. IP-literal URLs are checked before the request is made; names
-//! are checked by [`PolicyResolver`], which filters what DNS returned, so a name pointing at 127.0.0.1
+//! are checked by the delivery client ([`super::http`]), which filters what DNS returned, so a name pointing at 127.0.0.1
 //! is refused just like the literal.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -14,7 +14,7 @@ pub struct AddressPolicy {
     allow: Arc<[IpNet]>,
 }
 
-/// A destination refused by the policy. Travels through reqwest's error chain from the resolver.
+/// A destination refused by the policy.
 #[derive(Debug, thiserror::Error)]
 #[error("address policy refused {addr} ({class}); add it to delivery.allow_networks to permit it")]
 pub struct AddressRefused {
@@ -102,41 +102,6 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
         .or(Some("ipv4-compatible"))
     } else {
         None
-    }
-}
-
-/// A DNS resolver for reqwest that drops refused addresses and fails when none is left.
-#[derive(Clone)]
-pub struct PolicyResolver {
-    pub policy: AddressPolicy,
-}
-
-impl reqwest::dns::Resolve for PolicyResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        refused.get_or_insert(e);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                return Err(match refused {
-                    Some(e) => Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
-                    None => format!("{host}: no addresses").into(),
-                });
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

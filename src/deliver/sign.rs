@@ -5,7 +5,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::Mac;
-use reqwest::header::HeaderValue;
+use http::header::HeaderValue;
 
 use crate::model::SigningKey;
 

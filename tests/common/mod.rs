@@ -742,7 +742,13 @@ impl Hookline {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hookline"))
+        // HOOKLINE_TEST_WRAPPER (e.g. "heaptrack -o /tmp/ht") runs hookline under a profiler; the pid
+        // and RSS figures are then the wrapper's.
+        let wrapper = std::env::var("HOOKLINE_TEST_WRAPPER").unwrap_or_default();
+        let mut argv: Vec<&str> = wrapper.split_whitespace().collect();
+        argv.push(env!("CARGO_BIN_EXE_hookline"));
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .args(["run", "--config"])
             .arg(&self.config)
             .env(
