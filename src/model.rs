@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::deliver::breaker::BreakerConfig;
-use crate::deliver::http::Target;
 use crate::deliver::endpoint::{Endpoint, EndpointLimits};
+use crate::deliver::http::Target;
 use crate::deliver::share::GroupShare;
 use crate::matching::filter::Filter;
 

@@ -187,12 +187,16 @@ impl Client {
             Some(c) => (c, true),
             None => (self.connect(target).await?, false),
         };
-        let mut first = self.exchange(&mut conn, target, &headers, body, capture).await;
+        let mut first = self
+            .exchange(&mut conn, target, &headers, body, capture)
+            .await;
         if reused && matches!(first, Err(Exchange::Stale(_))) {
             // The server closed the idle connection as we reused it: nothing was answered, so send once
             // more on a fresh connection.
             conn = self.connect(target).await?;
-            first = self.exchange(&mut conn, target, &headers, body, capture).await;
+            first = self
+                .exchange(&mut conn, target, &headers, body, capture)
+                .await;
         }
         match first {
             Ok((resp, reusable)) => {
@@ -283,7 +287,9 @@ impl Client {
                 if allowed.is_empty() {
                     return Err(match refused {
                         Some(e) => HttpError::Refused(e.to_string()),
-                        None => HttpError::Failed(format!("dns error: {}: no addresses", target.host)),
+                        None => {
+                            HttpError::Failed(format!("dns error: {}: no addresses", target.host))
+                        }
                     });
                 }
                 allowed
@@ -470,7 +476,9 @@ fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, boo
                 }
             }
         } else if name.eq_ignore_ascii_case("retry-after") {
-            retry_after = std::str::from_utf8(h.value).ok().map(|s| s.trim().to_string());
+            retry_after = std::str::from_utf8(h.value)
+                .ok()
+                .map(|s| s.trim().to_string());
         }
     }
     let framing = if chunked {
@@ -516,30 +524,43 @@ async fn read_body(
             let len = len as usize;
             while buf.len() < len {
                 match read_more(io, buf).await {
-                    Ok(0) => return (false, Some("connection closed in the middle of the body".into())),
+                    Ok(0) => {
+                        return (
+                            false,
+                            Some("connection closed in the middle of the body".into()),
+                        );
+                    }
                     Ok(_) => {}
-                    Err(e) => return (false, Some(format!("connection error: reading the body: {e}"))),
+                    Err(e) => {
+                        return (
+                            false,
+                            Some(format!("connection error: reading the body: {e}")),
+                        );
+                    }
                 }
             }
             keep(&buf[..len], excerpt);
             buf.drain(..len);
             (true, None)
         }
-        Framing::UntilClose => {
-            loop {
-                keep(buf, excerpt);
-                seen += buf.len();
-                buf.clear();
-                if seen > budget {
-                    return (false, None);
-                }
-                match read_more(io, buf).await {
-                    Ok(0) => return (false, None),
-                    Ok(_) => {}
-                    Err(e) => return (false, Some(format!("connection error: reading the body: {e}"))),
+        Framing::UntilClose => loop {
+            keep(buf, excerpt);
+            seen += buf.len();
+            buf.clear();
+            if seen > budget {
+                return (false, None);
+            }
+            match read_more(io, buf).await {
+                Ok(0) => return (false, None),
+                Ok(_) => {}
+                Err(e) => {
+                    return (
+                        false,
+                        Some(format!("connection error: reading the body: {e}")),
+                    );
                 }
             }
-        }
+        },
         Framing::Chunked => {
             let mut dec = Chunked::default();
             loop {
@@ -552,9 +573,19 @@ async fn read_body(
                     return (false, None);
                 }
                 match read_more(io, buf).await {
-                    Ok(0) => return (false, Some("connection closed in the middle of the body".into())),
+                    Ok(0) => {
+                        return (
+                            false,
+                            Some("connection closed in the middle of the body".into()),
+                        );
+                    }
                     Ok(_) => {}
-                    Err(e) => return (false, Some(format!("connection error: reading the body: {e}"))),
+                    Err(e) => {
+                        return (
+                            false,
+                            Some(format!("connection error: reading the body: {e}")),
+                        );
+                    }
                 }
             }
         }
@@ -612,7 +643,11 @@ impl Chunked {
                 }
                 continue;
             }
-            let size = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+            let size = line
+                .split(|b| *b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
             let size = std::str::from_utf8(size)
                 .ok()
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
@@ -697,7 +732,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -752,7 +791,10 @@ pub fn raise_fd_limit() {
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
             tracing::debug!(from = soft, to = lim.rlim_max, "raised the open-file limit");
         } else {
-            tracing::warn!(soft, "could not raise the open-file limit; it caps concurrent deliveries");
+            tracing::warn!(
+                soft,
+                "could not raise the open-file limit; it caps concurrent deliveries"
+            );
         }
     }
 }
@@ -799,8 +841,10 @@ mod tests {
             (None, Framing::Chunked, true)
         );
         assert_eq!(
-            head("HTTP/1.1 503 x\r\nRetry-After: 7\r\nConnection: close\r\ncontent-length: 0\r\n\r\n")
-                .unwrap(),
+            head(
+                "HTTP/1.1 503 x\r\nRetry-After: 7\r\nConnection: close\r\ncontent-length: 0\r\n\r\n"
+            )
+            .unwrap(),
             (Some("7".into()), Framing::Length(0), false)
         );
         // No length: read until close, never reused. HTTP/1.0: not reused.
@@ -808,7 +852,11 @@ mod tests {
             head("HTTP/1.1 200 OK\r\n\r\n").unwrap(),
             (None, Framing::UntilClose, false)
         );
-        assert!(!head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap().2);
+        assert!(
+            !head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .unwrap()
+                .2
+        );
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n").is_err());
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").is_err());
     }
@@ -823,7 +871,10 @@ mod tests {
         let mut done_at = None;
         for (i, b) in raw.iter().enumerate() {
             buf.push(*b);
-            if dec.feed(&mut buf, &mut |d| out.extend_from_slice(d)).unwrap() {
+            if dec
+                .feed(&mut buf, &mut |d| out.extend_from_slice(d))
+                .unwrap()
+            {
                 done_at = Some(i);
                 break;
             }

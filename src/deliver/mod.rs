@@ -77,16 +77,22 @@ impl Deliverer {
         let headers = |h: &mut Vec<u8>| {
             line(h, b"content-type", event.content_type.as_bytes());
             line(h, b"user-agent", USER_AGENT.as_bytes());
-            line(h, WEBHOOK_ID.as_str().as_bytes(), event.webhook_id.as_bytes());
+            line(
+                h,
+                WEBHOOK_ID.as_str().as_bytes(),
+                event.webhook_id.as_bytes(),
+            );
             line(h, WEBHOOK_TIMESTAMP.as_str().as_bytes(), ts_text);
-            line(h, WEBHOOK_SIGNATURE.as_str().as_bytes(), signature.as_bytes());
+            line(
+                h,
+                WEBHOOK_SIGNATURE.as_str().as_bytes(),
+                signature.as_bytes(),
+            );
             for (name, value) in &sub.headers {
                 line(h, name.as_str().as_bytes(), value.as_bytes());
             }
         };
-        let sent = self
-            .client
-            .post(&sub.target, headers, &event.body, capture);
+        let sent = self.client.post(&sub.target, headers, &event.body, capture);
         let (result, excerpt) = match tokio::time::timeout(sub.timeout, sent).await {
             Err(_) => (AttemptResult::Timeout, Vec::new()),
             Ok(Err(self::http::HttpError::Refused(m))) => (AttemptResult::Refused(m), Vec::new()),
