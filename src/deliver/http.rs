@@ -364,14 +364,17 @@ impl Client {
 
         // The response head (1xx heads are skipped).
         conn.buf.clear();
+        // After a skipped 1xx head, what is already buffered is parsed before reading more.
+        let mut buffered = false;
         let (status, retry_after, framing, mut keep_alive, head_len) = loop {
-            if read_more(&mut conn.io, &mut conn.buf).await.map_err(|e| {
-                if conn.buf.is_empty() {
-                    Exchange::Stale(format!("connection error: reading the response: {e}"))
-                } else {
-                    Exchange::Failed(format!("connection error: reading the response: {e}"))
-                }
-            })? == 0
+            if !std::mem::take(&mut buffered)
+                && read_more(&mut conn.io, &mut conn.buf).await.map_err(|e| {
+                    if conn.buf.is_empty() {
+                        Exchange::Stale(format!("connection error: reading the response: {e}"))
+                    } else {
+                        Exchange::Failed(format!("connection error: reading the response: {e}"))
+                    }
+                })? == 0
             {
                 return Err(if conn.buf.is_empty() {
                     Exchange::Stale("connection closed before a response".into())
@@ -386,6 +389,7 @@ impl Client {
                     let code = resp.code.unwrap_or(0);
                     if (100..200).contains(&code) && code != 101 {
                         conn.buf.drain(..n);
+                        buffered = !conn.buf.is_empty();
                         continue;
                     }
                     let parsed = parse_head(&resp)
@@ -802,6 +806,219 @@ pub fn raise_fd_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A raw HTTP server on loopback: `script(connection_no, stream)` plays one connection.
+    async fn raw_server<F, Fut>(script: F) -> (Target, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/p?q=1", l.local_addr().unwrap());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(script(n, s));
+            }
+        });
+        (Target::from_url(&Url::parse(&url).unwrap()).unwrap(), conns)
+    }
+
+    /// Reads one request (head and content-length body) and returns it.
+    async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+        let mut buf = Vec::new();
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let mut body = buf[end + 4..].to_vec();
+                while body.len() < len {
+                    let mut b = [0u8; 1024];
+                    let n = s.read(&mut b).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    body.extend_from_slice(&b[..n]);
+                }
+                return Some((head, body));
+            }
+            let mut b = [0u8; 1024];
+            let n = s.read(&mut b).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&b[..n]);
+        }
+    }
+
+    fn client(max_response_bytes: usize) -> Client {
+        Client::new(ClientConfig {
+            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            connect_timeout: Duration::from_secs(2),
+            max_idle_per_host: 4,
+            idle_timeout: Duration::from_secs(30),
+            max_response_bytes,
+        })
+    }
+
+    async fn post(c: &Client, t: &Target, capture: usize) -> Result<Response, HttpError> {
+        let body = Bytes::from_static(b"{\"id\":1}");
+        c.post(
+            t,
+            |h| h.extend_from_slice(b"x-extra: 1\r\n"),
+            &body,
+            capture,
+        )
+        .await
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn requests_are_well_formed_and_connections_reused() {
+        let (t, conns) = raw_server(|_, mut s| async move {
+            while let Some((head, body)) = read_request(&mut s).await {
+                let lines: Vec<&str> = head.split("\r\n").collect();
+                assert_eq!(lines[0], "POST /p?q=1 HTTP/1.1");
+                assert!(lines[1].starts_with("host: 127.0.0.1:"), "{head}");
+                assert_eq!(lines[2], "content-length: 8");
+                assert_eq!(lines[3], "x-extra: 1");
+                assert_eq!(body, b"{\"id\":1}");
+                s.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let c = client(4096);
+        for _ in 0..3 {
+            let r = post(&c, &t, 10).await.unwrap();
+            assert_eq!((r.status, r.excerpt.as_slice()), (200, &b"ok"[..]));
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "one keep-alive connection");
+    }
+
+    #[tokio::test]
+    async fn chunked_split_and_informational_responses() {
+        let (t, conns) = raw_server(|_, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                // A 100 Continue, then the real head one byte at a time, then a chunked body.
+                let resp: &[u8] =
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nRetry-After: 7\r\n\
+                    transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
+                for b in resp {
+                    s.write_all(&[*b]).await.unwrap();
+                }
+            }
+        })
+        .await;
+        let c = client(4096);
+        for _ in 0..2 {
+            let r = post(&c, &t, 4).await.unwrap();
+            assert_eq!(r.status, 503);
+            assert_eq!(r.retry_after.as_deref(), Some("7"));
+            assert_eq!(r.excerpt, b"abcd");
+            assert!(r.body_error.is_none());
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "reused after a chunked body"
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_idle_connections_are_not_reused_and_a_close_race_is_retried_once() {
+        // Connection 0 answers once, then reads the next request and closes without answering (the
+        // server timed the connection out just as it was reused). Connection 1 answers everything.
+        let (t, conns) = raw_server(|n, mut s| async move {
+            if n == 0 {
+                read_request(&mut s).await.unwrap();
+                s.write_all(OK).await.unwrap();
+                read_request(&mut s).await;
+                return;
+            }
+            while read_request(&mut s).await.is_some() {
+                s.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let c = client(4096);
+        assert_eq!(post(&c, &t, 0).await.unwrap().status, 200);
+        assert_eq!(
+            post(&c, &t, 0).await.unwrap().status,
+            200,
+            "retried on a fresh connection"
+        );
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+
+        // A server that closes after each answer: the pooled connection is seen closed before reuse.
+        let (t, conns) = raw_server(|_, mut s| async move {
+            read_request(&mut s).await.unwrap();
+            s.write_all(OK).await.unwrap();
+        })
+        .await;
+        for _ in 0..3 {
+            assert_eq!(post(&c, &t, 0).await.unwrap().status, 200);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn large_bodies_close_and_broken_responses_fail() {
+        let (t, conns) = raw_server(|n, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                let r: &[u8] = match n {
+                    0 | 1 => b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nxxxx",
+                    _ => b"HTTP/1.1 2x0 what\r\n\r\n",
+                };
+                if s.write_all(r).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let c = client(1000);
+        let r = post(&c, &t, 3).await.unwrap();
+        assert_eq!((r.status, r.excerpt.as_slice()), (200, &b"xxx"[..]));
+        let r = post(&c, &t, 0).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "a body over the bound is not read to reuse"
+        );
+        match post(&c, &t, 0).await {
+            Err(HttpError::Failed(m)) => assert!(m.starts_with("invalid response"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_destinations_are_not_connected() {
+        let (t, conns) = raw_server(|_, _| async {}).await;
+        let strict = Client::new(ClientConfig {
+            policy: AddressPolicy::new(vec![]),
+            connect_timeout: Duration::from_secs(1),
+            max_idle_per_host: 1,
+            idle_timeout: Duration::from_secs(1),
+            max_response_bytes: 10,
+        });
+        assert!(matches!(
+            post(&strict, &t, 0).await,
+            Err(HttpError::Refused(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conns.load(Ordering::SeqCst), 0);
+    }
 
     fn head(raw: &str) -> Result<(Option<String>, Framing, bool), String> {
         let mut hdrs = [httparse::EMPTY_HEADER; 16];
