@@ -3,10 +3,13 @@
 index and tansu's own Cargo.lock), unpacks them into DEST, and applies hookline's one patch to
 tansu-storage, then points tansu's manifest at the patched copy.
 
-The patch: in tansu-storage 0.6.0 the storage request loop (ChannelRequestService::serve) ends for good
-when one answer cannot be handed back (the client disconnected while its request was being served) or one
-request fails; the broker then answers every later request with UnableToSend. Seen here as a broker that
-never accepts a Produce again after a restart under load. Patched: the loop logs and goes on.
+The patch: tansu-storage 0.6.0 serves every storage request of the broker from one loop
+(ChannelRequestService::serve), and that loop ends for good when one answer cannot be handed back (the
+client disconnected while its request was being served), when one request fails, or when one request
+panics -- which a storage error during a consumer-group update does (`unreachable!()` in
+`From<ServiceError> for UpdateError<GroupDetail>`). The broker then answers every later request with
+UnableToSend. Seen here as a broker that never accepts a Produce again after a restart under load.
+Patched: the loop logs and goes on, and that conversion returns the storage error.
 
 Usage: fetch-and-patch.py VERSION DEST
 """
@@ -61,18 +64,39 @@ old = """                Some((request, tx)) = req.recv() => {
 new = """                Some((request, tx)) = req.recv() => {
                     // Patched by hookline's scripts/tansu: one failed request or one requester that went
                     // away must not end this loop (it served every later request of the broker).
-                    match self.inner.serve(ctx.clone(), request).await {
-                        Ok(response) => {
+                    // A panic while serving one request is caught for the same reason.
+                    let served = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                        self.inner.serve(ctx.clone(), request),
+                    ))
+                    .await;
+                    match served {
+                        Ok(Ok(response)) => {
                             if tx.send(response).is_err() {
                                 debug!("requester went away before its answer");
                             }
                         }
-                        Err(e) => error!(?e, "storage request failed"),
+                        Ok(Err(e)) => error!(?e, "storage request failed"),
+                        Err(_) => error!("storage request panicked"),
                     }
                 }"""
 if src.count(old) != 1:
     sys.exit(f"{path}: the code to patch was not found exactly once")
-open(path, "w").write(src.replace(old, new))
+src = src.replace(old, new)
+# 2. A storage error during a group update was converted with unreachable!() (a panic that ended the
+#    same loop); it becomes the update's error instead.
+old = """        if let ServiceError::UpdateGroupDetail(error) = value {
+            error
+        } else {
+            unreachable!()
+        }"""
+new = """        match value {
+            ServiceError::UpdateGroupDetail(error) => error,
+            ServiceError::Storage(error) => UpdateError::Error(error),
+        }"""
+if src.count(old) != 1:
+    sys.exit(f"{path}: the group-update conversion was not found exactly once")
+src = src.replace(old, new)
+open(path, "w").write(src)
 
 with open(f"{tansu}/Cargo.toml", "a") as f:
     f.write(f'\n[patch.crates-io]\ntansu-storage = {{ path = "../tansu-storage-{version}" }}\n')
