@@ -185,7 +185,9 @@ impl Client {
         }
         let (mut conn, reused) = match self.checkout(target) {
             Some(c) => (c, true),
-            None => (self.connect(target).await?, false),
+            // Boxed: connecting is rare next to reuse, and its state would otherwise make every
+            // in-flight delivery's future ~1.3 KiB larger.
+            None => (Box::pin(self.connect(target)).await?, false),
         };
         let mut first = self
             .exchange(&mut conn, target, &headers, body, capture)
@@ -193,7 +195,7 @@ impl Client {
         if reused && matches!(first, Err(Exchange::Stale(_))) {
             // The server closed the idle connection as we reused it: nothing was answered, so send once
             // more on a fresh connection.
-            conn = self.connect(target).await?;
+            conn = Box::pin(self.connect(target)).await?;
             first = self
                 .exchange(&mut conn, target, &headers, body, capture)
                 .await;
