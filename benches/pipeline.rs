@@ -210,8 +210,13 @@ async fn throughput(a: &Args) -> serde_json::Value {
         i += n;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg =
-        base_config(&broker, &["bench"], "bench").replace("level = \"info\"", "level = \"warn\"");
+    // librdkafka's default session timeout: while tansu serves the first large fetches it can miss
+    // heartbeats for more than the tests' 6 s, and after such a timeout it rejoined the member with no
+    // partitions (the benchmark then waited forever).
+    let cfg = base_config(&broker, &["bench"], "bench")
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace("\"session.timeout.ms\" = \"6000\"", "\"session.timeout.ms\" = \"45000\"");
+    assert!(cfg.contains("45000"), "session timeout not replaced");
     let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
     let pid = h_pid(&h);
     let expected = (a.events * a.matching) as u64;
