@@ -215,7 +215,10 @@ async fn throughput(a: &Args) -> serde_json::Value {
     // partitions (the benchmark then waited forever).
     let cfg = base_config(&broker, &["bench"], "bench")
         .replace("level = \"info\"", "level = \"warn\"")
-        .replace("\"session.timeout.ms\" = \"6000\"", "\"session.timeout.ms\" = \"45000\"");
+        .replace(
+            "\"session.timeout.ms\" = \"6000\"",
+            "\"session.timeout.ms\" = \"45000\"",
+        );
     assert!(cfg.contains("45000"), "session timeout not replaced");
     let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
     let pid = h_pid(&h);

@@ -529,20 +529,8 @@ async fn read_body(
             }
             let len = len as usize;
             while buf.len() < len {
-                match read_more(io, buf).await {
-                    Ok(0) => {
-                        return (
-                            false,
-                            Some("connection closed in the middle of the body".into()),
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return (
-                            false,
-                            Some(format!("connection error: reading the body: {e}")),
-                        );
-                    }
+                if let Err(e) = read_body_more(io, buf).await {
+                    return (false, Some(e));
                 }
             }
             keep(&buf[..len], excerpt);
@@ -578,20 +566,8 @@ async fn read_body(
                 if dec.consumed > budget {
                     return (false, None);
                 }
-                match read_more(io, buf).await {
-                    Ok(0) => {
-                        return (
-                            false,
-                            Some("connection closed in the middle of the body".into()),
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return (
-                            false,
-                            Some(format!("connection error: reading the body: {e}")),
-                        );
-                    }
+                if let Err(e) = read_body_more(io, buf).await {
+                    return (false, Some(e));
                 }
             }
         }
@@ -668,6 +644,15 @@ impl Chunked {
         self.consumed += pos;
         buf.drain(..pos);
         result
+    }
+}
+
+/// [`read_more`] for a body that is not complete yet: the end of the stream is an error too.
+async fn read_body_more(io: &mut Stream, buf: &mut Vec<u8>) -> Result<(), String> {
+    match read_more(io, buf).await {
+        Ok(0) => Err("connection closed in the middle of the body".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("connection error: reading the body: {e}")),
     }
 }
 
