@@ -32,7 +32,7 @@ use super::policy::AddressPolicy;
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
-/// Read buffer growth step (and the size it is shrunk back to between requests).
+/// Read buffer growth step; a buffer grown past 8 steps is dropped when its connection goes idle.
 const READ_CHUNK: usize = 1024;
 
 /// Where a subscription's requests go, parsed once when the subscription is prepared.
@@ -94,10 +94,6 @@ impl Target {
             host_header: host_header.into(),
             path: path.into(),
         })
-    }
-
-    pub fn ip(&self) -> Option<IpAddr> {
-        self.ip
     }
 }
 
@@ -369,20 +365,22 @@ impl Client {
         // After a skipped 1xx head, what is already buffered is parsed before reading more.
         let mut buffered = false;
         let (status, retry_after, framing, mut keep_alive, head_len) = loop {
-            if !std::mem::take(&mut buffered)
-                && read_more(&mut conn.io, &mut conn.buf).await.map_err(|e| {
-                    if conn.buf.is_empty() {
-                        Exchange::Stale(format!("connection error: reading the response: {e}"))
+            if !std::mem::take(&mut buffered) {
+                let read = read_more(&mut conn.io, &mut conn.buf).await;
+                if !matches!(read, Ok(n) if n > 0) {
+                    // Nothing received at all means the connection was already closed (stale).
+                    let stale = conn.buf.is_empty();
+                    let what = match read {
+                        Err(e) => format!("connection error: reading the response: {e}"),
+                        Ok(_) if stale => "connection closed before a response".into(),
+                        Ok(_) => "connection closed in the middle of the response head".into(),
+                    };
+                    return Err(if stale {
+                        Exchange::Stale(what)
                     } else {
-                        Exchange::Failed(format!("connection error: reading the response: {e}"))
-                    }
-                })? == 0
-            {
-                return Err(if conn.buf.is_empty() {
-                    Exchange::Stale("connection closed before a response".into())
-                } else {
-                    Exchange::Failed("connection closed in the middle of the response head".into())
-                });
+                        Exchange::Failed(what)
+                    });
+                }
             }
             let mut hdrs = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut hdrs);
@@ -515,12 +513,12 @@ async fn read_body(
             excerpt.extend_from_slice(&data[..n]);
         }
     };
-    // Budget of raw bytes read for the body, framing included.
-    let budget = max.max(capture) + 1024;
-    let mut seen = 0usize;
+    // Body bytes worth reading, and the budget of raw bytes read for them (framing included).
+    let limit = max.max(capture);
+    let budget = limit + 1024;
     match framing {
         Framing::Length(len) => {
-            if len > max.max(capture) as u64 {
+            if len > limit as u64 {
                 // Not worth reading: close the connection instead (but keep what is already here).
                 let n = buf.len().min(len as usize);
                 keep(&buf[..n], excerpt);
@@ -537,24 +535,27 @@ async fn read_body(
             buf.drain(..len);
             (true, None)
         }
-        Framing::UntilClose => loop {
-            keep(buf, excerpt);
-            seen += buf.len();
-            buf.clear();
-            if seen > budget {
-                return (false, None);
-            }
-            match read_more(io, buf).await {
-                Ok(0) => return (false, None),
-                Ok(_) => {}
-                Err(e) => {
-                    return (
-                        false,
-                        Some(format!("connection error: reading the body: {e}")),
-                    );
+        Framing::UntilClose => {
+            let mut seen = 0usize;
+            loop {
+                keep(buf, excerpt);
+                seen += buf.len();
+                buf.clear();
+                if seen > budget {
+                    return (false, None);
+                }
+                match read_more(io, buf).await {
+                    Ok(0) => return (false, None),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return (
+                            false,
+                            Some(format!("connection error: reading the body: {e}")),
+                        );
+                    }
                 }
             }
-        },
+        }
         Framing::Chunked => {
             let mut dec = Chunked::default();
             loop {
@@ -1026,7 +1027,7 @@ mod tests {
             (&*t.host, t.port, &*t.host_header, &*t.path, t.tls),
             ("::1", 8443, "[::1]:8443", "/", true)
         );
-        assert_eq!(t.ip(), Some("::1".parse().unwrap()));
+        assert_eq!(t.ip, Some("::1".parse().unwrap()));
         let a = Target::from_url(&Url::parse("http://h:80/x").unwrap()).unwrap();
         let b = Target::from_url(&Url::parse("http://h/y").unwrap()).unwrap();
         assert_eq!(a.key, b.key, "same origin, same pool");

@@ -1,8 +1,8 @@
 //! Outbound address policy (SSRF protection). Destinations in loopback, private, shared (CGNAT),
 //! link-local, unspecified, multicast and broadcast ranges are refused after DNS resolution unless an
 //! allow-listed network contains them. IP-literal URLs are checked before the request is made; names
-//! are checked by the delivery client ([`super::http`]), which filters what DNS returned, so a name pointing at 127.0.0.1
-//! is refused just like the literal.
+//! are checked by the delivery client ([`super::http`]), which filters what DNS returned, so a name
+//! pointing at 127.0.0.1 is refused just like the literal.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
