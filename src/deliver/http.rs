@@ -364,7 +364,7 @@ impl Client {
         conn.buf.clear();
         // After a skipped 1xx head, what is already buffered is parsed before reading more.
         let mut buffered = false;
-        let (status, retry_after, framing, mut keep_alive, head_len) = loop {
+        let (status, retry_after, framing, keep_alive, head_len) = loop {
             if !std::mem::take(&mut buffered) {
                 let read = read_more(&mut conn.io, &mut conn.buf).await;
                 if !matches!(read, Ok(n) if n > 0) {
@@ -405,12 +405,6 @@ impl Client {
                 Err(e) => return Err(Exchange::Failed(format!("invalid response: {e}"))),
             }
         };
-        let framing = if status == 204 || status == 304 || status == 101 {
-            keep_alive &= status != 101;
-            Framing::Length(0)
-        } else {
-            framing
-        };
         conn.buf.drain(..head_len);
         let mut excerpt = Vec::new();
         let (complete, body_error) = read_body(
@@ -422,7 +416,7 @@ impl Client {
             &mut excerpt,
         )
         .await;
-        keep_alive &= complete && conn.buf.is_empty();
+        let keep_alive = keep_alive && complete && conn.buf.is_empty();
         Ok((
             Response {
                 status,
@@ -448,7 +442,12 @@ enum Framing {
     UntilClose,
 }
 
-/// Retry-After, framing and keep-alive from a response head.
+/// Retry-After, framing and keep-alive from a (final) response head.
+///
+/// The status decides first (RFC 9112 §6.3): a 204 or 304 never has a body, whatever its headers say,
+/// so it is framed as empty and its connection stays reusable; only then do Transfer-Encoding and
+/// Content-Length frame the body, and a body with neither is read until close (no reuse). A 101 switches
+/// the connection to another protocol: framed as empty, never reused.
 fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, bool), String> {
     let mut retry_after = None;
     let mut length: Option<u64> = None;
@@ -485,7 +484,11 @@ fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, boo
                 .map(|s| s.trim().to_string());
         }
     }
-    let framing = if chunked {
+    let code = resp.code.unwrap_or(0);
+    let framing = if code == 204 || code == 304 || code == 101 {
+        keep_alive &= code != 101;
+        Framing::Length(0)
+    } else if chunked {
         Framing::Chunked
     } else if let Some(l) = length {
         Framing::Length(l)
@@ -923,6 +926,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_are_reused_after_bodiless_responses() {
+        // What servers such as hyper send: a 204 and a 304 without any length header, an empty 200 with
+        // `content-length: 0`, and a 204 after a 100 Continue. Each leaves the connection reusable.
+        const ANSWERS: [&[u8]; 4] = [
+            b"HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        ];
+        let (t, conns) = raw_server(|_, mut s| async move {
+            let mut i = 0;
+            while read_request(&mut s).await.is_some() {
+                s.write_all(ANSWERS[i % ANSWERS.len()]).await.unwrap();
+                i += 1;
+            }
+        })
+        .await;
+        let c = client(4096);
+        for round in 0..2 {
+            for want in [204, 304, 200, 204] {
+                let r = post(&c, &t, 16).await.unwrap();
+                assert_eq!(r.status, want, "round {round}");
+                assert!(r.excerpt.is_empty() && r.body_error.is_none());
+            }
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection for 8 bodiless responses"
+        );
+    }
+
+    #[tokio::test]
     async fn closed_idle_connections_are_not_reused_and_a_close_race_is_retried_once() {
         // Connection 0 answers once, then reads the next request and closes without answering (the
         // server timed the connection out just as it was reused). Connection 1 answers everything.
@@ -1051,6 +1087,22 @@ mod tests {
             )
             .unwrap(),
             (Some("7".into()), Framing::Length(0), false)
+        );
+        // Bodiless statuses are empty and reusable without any length header; a 101 is never reused.
+        for code in ["204 No Content", "304 Not Modified"] {
+            assert_eq!(
+                head(&format!("HTTP/1.1 {code}\r\n\r\n")).unwrap(),
+                (None, Framing::Length(0), true),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            head("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n").unwrap(),
+            (None, Framing::Length(0), true)
+        );
+        assert_eq!(
+            head("HTTP/1.1 101 Switching Protocols\r\n\r\n").unwrap(),
+            (None, Framing::Length(0), false)
         );
         // No length: read until close, never reused. HTTP/1.0: not reused.
         assert_eq!(
