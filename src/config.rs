@@ -92,6 +92,35 @@ pub struct SourceConfig {
     /// from the broker for `/metrics`.
     #[serde(default = "default_lag_interval", with = "humantime_serde_compat")]
     pub lag_interval: Duration,
+    /// Static group membership (`group.instance.id` of both the source and the retry consumer): a
+    /// restarted instance with the same id takes its partitions back at once instead of waiting for its
+    /// old session to time out. Unique per instance and stable across its restarts, e.g. the pod name of
+    /// a StatefulSet (`HOOKLINE_SOURCE__INSTANCE_ID` from the downward API).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// Consumer group protocol: `classic` (default; cooperative-sticky assignment, client-side
+    /// `session.timeout.ms`) or `consumer` (KIP-848, Kafka 4: the broker assigns and owns the session
+    /// timing, `group.consumer.session.timeout.ms`).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The value of librdkafka's `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -645,6 +674,8 @@ impl Config {
         }
         for reserved in [
             "group.id",
+            "group.instance.id",
+            "group.protocol",
             "enable.auto.offset.store",
             "enable.auto.commit",
             "enable.idempotence",
@@ -652,8 +683,39 @@ impl Config {
             if self.kafka.contains_key(reserved) {
                 return Err(ConfigError::new(
                     format!("kafka.\"{reserved}\""),
-                    "is managed by hookline (use source.group / source.commit_interval)",
+                    "is managed by hookline (use source.group, source.instance_id, \
+                     source.group_protocol, source.commit_interval)",
                 ));
+            }
+        }
+        if let Some(id) = &self.source.instance_id {
+            let ok = !id.is_empty()
+                && id.len() <= 249
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+            if !ok {
+                return Err(ConfigError::new(
+                    "source.instance_id",
+                    format!("{id:?} is not a valid group.instance.id (1-249 of [a-zA-Z0-9._-])"),
+                ));
+            }
+        }
+        if self.source.group_protocol == GroupProtocol::Consumer {
+            // librdkafka refuses these at client creation under KIP-848: the broker owns them.
+            for classic_only in [
+                "session.timeout.ms",
+                "heartbeat.interval.ms",
+                "partition.assignment.strategy",
+                "group.protocol.type",
+            ] {
+                if self.kafka.contains_key(classic_only) {
+                    return Err(ConfigError::new(
+                        format!("kafka.\"{classic_only}\""),
+                        "is not allowed with source.group_protocol = \"consumer\" (the broker sets \
+                         it: group.consumer.* broker settings)",
+                    ));
+                }
             }
         }
         range(

@@ -17,7 +17,7 @@ const TOKEN: &str = "test-admin-token-0123456789";
 /// Produces two events (one per partition) every 40 ms, alternating order.created / order.updated,
 /// until stopped. Ids: `p<partition>-<n>`.
 fn steady_producer(
-    broker: Arc<Broker>,
+    broker: &'static Broker,
     topic: String,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<usize> {
@@ -85,13 +85,13 @@ fn verifies(secret: &str, r: &Received) -> bool {
 async fn api_changes_reach_every_instance_within_5s() {
     // Two instances in one group, sharing one SQLite file.
     let env = SqliteEnv::new(2);
-    let (broker, topic) = (env.broker.clone(), env.topic.clone());
+    let (broker, topic) = (env.broker, env.topic.clone());
     let (h1, h2) = tokio::join!(env.hookline(TOKEN), env.hookline(TOKEN));
     let (api1, api2) = (Api::new(&h1, TOKEN), Api::new(&h2, TOKEN));
     let rx = Receiver::ok().await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = steady_producer(broker.clone(), topic.clone(), stop.clone());
+    let producer = steady_producer(broker, topic.clone(), stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(rx.count(), 0);
 

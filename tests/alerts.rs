@@ -238,11 +238,11 @@ fn fast_lag_rules() -> String {
 /// resolves after recovery. The rules and the dashboard only use metrics hookline exports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_prometheus_fires_and_resolves_the_lag_alert() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("alerted", 1);
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::ok().await;
-    let cfg = base_config(&broker, &["alerted"], "alert1")
+    let cfg = base_config(broker, &["alerted"], "alert1")
         .replace("[source]\n", "[source]\nlag_interval = \"500ms\"\n");
     let mut s = sub(1, &receiver.url(), &["*"]);
     s["timeout_ms"] = serde_json::json!(120_000);

@@ -14,63 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: i32 = 6;
-
-/// Produces one event per partition every `every` until stopped, with its own producer (so the broker
-/// object can be restarted meanwhile). Returns the ids the broker acknowledged.
-fn load(
-    bootstrap: String,
-    topic: &'static str,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("linger.ms", "5")
-            // Not idempotent: tansu 0.6.0 loses an idempotent producer's per-partition sequence state
-            // when it is stopped under load, and then panics on that producer's every produce (lite.rs
-            // "more or less than one row"). A plain producer may duplicate on retry, which the check
-            // by id tolerates.
-            .set("enable.idempotence", "false")
-            .set("message.timeout.ms", "120000")
-            .create()
-            .unwrap();
-        let mut acked = Vec::new();
-        let mut n = 0usize;
-        while !stop.load(Ordering::Relaxed) {
-            let batch: Vec<(String, String)> = (0..PARTITIONS)
-                .map(|p| {
-                    let id = format!("p{p}-{n}");
-                    let body =
-                        serde_json::json!({"id": id, "type": "order.created", "data": {"n": n}})
-                            .to_string();
-                    (id, body)
-                })
-                .collect();
-            let sends = batch.iter().enumerate().map(|(p, (_, body))| {
-                producer.send(
-                    FutureRecord::<[u8], [u8]>::to(topic)
-                        .payload(body.as_bytes())
-                        .partition(p as i32),
-                    Duration::from_secs(120),
-                )
-            });
-            let results = futures_util::future::join_all(sends).await;
-            for ((id, _), r) in batch.into_iter().zip(results) {
-                if r.is_ok() {
-                    acked.push(id);
-                }
-            }
-            n += 1;
-            tokio::time::sleep(every).await;
-        }
-        acked
-    })
-}
 
 /// Waits until every acknowledged id was received; reports duplicates and the longest silence per
 /// partition after `since`.
@@ -118,15 +63,26 @@ struct Setup {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-async fn setup(broker: &Broker, group: &str, n: usize) -> Setup {
-    broker.create_topic("orders", PARTITIONS);
+/// Each instance has its own static membership id (`source.instance_id`) and the fast-failover session
+/// settings of `protocol`.
+async fn setup(broker: &Broker, group: &str, n: usize, protocol: &str) -> Setup {
+    let topic: &'static str = Box::leak(broker.topic("orders", PARTITIONS).into_boxed_str());
     let rx = Receiver::ok().await;
-    let cfg = base_config(broker, &["orders"], group);
+    let cfg = fast_failover(&base_config(broker, &[topic], group), protocol);
     let subs = [sub(1, &rx.url(), &["order.*"])];
     let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut hs: Vec<Hookline> = dirs
         .iter()
-        .map(|d| Hookline::start(d.path(), &cfg, &subs))
+        .enumerate()
+        .map(|(i, d)| {
+            let id = format!("{group}-{i}");
+            Hookline::start_with_env(
+                d.path(),
+                &cfg,
+                &subs,
+                &[("HOOKLINE_SOURCE__INSTANCE_ID", id.as_str())],
+            )
+        })
         .collect();
     for h in hs.iter_mut() {
         h.wait_ready(Duration::from_secs(30)).await;
@@ -134,7 +90,8 @@ async fn setup(broker: &Broker, group: &str, n: usize) -> Setup {
     let stop = Arc::new(AtomicBool::new(false));
     let producer = load(
         broker.bootstrap(),
-        "orders",
+        topic,
+        PARTITIONS,
         Duration::from_millis(50),
         stop.clone(),
     );
@@ -149,8 +106,17 @@ async fn setup(broker: &Broker, group: &str, n: usize) -> Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
-    let broker = Broker::start();
+async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing_classic() {
+    three_instances("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing_consumer() {
+    three_instances("consumer").await;
+}
+
+async fn three_instances(protocol: &str) {
+    let broker = Broker::shared();
     let Setup {
         rx,
         cfg,
@@ -158,7 +124,7 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
         stop,
         producer,
         _dirs,
-    } = setup(&broker, "faults", 3).await;
+    } = setup(broker, &format!("faults-{protocol}"), 3, protocol).await;
     let t0 = Instant::now();
 
     // SIGKILL instance 1 at a random moment 3-7 s in; restart it 6 s later.
@@ -168,8 +134,10 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
     hs[1].kill9();
     let delivered_at_kill = rx.count();
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let restarted = Instant::now();
     hs[1].restart();
     hs[1].wait_ready(Duration::from_secs(30)).await;
+    let rejoined = restarted.elapsed();
     // Stop instance 2 gracefully (for good) 3 s later.
     tokio::time::sleep(Duration::from_secs(3)).await;
     hs[2].sigterm();
@@ -184,8 +152,10 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
     let (dups, gaps) = settle(&rx, &acked, killed, Duration::from_secs(90)).await;
     let worst = gaps.values().max().copied().unwrap_or_default();
     println!(
-        "3 instances, {} events acknowledged over {:?}: 0 lost; SIGKILL at {kill_at:?} ({delivered_at_kill} delivered by then), \
-         graceful stop took {took:?}; {dups} duplicates; longest silence per partition after the kill {gaps:?} (worst {worst:?})",
+        "{protocol} protocol, 3 instances, {} events acknowledged over {:?}: 0 lost; SIGKILL at {kill_at:?} \
+         ({delivered_at_kill} delivered by then), restarted 6 s later and ready {rejoined:?} after the restart, \
+         graceful stop took {took:?}; {dups} duplicates; longest silence per partition after the kill {gaps:?} \
+         (worst {worst:?}: the takeover time)",
         acked.len(),
         t0.elapsed()
     );
@@ -203,12 +173,10 @@ async fn three_instances_kill9_restart_and_graceful_stop_lose_nothing() {
 }
 
 /// Must show 2: the broker is stopped under load, first with SIGTERM then with SIGKILL, and started again
-/// 2 s later; every instance recovers unattended and nothing is lost. (tansu 0.6.0 itself failed this
-/// until scripts/tansu patched its storage request loop, which ended for good when a client disconnected
-/// mid-request; see scripts/tansu/fetch-and-patch.py.)
+/// 2 s later; every instance recovers unattended and nothing is lost (the load producer is idempotent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarts_under_load_lose_nothing() {
-    let mut broker = Broker::start();
+    let broker = Broker::start();
     let Setup {
         rx,
         cfg: _,
@@ -216,7 +184,7 @@ async fn broker_restarts_under_load_lose_nothing() {
         stop,
         producer,
         _dirs,
-    } = setup(&broker, "broker-faults", 2).await;
+    } = setup(&broker, "broker-faults", 2, "classic").await;
     let recoveries = Arc::new(Mutex::new(Vec::new()));
     let first = Instant::now();
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {

@@ -12,7 +12,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_rate_limit() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 4);
     let dir1 = tempfile::tempdir().unwrap();
     let dir2 = tempfile::tempdir().unwrap();
@@ -20,7 +20,7 @@ async fn two_instances_share_one_rate_limit() {
     let mut s = sub(1, &rx.url(), &["*"]);
     s["rate_limit_per_sec"] = serde_json::json!(100);
     s["burst"] = serde_json::json!(20);
-    let cfg = base_config(&broker, &["events"], "shared-limit");
+    let cfg = base_config(broker, &["events"], "shared-limit");
     let mut h1 = Hookline::start(dir1.path(), &cfg, std::slice::from_ref(&s));
     h1.wait_ready(Duration::from_secs(30)).await;
     let mut h2 = Hookline::start(dir2.path(), &cfg, &[s]);

@@ -37,13 +37,12 @@ fn corpus() -> Vec<Case> {
         })
         .collect();
     assert!(out.len() >= 20, "corpus has {} files", out.len());
-    // A valid-looking event far over source.max_event_bytes (1 MiB). The issue asks for 10 MiB, but
-    // tansu does not serve a 10 MiB record to any librdkafka consumer (a probe fetched 1.5 and 3 MiB
-    // records and timed out on 10 MiB), so the corpus uses 4 MiB.
+    // A valid-looking event of 10 MiB, far over source.max_event_bytes (1 MiB); the test broker accepts
+    // records up to 32 MiB (scripts/kafka/broker), as a broker that carries such events must.
     let mut big = br#"{"id":"huge","type":"order.created","data":""#.to_vec();
-    big.extend(std::iter::repeat_n(b'x', 4 * 1024 * 1024));
+    big.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024));
     big.extend_from_slice(br#""}"#);
-    out.push(("gen-4MiB".into(), big, vec![]));
+    out.push(("gen-10MiB".into(), big, vec![]));
     // 100 000 levels of nesting.
     let mut nested = br#"{"id":"deep","type":"order.created","data":"#.to_vec();
     nested.extend(std::iter::repeat_n(b'[', 100_000));
@@ -114,11 +113,11 @@ fn corpus() -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_corpus_is_dead_lettered_and_good_events_flow() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::ok().await;
-    let cfg = base_config(&broker, &["events"], "hostile");
+    let cfg = base_config(broker, &["events"], "hostile");
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &rx.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
     let cases = corpus();

@@ -22,7 +22,7 @@ fn rss_mib(pid: u32) -> f64 {
 async fn rss_bounded_with_10k_in_flight_and_flat_under_a_dead_endpoint_flood() {
     // The receivers in this process hold 10 000 connections too.
     hookline::deliver::http::raise_fd_limit();
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 4);
     let slow = Receiver::start(|_| Reply::Delayed(200, Duration::from_secs(5))).await;
     let dead_port = free_port(); // nothing listens: connection refused
@@ -38,7 +38,7 @@ async fn rss_bounded_with_10k_in_flight_and_flat_under_a_dead_endpoint_flood() {
         &["dead.*"],
     ));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(&broker, &["events"], "memory");
+    let cfg = base_config(broker, &["events"], "memory");
     let mut h = Hookline::start(dir.path(), &cfg, &subs);
     h.wait_ready(Duration::from_secs(30)).await;
     let pid = h.pid();

@@ -28,14 +28,14 @@ async fn wait_metric(h: &Hookline, series: &str, want: f64, timeout: Duration) -
 /// counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_and_histograms_are_exact_after_a_known_workload() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let ok = Receiver::ok().await;
     let flaky = Receiver::start(fail_first(1, 500)).await;
     let rejecting = Receiver::start(|_| Reply::Status(400)).await;
     // Ten first attempts fail in a row: keep the breaker from turning retries into circuit_open.
-    let cfg = base_config(&broker, &["events"], "m1")
+    let cfg = base_config(broker, &["events"], "m1")
         + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
     let prefix = prefix_of(&cfg);
     let subs = vec![
@@ -219,11 +219,11 @@ async fn counters_and_histograms_are_exact_after_a_known_workload() {
 async fn exported_lag_equals_the_backlog_and_drains_to_zero() {
     const N: usize = 30;
     const REFRESH: Duration = Duration::from_millis(500);
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("lagged", 3);
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::ok().await;
-    let cfg = base_config(&broker, &["lagged"], "lag1").replace(
+    let cfg = base_config(broker, &["lagged"], "lag1").replace(
         "[source]\n",
         &format!("[source]\nlag_interval = \"{}ms\"\n", REFRESH.as_millis()),
     );
@@ -331,7 +331,7 @@ async fn exported_lag_equals_the_backlog_and_drains_to_zero() {
 /// log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("secrets", 1);
     let dir = tempfile::tempdir().unwrap();
     let ok = Receiver::ok().await;
@@ -339,7 +339,7 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
     let rejecting = Receiver::start(|_| Reply::Status(400)).await;
     const HEADER_SECRET: &str = "hdr-value-c2VjcmV0LWhlYWRlcg";
     const ADMIN_TOKEN: &str = "admin-token-dG9rZW4tc2VjcmV0";
-    let cfg = base_config(&broker, &["secrets"], "sec1").replace(
+    let cfg = base_config(broker, &["secrets"], "sec1").replace(
         "[log]\nlevel = \"info\"",
         "[log]\nlevel = \"trace\"\nformat = \"json\"",
     );
@@ -441,11 +441,11 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
 /// subscriptions file gone); deliveries go on from the cache meanwhile, and recovery is automatic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reports_an_unreadable_store_and_recovers() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("stored", 1);
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::ok().await;
-    let cfg = base_config(&broker, &["stored"], "store1");
+    let cfg = base_config(broker, &["stored"], "store1");
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &receiver.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
     assert_eq!(h.metric("hookline_store_reachable").await, 1.0);

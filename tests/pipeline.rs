@@ -19,8 +19,8 @@ const TYPES: [&str; 5] = [
 /// Must show 1: each receiver gets exactly its matching set, nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_receiver_gets_exactly_its_matching_set() {
-    let broker = Broker::start();
-    broker.create_topic("events", 4);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 4);
     let dir = tempfile::tempdir().unwrap();
     let exact = Receiver::ok().await;
     let prefix = Receiver::ok().await;
@@ -40,7 +40,11 @@ async fn each_receiver_gets_exactly_its_matching_set() {
         },
         f,
     ];
-    let mut h = Hookline::start(dir.path(), &base_config(&broker, &["events"], "g1"), &subs);
+    let mut h = Hookline::start(
+        dir.path(),
+        &base_config(broker, &[events.as_str()], "g1"),
+        &subs,
+    );
     h.wait_ready(Duration::from_secs(30)).await;
 
     // 1 000 events of 5 types over 4 partitions, a third of them for tenant acme, a third for globex.
@@ -69,7 +73,7 @@ async fn each_receiver_gets_exactly_its_matching_set() {
             expect.entry("filtered").or_default().insert(id.clone());
         }
     }
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
 
     let receivers = [
         ("exact", &exact),
@@ -103,8 +107,10 @@ async fn each_receiver_gets_exactly_its_matching_set() {
         "sanity: filter selects user.signup with n in the list"
     );
     assert_eq!(
-        h.metric("hookline_events_consumed_total{topic=\"events\"}")
-            .await,
+        h.metric(&format!(
+            "hookline_events_consumed_total{{topic=\"{events}\"}}"
+        ))
+        .await,
         1000.0
     );
 }
@@ -112,14 +118,18 @@ async fn each_receiver_gets_exactly_its_matching_set() {
 /// Must show 2: every request verifies with the unmodified `standardwebhooks` package, each secret alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_verify_with_reference_library() {
-    let broker = Broker::start();
-    broker.create_topic("events", 2);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::ok().await;
     let mut s = sub(1, &r.url(), &["*"]);
     s["secrets"] = json!([SECRET_A, SECRET_B]);
     s["headers"] = json!({"x-team": "billing"});
-    let mut h = Hookline::start(dir.path(), &base_config(&broker, &["events"], "g2"), &[s]);
+    let mut h = Hookline::start(
+        dir.path(),
+        &base_config(broker, &[events.as_str()], "g2"),
+        &[s],
+    );
     h.wait_ready(Duration::from_secs(30)).await;
 
     let mut records = Vec::new();
@@ -146,7 +156,7 @@ async fn signatures_verify_with_reference_library() {
             ("ce_source".into(), "/shop".into()),
         ],
     });
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     r.wait_for("43 requests", Duration::from_secs(60), |l| l.len() >= 43)
         .await;
 
@@ -207,13 +217,13 @@ async fn signatures_verify_with_reference_library() {
 /// Must show 3: records of one partition are delivered concurrently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_partition_is_delivered_concurrently() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::start(|_| Reply::Delayed(200, Duration::from_millis(200))).await;
     let mut h = Hookline::start(
         dir.path(),
-        &base_config(&broker, &["events"], "g3"),
+        &base_config(broker, &[events.as_str()], "g3"),
         &[sub(1, &r.url(), &["*"])],
     );
     h.wait_ready(Duration::from_secs(30)).await;
@@ -221,7 +231,7 @@ async fn one_partition_is_delivered_concurrently() {
         .map(|i| Record::json(0, plain_event(i, "order.created", None)))
         .collect();
     let start = Instant::now();
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     let ids = ids(0..100);
     r.wait_acked(&ids, Duration::from_secs(30)).await;
     let took = start.elapsed();
@@ -237,9 +247,20 @@ async fn one_partition_is_delivered_concurrently() {
 /// Must show 4: kill -9 while some receivers hang; after a restart every event reaches every matching
 /// receiver at least once, and offsets committed before the kill are not re-sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_loses_nothing() {
-    let broker = Broker::start();
-    broker.create_topic("events", 4);
+async fn kill9_loses_nothing_classic() {
+    kill9_loses_nothing("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_loses_nothing_consumer() {
+    kill9_loses_nothing("consumer").await;
+}
+
+/// With static membership (`source.instance_id`), so the restarted process takes its partitions back
+/// without waiting for the killed one's session to expire (tests/crash_restart.rs measures each setting).
+async fn kill9_loses_nothing(protocol: &str) {
+    let broker = Broker::shared();
+    let events = broker.topic("events", 4);
     let dir = tempfile::tempdir().unwrap();
     let good = Receiver::ok().await;
     // Hangs for the second batch of events (ids >= 200) until released.
@@ -255,23 +276,31 @@ async fn kill9_loses_nothing() {
     let mut hs = sub(2, &hang.url(), &["*"]);
     hs["timeout_ms"] = json!(120_000);
     let subs = vec![sub(1, &good.url(), &["*"]), hs];
-    let mut h = Hookline::start(dir.path(), &base_config(&broker, &["events"], "g4"), &subs);
+    let group = format!("g4-{protocol}");
+    let cfg = with_protocol(&base_config(broker, &[events.as_str()], &group), protocol);
+    let id = format!("kill9-{protocol}");
+    let mut h = Hookline::start_with_env(
+        dir.path(),
+        &cfg,
+        &subs,
+        &[("HOOKLINE_SOURCE__INSTANCE_ID", id.as_str())],
+    );
     h.wait_ready(Duration::from_secs(30)).await;
 
     let batch = |r: std::ops::Range<usize>| -> Vec<Record> {
         r.map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
             .collect()
     };
-    broker.produce("events", &batch(0..200)).await;
+    broker.produce(events.as_str(), &batch(0..200)).await;
     let first = ids(0..200);
     good.wait_acked(&first, Duration::from_secs(30)).await;
     hang.wait_acked(&first, Duration::from_secs(30)).await;
     // Let the first batch's offsets be committed (commit_interval 200 ms).
     broker
-        .wait_committed("g4", "events", Duration::from_secs(10))
+        .wait_committed(&group, events.as_str(), Duration::from_secs(10))
         .await;
 
-    broker.produce("events", &batch(200..400)).await;
+    broker.produce(events.as_str(), &batch(200..400)).await;
     let all = ids(0..400);
     good.wait_acked(&all, Duration::from_secs(30)).await;
     hang.wait_for("hung requests", Duration::from_secs(30), |l| {
@@ -300,7 +329,7 @@ async fn kill9_loses_nothing() {
     )
     .await;
     println!(
-        "restarted instance delivering again after {:?} (session.timeout.ms = 6 s)",
+        "{protocol} protocol: restarted instance delivering again after {:?}",
         restarted.elapsed()
     );
     good.wait_acked(&all, Duration::from_secs(60)).await;
@@ -331,11 +360,11 @@ async fn kill9_loses_nothing() {
 /// Must show 5: malformed records in the middle of a partition are dead-lettered and counted; the rest flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_do_not_stop_the_partition() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::ok().await;
-    let cfg = base_config(&broker, &["events"], "g5")
+    let cfg = base_config(broker, &[events.as_str()], "g5")
         .replace("[source]\n", "[source]\nmax_event_bytes = 4096\n");
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &r.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
@@ -356,7 +385,7 @@ async fn malformed_records_do_not_stop_the_partition() {
         records.push(Record::raw(0, v));
     }
     records.push(Record::json(0, plain_event(99, "order.created", None)));
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     let good = id_set(
         (0..bad.len())
             .map(|i| format!("evt-{i:05}"))
@@ -367,7 +396,7 @@ async fn malformed_records_do_not_stop_the_partition() {
     for (reason, _) in &bad {
         let v = h
             .metric(&format!(
-                "hookline_events_invalid_total{{topic=\"events\",reason=\"{reason}\"}}"
+                "hookline_events_invalid_total{{topic=\"{events}\",reason=\"{reason}\"}}"
             ))
             .await;
         assert_eq!(v, 1.0, "invalid counter for {reason}");
@@ -390,7 +419,7 @@ async fn malformed_records_do_not_stop_the_partition() {
             "{:?}",
             rec.headers
         );
-        assert_eq!(rec.headers["hookline-origin-topic"], "events");
+        assert_eq!(rec.headers["hookline-origin-topic"], events.as_str());
     }
     assert_eq!(
         h.metric("hookline_dlq_published_total{reason=\"invalid_event\"}")
@@ -399,7 +428,7 @@ async fn malformed_records_do_not_stop_the_partition() {
     );
     // Still alive and everything committed.
     broker
-        .wait_committed("g5", "events", Duration::from_secs(10))
+        .wait_committed("g5", events.as_str(), Duration::from_secs(10))
         .await;
     h.sigterm();
     let (status, _) = h.wait_exit(Duration::from_secs(20));
@@ -410,14 +439,14 @@ async fn malformed_records_do_not_stop_the_partition() {
 /// a restart nothing already acknowledged is sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_commits_and_exits_zero() {
-    let broker = Broker::start();
-    broker.create_topic("events", 4);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 4);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::start(|_| Reply::Delayed(200, Duration::from_millis(20))).await;
     let mut s = sub(1, &r.url(), &["*"]);
     s["max_in_flight"] = json!(8);
     // Bound what hookline takes per partition so that SIGTERM finds work in flight and work not yet taken.
-    let cfg = base_config(&broker, &["events"], "g6")
+    let cfg = base_config(broker, &[events.as_str()], "g6")
         .replace("[source]\n", "[source]\nmax_in_flight_per_partition = 10\n");
     let mut h = Hookline::start(dir.path(), &cfg, &[s]);
     h.wait_ready(Duration::from_secs(30)).await;
@@ -425,7 +454,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
     let records: Vec<Record> = (0..n)
         .map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     r.wait_for("100 requests", Duration::from_secs(30), |l| l.len() >= 100)
         .await;
 
@@ -632,18 +661,19 @@ fn sign_and_verify_commands() {
 /// the final commit and the group leave are all bounded, and the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_broker_gone_still_exits() {
+    // Its own broker: this test takes it away.
     let broker = Broker::start();
-    broker.create_topic("events", 2);
+    let events = broker.topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::start(|_| Reply::Delayed(503, Duration::from_millis(300))).await;
-    let cfg = base_config(&broker, &["events"], "g7")
+    let cfg = base_config(&broker, &[events.as_str()], "g7")
         .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"3s\"");
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &r.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
     let records: Vec<Record> = (0..200)
         .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     r.wait_for("requests", Duration::from_secs(30), |l| l.len() >= 10)
         .await;
     drop(broker);
@@ -659,29 +689,42 @@ async fn sigterm_with_broker_gone_still_exits() {
 /// drained and committed before they move, so nothing is lost and nothing is delivered twice; then the
 /// first instance stops (SIGTERM) and the second takes over everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebalance_drains_revoked_partitions() {
-    let broker = Broker::start();
-    broker.create_topic("events", 4);
+async fn rebalance_drains_revoked_partitions_classic() {
+    rebalance_drains_revoked_partitions("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_drains_revoked_partitions_consumer() {
+    rebalance_drains_revoked_partitions("consumer").await;
+}
+
+async fn rebalance_drains_revoked_partitions(protocol: &str) {
+    let broker = Broker::shared();
+    let events = broker.topic("events", 4);
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let r = Receiver::start(|_| Reply::Delayed(200, Duration::from_millis(50))).await;
     let mut s = sub(1, &r.url(), &["*"]);
     s["max_in_flight"] = json!(16);
-    let cfg = base_config(&broker, &["events"], "g8");
+    let cfg = with_protocol(
+        &base_config(broker, &[events.as_str()], &format!("g8-{protocol}")),
+        protocol,
+    );
     let mut a = Hookline::start(dir_a.path(), &cfg, std::slice::from_ref(&s));
     a.wait_ready(Duration::from_secs(30)).await;
     let records: Vec<Record> = (0..600)
         .map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records[..400]).await;
+    broker.produce(events.as_str(), &records[..400]).await;
     r.wait_for("50 requests", Duration::from_secs(30), |l| l.len() >= 50)
         .await;
 
+    let joined = Instant::now();
     let mut b = Hookline::start(dir_b.path(), &cfg, &[s]);
     b.wait_ready(Duration::from_secs(30)).await;
-    // B owns some partitions once the cooperative rebalance completed.
+    // B owns two source partitions once the incremental rebalance completed (in one step or several).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !b.log().contains("partitions assigned partitions=2") {
+    while source_partitions_assigned(&b.log()) < 2 {
         assert!(
             Instant::now() < deadline,
             "B never got partitions; A log:\n{}\nB log:\n{}",
@@ -690,27 +733,34 @@ async fn rebalance_drains_revoked_partitions() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    broker.produce("events", &records[400..]).await;
+    let moved = joined.elapsed();
+    broker.produce(events.as_str(), &records[400..]).await;
     let all = ids(0..600);
     r.wait_acked(&all, Duration::from_secs(60)).await;
     let consumed_b = b
-        .metric("hookline_events_consumed_total{topic=\"events\"}")
+        .metric(&format!(
+            "hookline_events_consumed_total{{topic=\"{events}\"}}"
+        ))
         .await;
     assert!(consumed_b > 0.0, "B consumed nothing");
 
     a.sigterm();
+    let stopped = Instant::now();
     let (status, _) = a.wait_exit(Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
     let more: Vec<Record> = (600..700)
         .map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &more).await;
+    broker.produce(events.as_str(), &more).await;
     let all = ids(0..700);
     r.wait_acked(&all, Duration::from_secs(60)).await;
+    let takeover = stopped.elapsed();
 
     let dups = r.duplicates();
     println!(
-        "B consumed {consumed_b} records; {} requests for 700 events, {dups} duplicates",
+        "{protocol} protocol: B had its two partitions {moved:?} after it started; after A's SIGTERM, B had \
+         delivered every event {takeover:?} later; B consumed {consumed_b} records; {} requests for 700 \
+         events, {dups} duplicates",
         r.count()
     );
     assert_eq!(
@@ -724,27 +774,29 @@ async fn rebalance_drains_revoked_partitions() {
 /// every event delivered, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_pauses_at_bound_and_resumes_without_gaps() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let events = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     let r = Receiver::start(|_| Reply::Hang).await;
     let mut s = sub(1, &r.url(), &["*"]);
     s["timeout_ms"] = json!(60_000);
-    let cfg = base_config(&broker, &["events"], "g9")
+    let cfg = base_config(broker, &[events.as_str()], "g9")
         .replace("[source]\n", "[source]\nmax_in_flight_per_partition = 20\n");
     let mut h = Hookline::start(dir.path(), &cfg, &[s]);
     h.wait_ready(Duration::from_secs(30)).await;
     let records: Vec<Record> = (0..300)
         .map(|i| Record::json(0, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records).await;
+    broker.produce(events.as_str(), &records).await;
     r.wait_for("20 hanging requests", Duration::from_secs(30), |l| {
         l.len() >= 20
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let consumed = h
-        .metric("hookline_events_consumed_total{topic=\"events\"}")
+        .metric(&format!(
+            "hookline_events_consumed_total{{topic=\"{events}\"}}"
+        ))
         .await;
     println!("consumed {consumed} of 300 records while paused at a bound of 20");
     assert!(

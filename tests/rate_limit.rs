@@ -12,7 +12,7 @@ use common::*;
 /// events is not slowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_and_does_not_slow_the_others() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let limited = Receiver::ok().await;
@@ -21,7 +21,7 @@ async fn rate_limit_holds_and_does_not_slow_the_others() {
     l["rate_limit_per_sec"] = serde_json::json!(50);
     l["burst"] = serde_json::json!(10);
     let subs = vec![l, sub(2, &free.url(), &["*"])];
-    let mut h = Hookline::start(dir.path(), &base_config(&broker, &["events"], "r4"), &subs);
+    let mut h = Hookline::start(dir.path(), &base_config(broker, &["events"], "r4"), &subs);
     h.wait_ready(Duration::from_secs(30)).await;
     let records: Vec<Record> = (0..1000)
         .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))

@@ -46,12 +46,12 @@ const MS_SLACK: Duration = Duration::from_millis(2);
 /// than its delay; `hookline-attempt` is right on each tier; the source commit is not held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_three_times_then_delivered_through_each_tier() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     let flaky = Receiver::start(fail_first(3, 503)).await;
     let other = Receiver::ok().await;
-    let cfg = base_config(&broker, &["events"], "r1");
+    let cfg = base_config(broker, &[topic.as_str()], "r1");
     let prefix = prefix_of(&cfg);
     let subs = vec![
         sub(1, &flaky.url(), &["order.created"]),
@@ -62,7 +62,7 @@ async fn fails_three_times_then_delivered_through_each_tier() {
 
     let original = plain_event(0, "order.created", None);
     broker
-        .produce("events", &[Record::json(0, original.clone())])
+        .produce(topic.as_str(), &[Record::json(0, original.clone())])
         .await;
     flaky
         .wait_for("the first attempt", Duration::from_secs(20), |l| {
@@ -71,11 +71,11 @@ async fn fails_three_times_then_delivered_through_each_tier() {
         .await;
     // Later records of the same partition flow and are committed while the event waits in the tiers.
     broker
-        .produce("events", &events(1..50, "user.signup"))
+        .produce(topic.as_str(), &events(1..50, "user.signup"))
         .await;
     other.wait_acked(&ids(1..50), Duration::from_secs(20)).await;
     broker
-        .wait_committed("r1", "events", Duration::from_secs(10))
+        .wait_committed("r1", topic.as_str(), Duration::from_secs(10))
         .await;
     assert!(
         flaky.count() < 4,
@@ -101,13 +101,13 @@ async fn fails_three_times_then_delivered_through_each_tier() {
         );
     }
     for (i, tier) in ["1s", "2s", "3s"].iter().enumerate() {
-        let recs = records_of(&broker, &format!("{prefix}.retry.{tier}"), "evt-00000");
+        let recs = records_of(broker, &format!("{prefix}.retry.{tier}"), "evt-00000");
         assert_eq!(recs.len(), 1, "one record in tier {tier}");
         let hd = &recs[0].headers;
         assert_eq!(hd["hookline-attempt"], (i + 1).to_string(), "tier {tier}");
         assert_eq!(hd["hookline-subscription"], sub_id(1));
         assert_eq!(recs[0].key.as_deref(), Some(sub_id(1).as_str()));
-        assert_eq!(hd["hookline-origin-topic"], "events");
+        assert_eq!(hd["hookline-origin-topic"], topic.as_str());
         assert_eq!(hd["hookline-origin-offset"], "0");
         assert_eq!(hd["hookline-last-status"], "503");
         // The source record's append time travels along (end-to-end latency of retried deliveries).
@@ -141,11 +141,11 @@ async fn fails_three_times_then_delivered_through_each_tier() {
 /// the dead-letter topic as `exhausted` with every header of DESIGN §5, original bytes and headers kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_failing_ends_in_the_dead_letter_topic_as_exhausted() {
-    let broker = Broker::start();
-    broker.create_topic("events", 2);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let down = Receiver::start(|_| Reply::Status(500)).await;
-    let cfg = base_config(&broker, &["events"], "r2");
+    let cfg = base_config(broker, &[topic.as_str()], "r2");
     let prefix = prefix_of(&cfg);
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &down.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
@@ -155,7 +155,7 @@ async fn always_failing_ends_in_the_dead_letter_topic_as_exhausted() {
         .push(("traceparent".into(), "00-abc-def-01".into()));
     rec.key = Some("order-7".into());
     let value = rec.value.clone();
-    broker.produce("events", &[rec]).await;
+    broker.produce(topic.as_str(), &[rec]).await;
 
     let dlq_topic = format!("{prefix}.dlq");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -177,7 +177,7 @@ async fn always_failing_ends_in_the_dead_letter_topic_as_exhausted() {
     assert_eq!(hd["hookline-dlq-reason"], "exhausted");
     assert_eq!(hd["hookline-subscription"], sub_id(1));
     assert_eq!(hd["hookline-attempt"], "4");
-    assert_eq!(hd["hookline-origin-topic"], "events");
+    assert_eq!(hd["hookline-origin-topic"], topic.as_str());
     assert_eq!(hd["hookline-origin-partition"], "1");
     assert_eq!(hd["hookline-origin-offset"], "0");
     assert_eq!(hd["hookline-last-status"], "500");
@@ -209,7 +209,7 @@ async fn always_failing_ends_in_the_dead_letter_topic_as_exhausted() {
         "no duplicated or stray hookline headers after three hops: {hd:?}"
     );
     broker
-        .wait_committed("r2", "events", Duration::from_secs(10))
+        .wait_committed("r2", topic.as_str(), Duration::from_secs(10))
         .await;
     assert_eq!(
         h.metric("hookline_dlq_published_total{reason=\"exhausted\"}")
@@ -234,8 +234,8 @@ fn now_ms() -> u64 {
 /// attempt at least 2 s later (the 2 s tier, skipping the 1 s one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_gone_and_retry_after() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     let bad = Receiver::start(|_| Reply::Status(400)).await;
     let gone = Receiver::start(|_| Reply::Status(410)).await;
@@ -247,7 +247,7 @@ async fn rejected_gone_and_retry_after() {
         }
     })
     .await;
-    let cfg = base_config(&broker, &["events"], "r3");
+    let cfg = base_config(broker, &[topic.as_str()], "r3");
     let prefix = prefix_of(&cfg);
     let subs = vec![
         sub(1, &bad.url(), &["*"]),
@@ -257,11 +257,11 @@ async fn rejected_gone_and_retry_after() {
     let mut h = Hookline::start(dir.path(), &cfg, &subs);
     h.wait_ready(Duration::from_secs(30)).await;
     broker
-        .produce("events", &events(0..5, "order.created"))
+        .produce(topic.as_str(), &events(0..5, "order.created"))
         .await;
     busy.wait_acked(&ids(0..5), Duration::from_secs(30)).await;
     broker
-        .wait_committed("r3", "events", Duration::from_secs(10))
+        .wait_committed("r3", topic.as_str(), Duration::from_secs(10))
         .await;
 
     for i in 0..5 {
@@ -321,14 +321,14 @@ fn clusters(times: &[Instant], gap: Duration) -> Vec<Vec<Instant>> {
 /// exactly K probes through; it closes after recovery; every event of the outage is delivered later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_probes_and_closes() {
-    let broker = Broker::start();
-    broker.create_topic("events", 1);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 1);
     let dir = tempfile::tempdir().unwrap();
     // Down: every request fails after 200 ms, long enough for both probes to be in flight together.
     let rx = Receiver::start(|_| Reply::Delayed(503, Duration::from_millis(200))).await;
     let mut s = sub(1, &rx.url(), &["*"]);
     s["max_in_flight"] = serde_json::json!(4);
-    let cfg = base_config(&broker, &["events"], "r5").replace(
+    let cfg = base_config(broker, &[topic.as_str()], "r5").replace(
         r#"tiers = ["1s", "2s", "3s"]"#,
         r#"tiers = ["1s", "2s", "4s", "8s", "16s"]"#,
     ) + "[delivery.breaker]\nconsecutive_failures = 3\nmin_requests = 1000\ncool_down = \"2s\"\nhalf_open_probes = 2\n";
@@ -343,7 +343,7 @@ async fn breaker_opens_probes_and_closes() {
     let mut recovered_at = None;
     while start.elapsed() < outage + Duration::from_secs(2) {
         broker
-            .produce("events", &events(n..n + 1, "order.created"))
+            .produce(topic.as_str(), &events(n..n + 1, "order.created"))
             .await;
         n += 1;
         if n % 10 == 0 && h.metric("hookline_endpoints{state=\"open\"}").await == 1.0 {
@@ -420,11 +420,11 @@ async fn breaker_opens_probes_and_closes() {
 /// Must show 7: a tier consumer holding not-yet-due records is restarted: nothing lost, nothing early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_a_holding_tier_consumer_loses_nothing_and_is_never_early() {
-    let broker = Broker::start();
-    broker.create_topic("events", 2);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::start(fail_first(1, 503)).await;
-    let cfg = base_config(&broker, &["events"], "r7")
+    let cfg = base_config(broker, &[topic.as_str()], "r7")
         .replace(r#"tiers = ["1s", "2s", "3s"]"#, r#"tiers = ["5s", "10s"]"#)
         // All 20 first attempts fail: keep the breaker from turning some of them into circuit_open.
         + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
@@ -433,7 +433,7 @@ async fn restarting_a_holding_tier_consumer_loses_nothing_and_is_never_early() {
     let records: Vec<Record> = (0..20)
         .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records).await;
+    broker.produce(topic.as_str(), &records).await;
     rx.wait_for("20 first attempts", Duration::from_secs(20), |l| {
         l.len() >= 20
     })
@@ -468,12 +468,12 @@ async fn restarting_a_holding_tier_consumer_loses_nothing_and_is_never_early() {
 /// Must show 8: kill -9 while retries are being published: no event lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_while_publishing_retries_loses_nothing() {
-    let broker = Broker::start();
-    broker.create_topic("events", 2);
+    let broker = Broker::shared();
+    let topic = broker.topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::start(fail_first(1, 503)).await;
     // Every first attempt fails: keep the breaker out of the way (it is tested on its own above).
-    let cfg = base_config(&broker, &["events"], "r8")
+    let cfg = base_config(broker, &[topic.as_str()], "r8")
         + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
     let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &rx.url(), &["*"])]);
     h.wait_ready(Duration::from_secs(30)).await;
@@ -481,7 +481,7 @@ async fn kill9_while_publishing_retries_loses_nothing() {
     let records: Vec<Record> = (0..N)
         .map(|i| Record::json((i % 2) as i32, plain_event(i, "order.created", None)))
         .collect();
-    broker.produce("events", &records).await;
+    broker.produce(topic.as_str(), &records).await;
     rx.wait_for("failures being handed off", Duration::from_secs(20), |l| {
         l.len() >= 300
     })

@@ -28,7 +28,7 @@ async fn listener(addr: &str) -> (u16, Arc<AtomicUsize>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_destinations_get_no_request_without_an_allow_list() {
-    let broker = Broker::start();
+    let broker = Broker::shared();
     broker.create_topic("events", 1);
     let (p4, hits4) = listener("127.0.0.1:0").await;
     let (p6, hits6) = listener("[::1]:0").await;
@@ -59,7 +59,7 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
         .map(|(i, url, _)| sub(*i, url, &["*"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(&broker, &["events"], "ssrf")
+    let cfg = base_config(broker, &["events"], "ssrf")
         .replace("allow_networks = [\"127.0.0.0/8\"]", "allow_networks = []");
     assert!(cfg.contains("allow_networks = []"));
     let mut h = Hookline::start(dir.path(), &cfg, &subs);

@@ -52,11 +52,11 @@ fn cli(args: &[&str], config: &std::path::Path) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scylla_store_outage_keeps_delivering_and_recovers() {
     let server = cql_server::CqlServer::start().await;
-    let broker = Broker::start();
+    let broker = Broker::shared();
     let topic = format!("o-{}", rand_suffix());
     broker.create_topic(&topic, 1);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
+    let cfg = base_config(broker, &[&topic], &format!("g-{}", rand_suffix()));
     let store = format!(
         "[store]\nkind = \"scylla\"\nrefresh_interval = \"500ms\"\n[store.scylla]\nnodes = [\"{}\"]\nkeyspace = \"hookline\"\nreplication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
         server.addr

@@ -30,17 +30,20 @@ pub mod lag;
 pub mod tracker;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 use crate::decode::{self, RawRecord};
 use crate::deliver::share::GroupShare;
 use crate::dispatch::Dispatcher;
@@ -219,7 +222,9 @@ impl State {
     }
 }
 
+#[derive(Clone)]
 struct SourceContext {
+    role: Role,
     state: Arc<Mutex<State>>,
     topics: Vec<Arc<str>>,
     rebalance_timeout: Duration,
@@ -227,6 +232,9 @@ struct SourceContext {
     share: Option<Arc<GroupShare>>,
     /// Retry role: the tier partitions owned here, for deferrals to stay local.
     local_tiers: Option<Arc<LocalTiers>>,
+    /// Cleared when the consumer this context belongs to was replaced after a fatal error: its last
+    /// rebalance callbacks (from its close) must not touch the state its successor now owns.
+    live: Arc<AtomicBool>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -320,6 +328,9 @@ impl ConsumerContext for SourceContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
         let keys: Vec<(Arc<str>, i32)> = tpl
             .elements()
             .iter()
@@ -351,6 +362,7 @@ impl ConsumerContext for SourceContext {
             }
         }
         tracing::info!(
+            role = self.role.name(),
             partitions = keys.len(),
             unfinished = left,
             "partitions revoked"
@@ -358,6 +370,9 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let mut st = lock(&self.state);
@@ -373,7 +388,11 @@ impl ConsumerContext for SourceContext {
                 if tpl.count() > 0 {
                     let _ = consumer.resume(tpl);
                 }
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                tracing::info!(
+                    role = self.role.name(),
+                    partitions = tpl.count(),
+                    "partitions assigned"
+                );
                 self.update_share(consumer);
                 self.update_local_tiers();
             }
@@ -413,6 +432,11 @@ pub struct Source {
     /// Held retry records per partition before the partition is paused.
     max_held: usize,
     consumer: Arc<StreamConsumer<SourceContext>>,
+    /// What the consumer was made from, to make a new one after a fatal error.
+    client_config: ClientConfig,
+    context: SourceContext,
+    names: Vec<String>,
+    static_id: Option<String>,
     /// This role's consumer group (for the lag metrics).
     group: String,
     lag_interval: Duration,
@@ -443,6 +467,18 @@ pub fn topic_partitions<C: ClientContext>(
         .unwrap_or_default())
 }
 
+/// A consumer made from `config`, subscribed to `names`.
+fn subscribed(
+    config: &ClientConfig,
+    ctx: SourceContext,
+    names: &[String],
+) -> Result<StreamConsumer<SourceContext>, rdkafka::error::KafkaError> {
+    let consumer: StreamConsumer<SourceContext> = config.create_with_context(ctx)?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
 pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
     let commit_ms = config.source.commit_interval.as_millis().to_string();
     let group = role.group(config);
@@ -450,23 +486,32 @@ pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
         Role::Source => "hookline",
         Role::Retry => "hookline-retry",
     };
-    config.kafka_client(
-        &[
-            ("partition.assignment.strategy", "cooperative-sticky"),
-            ("auto.offset.reset", "earliest"),
-            ("client.id", client_id),
-            ("enable.partition.eof", "false"),
-            // librdkafka prefetches up to 64 MiB per consumer by default; hookline bounds what it
-            // takes in flight itself, so a smaller prefetch bounds memory under a backlog.
-            ("queued.max.messages.kbytes", "16384"),
-        ],
-        &[
-            ("group.id", group.as_str()),
-            ("enable.auto.commit", "true"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.commit.interval.ms", commit_ms.as_str()),
-        ],
-    )
+    let protocol = config.source.group_protocol;
+    let mut defaults = vec![
+        ("auto.offset.reset", "earliest"),
+        ("client.id", client_id),
+        ("enable.partition.eof", "false"),
+        // librdkafka prefetches up to 64 MiB per consumer by default; hookline bounds what it
+        // takes in flight itself, so a smaller prefetch bounds memory under a backlog.
+        ("queued.max.messages.kbytes", "16384"),
+    ];
+    if protocol == GroupProtocol::Classic {
+        // Incremental rebalances (rust-rdkafka then calls incremental assign/unassign); under the
+        // consumer protocol they always are, and the broker picks the assignor.
+        defaults.push(("partition.assignment.strategy", "cooperative-sticky"));
+    }
+    let mut forced = vec![
+        ("group.id", group.as_str()),
+        ("group.protocol", protocol.as_str()),
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.commit.interval.ms", commit_ms.as_str()),
+    ];
+    // Both consumers carry the same instance id: they are in different groups.
+    if let Some(id) = &config.source.instance_id {
+        forced.push(("group.instance.id", id.as_str()));
+    }
+    config.kafka_client(&defaults, &forced)
 }
 
 impl Source {
@@ -484,20 +529,24 @@ impl Source {
         };
         let topics: Vec<Arc<str>> = names.iter().map(|t| Arc::from(t.as_str())).collect();
         let ctx = SourceContext {
+            role,
             state: state.clone(),
             topics: topics.clone(),
             rebalance_timeout: config.source.rebalance_timeout,
             share: (role == Role::Source).then(|| cache.defaults().share.clone()),
             local_tiers: (role == Role::Retry).then(|| dispatcher.publisher.local_tiers.clone()),
+            live: Arc::new(AtomicBool::new(true)),
         };
-        let consumer: StreamConsumer<SourceContext> =
-            consumer_config(config, role).create_with_context(ctx)?;
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        consumer.subscribe(&names)?;
+        let client_config = consumer_config(config, role);
+        let consumer = subscribed(&client_config, ctx.clone(), &names)?;
         Ok(Source {
             role,
             max_held: config.retry.max_held_per_partition,
             consumer: Arc::new(consumer),
+            client_config,
+            context: ctx,
+            names,
+            static_id: config.source.instance_id.clone(),
             group: role.group(config),
             lag_interval: config.source.lag_interval,
             state,
@@ -524,7 +573,7 @@ impl Source {
     }
 
     /// Runs until `stop` is cancelled, then drains, commits and leaves the group.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let consumed: Vec<_> = self
             .topics
             .iter()
@@ -542,14 +591,8 @@ impl Source {
         tokio::pin!(due_timer);
         let mut armed_for: Option<u64> = None;
         let retry = self.role == Role::Retry;
-        let lag_stop = stop.child_token();
-        let lag_task = tokio::spawn(lag::run(
-            self.consumer.clone(),
-            self.state.clone(),
-            lag::Reporter::new(self.group.clone(), self.metrics.clone()),
-            self.lag_interval,
-            lag_stop.clone(),
-        ));
+        let mut lag_stop = stop.child_token();
+        let mut lag_task = self.spawn_lag(&lag_stop);
         loop {
             tokio::select! {
                 biased;
@@ -561,6 +604,15 @@ impl Source {
                 }
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => self.handle_record(&m, &consumed),
+                    Err(KafkaError::MessageConsumptionFatal(code)) => {
+                        lag_stop.cancel();
+                        let _ = lag_task.await;
+                        if !self.replace_consumer(code, &stop).await {
+                            return;
+                        }
+                        lag_stop = stop.child_token();
+                        lag_task = self.spawn_lag(&lag_stop);
+                    }
                     Err(e) => {
                         tracing::warn!(role = self.role.name(), error = %e, "consumer error");
                     }
@@ -581,6 +633,74 @@ impl Source {
         lag_stop.cancel();
         let _ = lag_task.await;
         self.shutdown().await;
+    }
+
+    fn spawn_lag(&self, stop: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(lag::run(
+            self.consumer.clone(),
+            self.state.clone(),
+            lag::Reporter::new(self.group.clone(), self.metrics.clone()),
+            self.lag_interval,
+            stop.clone(),
+        ))
+    }
+
+    /// After a fatal consumer error the consumer is dead for good (librdkafka serves nothing more):
+    /// forget its partitions (their unfinished records are redelivered to whoever owns them next; the
+    /// commits a dead consumer cannot make are what at-least-once allows) and make a new one, after a
+    /// pause, until one lives or `stop` is cancelled. Returns false when stopped.
+    ///
+    /// The usual cause is benign: with static membership (`source.instance_id`) under the consumer
+    /// protocol, an instance restarted after a crash is refused (`UNRELEASED_INSTANCE_ID`) until the
+    /// broker expires its previous session; the new consumer is let in then.
+    async fn replace_consumer(&mut self, code: RDKafkaErrorCode, stop: &CancellationToken) -> bool {
+        let unreleased = code == RDKafkaErrorCode::UnreleasedInstanceId;
+        if unreleased {
+            tracing::info!(
+                role = self.role.name(),
+                instance_id = self.static_id.as_deref().unwrap_or(""),
+                "the previous session of this instance id is still open; joining again when the broker \
+                 has expired it"
+            );
+        } else {
+            tracing::error!(
+                role = self.role.name(),
+                error = %code,
+                "fatal consumer error; making a new consumer"
+            );
+        }
+        self.context.live.store(false, Ordering::Release);
+        self.context = SourceContext {
+            live: Arc::new(AtomicBool::new(true)),
+            ..self.context.clone()
+        };
+        {
+            let mut st = lock(&self.state);
+            st.parts.clear();
+            st.records = 0;
+            st.bytes = 0;
+            st.joined = false;
+        }
+        let pause = if unreleased {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            match subscribed(&self.client_config, self.context.clone(), &self.names) {
+                Ok(c) => {
+                    // The dead consumer's close may wait on the broker: off the async threads.
+                    let old = std::mem::replace(&mut self.consumer, Arc::new(c));
+                    tokio::task::spawn_blocking(move || drop(old));
+                    return true;
+                }
+                Err(e) => tracing::error!(role = self.role.name(), error = %e, "kafka consumer"),
+            }
+        }
     }
 
     fn handle_record(

@@ -1,4 +1,4 @@
-//! Test harness: a real tansu broker process, real HTTP receivers on 127.0.0.1, and hookline run as its
+//! Test harness: a real Apache Kafka 4 broker process, real HTTP receivers on 127.0.0.1, and hookline run as its
 //! own process (the binary under test), exactly as an operator would run it.
 #![allow(dead_code)]
 
@@ -18,6 +18,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// An HTTP client for talking to hookline's admin server.
 pub fn http() -> reqwest::Client {
@@ -37,29 +38,6 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Where the tansu binary is: `TANSU_BIN`, then `PATH`, then the location `scripts/setup` installs to.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("tansu");
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let p = PathBuf::from(home).join(".local/share/hookline-tools/bin/tansu");
-    assert!(
-        p.is_file(),
-        "tansu broker not found (set TANSU_BIN or run scripts/setup): looked at {}",
-        p.display()
-    );
-    p
-}
-
 fn wait_port(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -77,84 +55,205 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
-/// A tansu broker process with sqlite storage in its own temp dir.
+/// Spawns `cmd` so that the child is killed when this test process ends, however it ends (a shared
+/// broker is a `static` and never dropped): PR_SET_PDEATHSIG fires when the *thread* that forked the
+/// child exits, so the fork happens on a thread that parks until the process exits.
+fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: prctl is async-signal-safe and only changes the child's own death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let _ = tx.send(cmd.spawn());
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().expect("spawner thread")
+}
+
+/// Where broker directories live: one per broker, named after this process, so that a later run can
+/// remove those of processes that are gone (a shared broker's directory is never dropped).
+fn broker_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let root = std::env::temp_dir().join("hookline-test-kafka");
+    std::fs::create_dir_all(&root).unwrap();
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: i32 = name
+                .split('-')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            // SAFETY: signal 0 only checks that the process exists.
+            if pid > 0 && unsafe { libc::kill(pid, 0) } != 0 {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = root.join(format!("{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A single-node Apache Kafka 4 broker (KRaft, broker and controller in one JVM) started by
+/// `scripts/kafka/broker run` in a directory of its own, on free ports.
+///
+/// Most tests share one broker per test binary ([`Broker::shared`]) with unique topics and groups; a
+/// test that stops, kills or cuts off the broker starts its own ([`Broker::start`]).
 pub struct Broker {
+    host: String,
     pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    controller_port: u16,
+    dir: PathBuf,
+    child: Mutex<Option<Child>>,
     producer: std::sync::OnceLock<FutureProducer>,
 }
 
 impl Broker {
+    /// A broker of this test's own (stopped and its directory removed when dropped).
     pub fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = Broker {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A broker of this test's own whose client listener is on `host` (an address of this machine,
+    /// e.g. the host end of a [`NetNs`]: reachable from the namespace and from the host).
+    pub fn start_on(host: &str) -> Broker {
+        let b = Broker {
+            host: host.to_string(),
             port: free_port(),
-            dir,
-            child: None,
+            controller_port: free_port(),
+            dir: broker_dir(),
+            child: Mutex::new(None),
             producer: std::sync::OnceLock::new(),
         };
         b.spawn();
         b
     }
 
-    fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("tansu.log"))
-            .unwrap();
-        let child = Command::new(tansu_bin())
-            .current_dir(self.dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start tansu");
-        self.child = Some(child);
-        wait_port(self.port, Duration::from_secs(10));
+    /// The broker shared by every test of this test binary, started on first use. When a test fails,
+    /// the tail of its log is printed beside the panic.
+    pub fn shared() -> &'static Broker {
+        static SHARED: std::sync::OnceLock<Broker> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let b = Broker::start();
+            let log = b.dir.join("server.log");
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                default(info);
+                eprintln!(
+                    "--- shared broker log ({}), last lines ---\n{}",
+                    log.display(),
+                    tail(&log, 40)
+                );
+            }));
+            b
+        })
     }
 
-    /// The broker's own log (stdout and stderr of every run).
+    fn spawn(&self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stdout.log"))
+            .unwrap();
+        let mut cmd = Command::new(repo_root().join("scripts/kafka/broker"));
+        cmd.args([
+            "run".to_string(),
+            self.dir.display().to_string(),
+            self.port.to_string(),
+            self.controller_port.to_string(),
+        ])
+        .env("KAFKA_HOST", &self.host)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+        let mut child = spawn_tied(cmd).expect("start scripts/kafka/broker");
+        // Ready = it answers a metadata request (the port opens before the broker can serve).
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("log_level", "0")
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the Kafka broker exited at start ({status}):\n{}\n{}",
+                    tail(&self.dir.join("stdout.log"), 30),
+                    tail(&self.dir.join("server.log"), 30)
+                );
+            }
+            if let Ok(md) = probe.fetch_metadata(None, Duration::from_millis(500))
+                && !md.brokers().is_empty()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker did not answer within 90 s:\n{}",
+                tail(&self.dir.join("server.log"), 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        *self.child.lock().unwrap() = Some(child);
+    }
+
+    /// The broker's own log (log4j file).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
-    /// Stops the broker with `sig` (SIGTERM: then SIGKILL after 5 s) and leaves it down.
-    pub fn stop(&mut self, sig: i32) {
-        if let Some(mut c) = self.child.take() {
+    /// The broker JVM's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+
+    /// Stops the broker with `sig` (SIGTERM: then SIGKILL after 20 s) and leaves it down.
+    pub fn stop(&self, sig: i32) {
+        let child = self.child.lock().unwrap().take();
+        if let Some(mut c) = child {
             signal(&c, sig);
-            wait_child(&mut c, Duration::from_secs(5));
+            wait_child(&mut c, Duration::from_secs(20));
         }
     }
 
-    /// Starts a stopped broker again on the same port and data.
-    pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "broker still running");
+    /// Starts a stopped broker again on the same ports and data.
+    pub fn start_again(&self) {
+        assert!(self.child.lock().unwrap().is_none(), "broker still running");
         self.spawn();
     }
 
-    /// Stops the broker (SIGTERM, then SIGKILL after 5 s) and starts it again on the same port and data.
-    pub fn restart(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, libc::SIGTERM);
-            wait_child(&mut c, Duration::from_secs(5));
-        }
+    /// Stops the broker (SIGTERM, then SIGKILL after 20 s) and starts it again on the same ports and data.
+    pub fn restart(&self) {
+        self.stop(libc::SIGTERM);
         self.spawn();
+    }
+
+    /// Creates a topic named `base` plus a unique suffix (tests share a broker) and returns its name.
+    pub fn topic(&self, base: &str, partitions: i32) -> String {
+        let name = format!("{base}-{}", rand_suffix());
+        self.create_topic(&name, partitions);
+        name
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
@@ -352,10 +451,18 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- broker log ({}), last lines ---\n{}",
+                self.dir.display(),
+                tail(&self.dir.join("server.log"), 40)
+            );
+        }
+        if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -491,6 +598,14 @@ impl Received {
 
 impl Receiver {
     pub async fn start(behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        Self::start_on("127.0.0.1", behaviour).await
+    }
+
+    /// A receiver listening on `ip` (an address of this host, e.g. the host end of a [`NetNs`]).
+    pub async fn start_on(
+        ip: &str,
+        behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    ) -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let behaviour: Arc<Mutex<Behaviour>> = Arc::new(Mutex::new(Arc::new(behaviour)));
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -500,7 +615,7 @@ impl Receiver {
             release: rx,
         };
         let app = axum::Router::new().fallback(handle).with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -664,6 +779,8 @@ pub struct Hookline {
     pub dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    /// Runs hookline inside this network namespace (`ip netns exec`).
+    netns: Option<String>,
     child: Option<Child>,
     pub log_path: PathBuf,
 }
@@ -706,6 +823,32 @@ impl Hookline {
         Self::start_with_store(dir, config, &store, None, env)
     }
 
+    /// Starts hookline inside network namespace `netns` (see [`NetNs`]) with its admin server on `ip`, an
+    /// address of that namespace.
+    pub fn start_in(
+        netns: &NetNs,
+        dir: &Path,
+        config: &str,
+        subs: &[serde_json::Value],
+    ) -> Hookline {
+        let subs_path = dir.join("subscriptions.yaml");
+        std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
+        let store = format!(
+            "[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
+            subs_path.display()
+        );
+        let admin: SocketAddr = format!("{}:{}", netns.inner, free_port()).parse().unwrap();
+        Self::start_full(
+            dir,
+            config,
+            &store,
+            None,
+            &[],
+            admin,
+            Some(netns.name.clone()),
+        )
+    }
+
     /// Starts hookline with a `[store]` section of the test's choice and, optionally, an admin token.
     pub fn start_with_store(
         dir: &Path,
@@ -715,6 +858,18 @@ impl Hookline {
         env: &[(&str, &str)],
     ) -> Hookline {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_full(dir, config, store, token, env, admin, None)
+    }
+
+    fn start_full(
+        dir: &Path,
+        config: &str,
+        store: &str,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        admin: SocketAddr,
+        netns: Option<String>,
+    ) -> Hookline {
         let token = token
             .map(|t| format!("token = \"{t}\"\n"))
             .unwrap_or_default();
@@ -729,6 +884,7 @@ impl Hookline {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns,
             child: None,
             log_path: dir.join("hookline.log"),
         };
@@ -745,7 +901,12 @@ impl Hookline {
         // HOOKLINE_TEST_WRAPPER (e.g. "heaptrack -o /tmp/ht") runs hookline under a profiler; the pid
         // and RSS figures are then the wrapper's.
         let wrapper = std::env::var("HOOKLINE_TEST_WRAPPER").unwrap_or_default();
-        let mut argv: Vec<&str> = wrapper.split_whitespace().collect();
+        let mut argv: Vec<&str> = Vec::new();
+        if let Some(ns) = &self.netns {
+            // `ip netns exec` execs the command: the child is hookline itself.
+            argv.extend(["ip", "netns", "exec", ns.as_str()]);
+        }
+        argv.extend(wrapper.split_whitespace());
         argv.push(env!("CARGO_BIN_EXE_hookline"));
         let child = Command::new(argv[0])
             .args(&argv[1..])
@@ -883,9 +1044,6 @@ pub fn base_config(broker: &Broker, topics: &[&str], group: &str) -> String {
         r#"[kafka]
 "bootstrap.servers" = "{}"
 "topic.metadata.refresh.interval.ms" = "1000"
-# A killed member's partitions move after its session times out (librdkafka default 45 s); tests use 6 s.
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
 [source]
 topics = {:?}
 group = "{group}"
@@ -905,6 +1063,48 @@ level = "info"
         topics,
         rand_suffix()
     )
+}
+
+/// Partitions hookline's source consumer holds by its log: "partitions assigned" minus "partitions
+/// revoked" (incremental rebalances move partitions in steps; the retry consumer logs `role="retry"`).
+pub fn source_partitions_assigned(log: &str) -> usize {
+    let count = |l: &str, what: &str| -> Option<i64> {
+        let n = l.split(what).nth(1)?.split_whitespace().next()?;
+        n.parse().ok()
+    };
+    let mut held = 0i64;
+    for l in log.lines().filter(|l| l.contains("role=\"source\"")) {
+        held += count(l, "partitions assigned role=\"source\" partitions=").unwrap_or(0);
+        held -= count(l, "partitions revoked role=\"source\" partitions=").unwrap_or(0);
+    }
+    held.max(0) as usize
+}
+
+/// `cfg` with `source.group_protocol` set (`"classic"` or `"consumer"`, KIP-848).
+pub fn with_protocol(cfg: &str, protocol: &str) -> String {
+    assert!(cfg.contains("[source]\n"));
+    cfg.replacen(
+        "[source]\n",
+        &format!("[source]\ngroup_protocol = \"{protocol}\"\n"),
+        1,
+    )
+}
+
+/// Under the classic protocol the client owns the session timeout (librdkafka's default is 45 s); the
+/// fault tests use 10 s, the setting the README recommends where failover time matters. Under the
+/// consumer protocol the broker owns it (the test broker: 6 s, scripts/kafka/broker) and the client may
+/// not set it.
+pub fn fast_failover(cfg: &str, protocol: &str) -> String {
+    let cfg = with_protocol(cfg, protocol);
+    if protocol == "classic" {
+        cfg.replacen(
+            "[kafka]\n",
+            "[kafka]\n\"session.timeout.ms\" = \"10000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
+            1,
+        )
+    } else {
+        cfg
+    }
 }
 
 /// Python interpreter with the `standardwebhooks` package (created by scripts/setup).
@@ -1014,7 +1214,7 @@ pub fn sqlite_store(db: &Path) -> String {
 
 /// A broker with one topic, a temp dir and an SQLite file: the usual setup of the store and API tests.
 pub struct SqliteEnv {
-    pub broker: Arc<Broker>,
+    pub broker: &'static Broker,
     pub topic: String,
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
@@ -1023,12 +1223,12 @@ pub struct SqliteEnv {
 
 impl SqliteEnv {
     pub fn new(partitions: i32) -> SqliteEnv {
-        let broker = Arc::new(Broker::start());
+        let broker = Broker::shared();
         let topic = format!("t-{}", rand_suffix());
         broker.create_topic(&topic, partitions);
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("hookline.db");
-        let cfg = base_config(&broker, &[&topic], &format!("g-{}", rand_suffix()));
+        let cfg = base_config(broker, &[&topic], &format!("g-{}", rand_suffix()));
         SqliteEnv {
             broker,
             topic,
@@ -1103,4 +1303,184 @@ pub fn proc_mib(pid: u32, field: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A network namespace made by the test: a veth pair whose host end is `outer` and whose namespace end
+/// is `inner` (a /30 of 10.0.0.0/8 picked at random), so a process started in it (see
+/// [`Hookline::start_in`]) reaches only `outer`'s services. nftables rules inside it cut or degrade
+/// its traffic to one port. Removed (with its rules and the veth pair) when dropped.
+pub struct NetNs {
+    pub name: String,
+    pub outer: String,
+    pub inner: String,
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        let tag = format!("{:05x}", fastrand::u32(..0xfffff));
+        let (a, b) = (fastrand::u8(16..250), fastrand::u8(0..64) * 4);
+        let ns = NetNs {
+            name: format!("hl{tag}"),
+            outer: format!("10.{a}.{b}.1"),
+            inner: format!("10.{a}.{b}.2"),
+        };
+        let (host_if, ns_if) = (format!("hlh{tag}"), format!("hln{tag}"));
+        let inner_cidr = format!("{}/30", ns.inner);
+        let outer_cidr = format!("{}/30", ns.outer);
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["ip", "netns", "add", &ns.name],
+            vec![
+                "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+            ],
+            vec!["ip", "link", "set", &ns_if, "netns", &ns.name],
+            vec!["ip", "addr", "add", &outer_cidr, "dev", &host_if],
+            vec!["ip", "link", "set", &host_if, "up"],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                &ns.name,
+                "ip",
+                "addr",
+                "add",
+                &inner_cidr,
+                "dev",
+                &ns_if,
+            ],
+            vec![
+                "ip", "netns", "exec", &ns.name, "ip", "link", "set", &ns_if, "up",
+            ],
+            vec![
+                "ip", "netns", "exec", &ns.name, "ip", "link", "set", "lo", "up",
+            ],
+        ];
+        for step in steps {
+            if let Err(e) = sh(&step) {
+                panic!("network namespace setup (needs root, iproute2): {e}");
+            }
+        }
+        ns
+    }
+
+    fn nft(&self, rules: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Drops every TCP packet to or from `port` of `outer` (both directions), or only `percent` % of
+    /// them at random: the namespace's side of a partition or of a lossy link to that service.
+    pub fn degrade(&self, port: u16, percent: u32) {
+        let verdict = if percent >= 100 {
+            "drop".to_string()
+        } else {
+            format!("numgen random mod 100 < {percent} drop")
+        };
+        self.heal();
+        self.nft(&format!(
+            "table inet hlfault {{\n\
+               chain out {{ type filter hook output priority 0; ip daddr {o} tcp dport {port} {verdict}; }}\n\
+               chain in {{ type filter hook input priority 0; ip saddr {o} tcp sport {port} {verdict}; }}\n\
+             }}\n",
+            o = self.outer
+        ));
+    }
+
+    /// Removes the fault rules.
+    pub fn heal(&self) {
+        let _ = sh(&[
+            "ip", "netns", "exec", &self.name, "nft", "delete", "table", "inet", "hlfault",
+        ]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, which deletes the pair.
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// Produces one event per partition every `every` until stopped, with its own producer (so the broker
+/// object can be restarted meanwhile). Returns the ids the broker acknowledged.
+pub fn load(
+    bootstrap: String,
+    topic: &'static str,
+    partitions: i32,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "5")
+            // Idempotent, as upstream producers should be: a broker restart under load must not
+            // cost it its sequence state (no duplicates or gaps from the producer side).
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "120000")
+            .create()
+            .unwrap();
+        let mut acked = Vec::new();
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let batch: Vec<(String, String)> = (0..partitions)
+                .map(|p| {
+                    let id = format!("p{p}-{n}");
+                    let body =
+                        serde_json::json!({"id": id, "type": "order.created", "data": {"n": n}})
+                            .to_string();
+                    (id, body)
+                })
+                .collect();
+            let sends = batch.iter().enumerate().map(|(p, (_, body))| {
+                producer.send(
+                    FutureRecord::<[u8], [u8]>::to(topic)
+                        .payload(body.as_bytes())
+                        .partition(p as i32),
+                    Duration::from_secs(120),
+                )
+            });
+            let results = futures_util::future::join_all(sends).await;
+            for ((id, _), r) in batch.into_iter().zip(results) {
+                if r.is_ok() {
+                    acked.push(id);
+                }
+            }
+            n += 1;
+            tokio::time::sleep(every).await;
+        }
+        acked
+    })
 }
