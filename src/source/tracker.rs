@@ -10,10 +10,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Shared by the deliveries of one record: how many are still running.
+/// Shared by the deliveries of one record: how many are still running (of `work`).
 #[derive(Debug)]
 pub struct RecordState {
     pending: AtomicU32,
+    work: u32,
 }
 
 impl RecordState {
@@ -37,6 +38,9 @@ impl Completion {
 struct Entry {
     offset: i64,
     bytes: u32,
+    /// When the record was taken from Kafka (the caller's monotonic ms, truncated): how long it has
+    /// been holding the partition's commit once it is the oldest unfinished record.
+    taken_ms: u32,
     timestamp_ms: i64,
     /// `None` when the record needed no work (already done when pushed).
     state: Option<Arc<RecordState>>,
@@ -76,6 +80,19 @@ impl PartitionTracker {
         timestamp_ms: i64,
         deliveries: u32,
     ) -> Result<Vec<Completion>, AlreadySeen> {
+        self.push_at(offset, bytes, timestamp_ms, deliveries, 0)
+    }
+
+    /// [`PartitionTracker::push`] of a record taken at `taken_ms` (a monotonic clock in ms).
+    pub fn push_at(
+        &mut self,
+        offset: i64,
+        bytes: u32,
+        timestamp_ms: i64,
+        deliveries: u32,
+        taken_ms: u64,
+    ) -> Result<Vec<Completion>, AlreadySeen> {
+        let taken_ms = taken_ms as u32;
         if self.last_seen.is_some_and(|l| offset <= l) {
             return Err(AlreadySeen);
         }
@@ -87,6 +104,7 @@ impl PartitionTracker {
                 self.entries.push_back(Entry {
                     offset,
                     bytes: 0,
+                    taken_ms,
                     timestamp_ms,
                     state: None,
                 });
@@ -95,11 +113,13 @@ impl PartitionTracker {
         }
         let state = Arc::new(RecordState {
             pending: AtomicU32::new(deliveries),
+            work: deliveries,
         });
         let completions = (0..deliveries).map(|_| Completion(state.clone())).collect();
         self.entries.push_back(Entry {
             offset,
             bytes,
+            taken_ms,
             timestamp_ms,
             state: Some(state),
         });
@@ -151,6 +171,40 @@ impl PartitionTracker {
         self.bytes
     }
 
+    /// What holds this partition at `now_ms` (same clock as `push_at`), for the spill decision.
+    pub fn window(&self, now_ms: u64) -> Window {
+        let mut w = Window::default();
+        for e in &self.entries {
+            let (work, pending) = match &e.state {
+                None => (1, 0),
+                Some(s) => (s.work, s.pending.load(Ordering::Acquire)),
+            };
+            w.units += u64::from(work);
+            w.done_units += u64::from(work - pending.min(work));
+            if pending > 0 && w.held_ms.is_none() {
+                w.held_ms = Some((now_ms as u32).wrapping_sub(e.taken_ms) as u64);
+            }
+        }
+        w
+    }
+
+    /// The offset just past the `n`-th unfinished record, and past every unfinished record held for
+    /// `older_than_ms` or longer at `now_ms`, whichever is further: the records whose waiting
+    /// deliveries are handed to a tier to unblock the partition. `None` when nothing is unfinished.
+    pub fn spill_point(&self, n: usize, older_than_ms: Option<u64>, now_ms: u64) -> Option<i64> {
+        let mut point = None;
+        for (counted, e) in self.entries.iter().filter(|e| !e.is_done()).enumerate() {
+            // Ages, not times, so that the u32 truncation of `taken_ms` wraps harmlessly.
+            let age = u64::from((now_ms as u32).wrapping_sub(e.taken_ms));
+            if counted < n || older_than_ms.is_some_and(|o| age >= o) {
+                point = Some(e.offset + 1);
+            } else {
+                break;
+            }
+        }
+        point
+    }
+
     /// Timestamp (epoch ms) of the oldest unfinished record.
     pub fn oldest_unfinished_ms(&self) -> Option<i64> {
         self.entries
@@ -160,9 +214,70 @@ impl PartitionTracker {
     }
 }
 
+/// A partition's window of held records as deliveries: how much of it is done, and how long the oldest
+/// unfinished record has held the commit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Deliveries of the held records (a record without work counts as one, done).
+    pub units: u64,
+    pub done_units: u64,
+    /// How long the oldest unfinished record has been taken, if any.
+    pub held_ms: Option<u64>,
+}
+
+impl Window {
+    /// Whether spilling the unfinished head would free work that is otherwise done: at least
+    /// `min_done` (a fraction) of the window's deliveries finished. A window that is all waiting for
+    /// one endpoint (a catch-up) is not: there, spilling only moves the backlog through a tier.
+    pub fn head_blocks_done_work(&self, min_done: f64) -> bool {
+        self.units > 0 && self.done_units as f64 >= min_done * self.units as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_counts_done_deliveries_and_the_hold_time_of_the_head() {
+        let mut t = PartitionTracker::new();
+        let mut a = t.push_at(0, 1, 0, 3, 1_000).unwrap();
+        let mut b = t.push_at(1, 1, 0, 2, 1_500).unwrap();
+        t.push_at(2, 1, 0, 0, 1_600).unwrap();
+        let w = t.window(4_000);
+        assert_eq!((w.units, w.done_units, w.held_ms), (6, 1, Some(3_000)));
+        assert!(!w.head_blocks_done_work(0.5));
+        b.pop().unwrap().done();
+        b.pop().unwrap().done();
+        a.pop().unwrap().done();
+        let w = t.window(4_000);
+        assert_eq!((w.units, w.done_units), (6, 4));
+        assert!(
+            w.head_blocks_done_work(0.5),
+            "2 of 6 deliveries hold 4 done ones"
+        );
+        // The head record finishes: nothing holds the commit any more.
+        a.into_iter().for_each(Completion::done);
+        t.advance();
+        assert_eq!(t.window(4_000), Window::default());
+    }
+
+    #[test]
+    fn spill_point_covers_the_oldest_and_the_too_old() {
+        let mut t = PartitionTracker::new();
+        let _a = t.push_at(10, 1, 0, 1, 1_000).unwrap();
+        let mut b = t.push_at(11, 1, 0, 1, 2_000).unwrap();
+        let _c = t.push_at(12, 1, 0, 1, 3_000).unwrap();
+        let _d = t.push_at(13, 1, 0, 1, 4_000).unwrap();
+        assert_eq!(t.spill_point(1, None, 5_000), Some(11));
+        assert_eq!(t.spill_point(2, None, 5_000), Some(12));
+        // Every record held for 1.5 s or more (three of them), even when asked for one.
+        assert_eq!(t.spill_point(1, Some(1_500), 5_000), Some(13));
+        // Finished records are skipped, not counted.
+        b.pop().unwrap().done();
+        assert_eq!(t.spill_point(2, None, 5_000), Some(13));
+        assert_eq!(PartitionTracker::new().spill_point(3, None, 0), None);
+    }
 
     #[test]
     fn commits_only_the_contiguous_done_prefix() {
