@@ -103,6 +103,12 @@ pub struct SourceConfig {
     /// timing, `group.consumer.session.timeout.ms`).
     #[serde(default)]
     pub group_protocol: GroupProtocol,
+    /// The longest the oldest unfinished record of a partition may hold its commit while other work of
+    /// the partition is done: past it, that record's deliveries still waiting for their endpoint are
+    /// handed to a retry tier (see `spill.rs`). Rate-limited endpoints' waits are exempt (their pace is
+    /// known); only a partition at its in-flight bound spills them.
+    #[serde(default = "default_max_commit_delay", with = "humantime_serde_compat")]
+    pub max_commit_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -111,6 +117,20 @@ pub enum GroupProtocol {
     #[default]
     Classic,
     Consumer,
+}
+
+impl Config {
+    /// Settings that are accepted but no longer do anything (warned about at start).
+    pub fn obsolete_settings(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.delivery.endpoint_queue.is_some() {
+            out.push("delivery.endpoint_queue");
+        }
+        if self.delivery.queue_wait.is_some() {
+            out.push("delivery.queue_wait");
+        }
+        out
+    }
 }
 
 impl GroupProtocol {
@@ -234,16 +254,17 @@ pub struct DeliveryConfig {
     pub pool_max_idle_per_host: usize,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
     pub pool_idle_timeout: Duration,
-    /// Deliveries that may wait for one endpoint (for a concurrency slot or a rate-limit token) beyond its
-    /// `max_in_flight`. More are handed to the first retry tier without spending an attempt. For a
-    /// rate-limited endpoint the queue is also capped at one second of its rate plus its burst.
-    #[serde(default = "default_endpoint_queue")]
-    pub endpoint_queue: usize,
-    /// Longest wait for one of an endpoint's `max_in_flight` slots. A delivery that waited this long is
-    /// handed to the first retry tier (no attempt spent) and, for as long again, new deliveries to that
-    /// endpoint that find no free slot are handed over at once.
-    #[serde(default = "default_queue_wait", with = "humantime_serde_compat")]
-    pub queue_wait: Duration,
+    /// A delivery handed to a retry tier without an attempt (spilled from a blocked partition) this
+    /// many times is counted as a failed attempt the next time, so deferrals cannot cycle forever.
+    #[serde(default = "default_max_deferrals")]
+    pub max_deferrals: u32,
+    /// No longer used (deliveries wait for their endpoint; see `source.max_commit_delay`); accepted
+    /// with a warning so that older configurations still start.
+    #[serde(default)]
+    pub endpoint_queue: Option<serde::de::IgnoredAny>,
+    /// No longer used, as `endpoint_queue`.
+    #[serde(default)]
+    pub queue_wait: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     pub breaker: BreakerSettings,
 }
@@ -363,11 +384,11 @@ fn default_jitter() -> f64 {
 fn default_max_held() -> usize {
     1000
 }
-fn default_endpoint_queue() -> usize {
-    10_000
+fn default_max_deferrals() -> u32 {
+    3
 }
-fn default_queue_wait() -> Duration {
-    Duration::from_secs(5)
+fn default_max_commit_delay() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_breaker_window() -> Duration {
     Duration::from_secs(30)
@@ -521,8 +542,9 @@ impl Default for DeliveryConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             pool_max_idle_per_host: default_pool_idle(),
             pool_idle_timeout: default_pool_idle_timeout(),
-            endpoint_queue: default_endpoint_queue(),
-            queue_wait: default_queue_wait(),
+            max_deferrals: default_max_deferrals(),
+            endpoint_queue: None,
+            queue_wait: None,
             breaker: BreakerSettings::default(),
         }
     }
@@ -812,15 +834,15 @@ impl Config {
             600_000,
         )?;
         range(
-            "delivery.endpoint_queue",
-            self.delivery.endpoint_queue as u64,
+            "delivery.max_deferrals",
+            u64::from(self.delivery.max_deferrals),
             0,
-            1_000_000,
+            1_000,
         )?;
-        if self.delivery.queue_wait < Duration::from_millis(1) {
+        if self.source.max_commit_delay < Duration::from_millis(100) {
             return Err(ConfigError::new(
-                "delivery.queue_wait",
-                "must be at least 1ms",
+                "source.max_commit_delay",
+                "must be at least 100ms",
             ));
         }
         let b = &self.delivery.breaker;
@@ -1279,9 +1301,24 @@ topics = ["orders"]
                 "delivery.breaker.consecutive_failures:",
             ),
             (
-                "HOOKLINE_DELIVERY__QUEUE_WAIT",
-                "0s",
-                "delivery.queue_wait:",
+                "HOOKLINE_SOURCE__MAX_COMMIT_DELAY",
+                "10ms",
+                "source.max_commit_delay:",
+            ),
+            (
+                "HOOKLINE_DELIVERY__MAX_DEFERRALS",
+                "5000",
+                "delivery.max_deferrals:",
+            ),
+            (
+                "HOOKLINE_SOURCE__GROUP_PROTOCOL",
+                "eager",
+                "source.group_protocol",
+            ),
+            (
+                "HOOKLINE_SOURCE__INSTANCE_ID",
+                "pod 0",
+                "source.instance_id:",
             ),
             ("HOOKLINE_RETRY__JITTER", "2", "retry.jitter:"),
             ("HOOKLINE_RETRY__GROUP", "hookline", "retry.group:"),
@@ -1294,7 +1331,31 @@ topics = ["orders"]
             let e = err_of(MIN, &[(var, value)]);
             assert!(e.starts_with(setting), "{var}={value}: {e}");
         }
+        // Classic-only librdkafka settings are refused under the consumer protocol, naming them.
+        let e = err_of(
+            MIN,
+            &[
+                ("HOOKLINE_SOURCE__GROUP_PROTOCOL", "consumer"),
+                ("HOOKLINE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+            ],
+        );
+        assert!(e.starts_with("kafka.\"session.timeout.ms\":"), "{e}");
+        // Settings of the old queue bound are accepted, and reported as no longer used.
+        let c = load(
+            MIN,
+            &[
+                ("HOOKLINE_DELIVERY__QUEUE_WAIT", "5s"),
+                ("HOOKLINE_DELIVERY__ENDPOINT_QUEUE", "100"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.obsolete_settings(),
+            ["delivery.endpoint_queue", "delivery.queue_wait"]
+        );
         let c = load(MIN, &[]).unwrap();
+        assert!(c.obsolete_settings().is_empty());
+        assert_eq!(c.source.max_commit_delay, Duration::from_secs(30));
         assert_eq!(c.retry_group(), format!("{}.retry", c.source.group));
         assert_eq!(c.delivery.breaker.half_open_probes, 3);
         let c = load(MIN, &[("HOOKLINE_DELIVERY__BREAKER__COOL_DOWN", "2s")]).unwrap();

@@ -9,18 +9,19 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::deliver::breaker::BreakerState;
 use crate::deliver::endpoint::NotNow;
 use crate::deliver::outcome::{
     AttemptResult, Next, Outcome, classify, healthy, jittered, next_tier,
 };
-use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Subscription};
 use crate::registry::Registry;
 use crate::retry::publish::{DlqReason, Failure, Publisher};
 use crate::source::tracker::Completion;
+use crate::spill::Spill;
 use crate::store::AttemptRecord;
 use crate::store::attempts::AttemptLog;
 
@@ -43,6 +44,8 @@ pub struct Dispatcher {
     pub tier_delays: Vec<Duration>,
     /// `retry.jitter`.
     pub jitter: f64,
+    /// `delivery.max_deferrals`.
+    pub max_deferrals: u32,
     /// Where attempt records go (a no-op for read-only stores).
     pub attempt_log: AttemptLog,
     /// Writes to the subscriptions (a 410 disables the subscription); `None` in tools and benchmarks.
@@ -50,13 +53,15 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Starts the delivery of `event` to `sub`; `done` is completed when it is settled.
+    /// Starts the delivery of `event` to `sub`; `done` is completed when it is settled. `spill` tells
+    /// the delivery, while it waits for its endpoint, that it blocks its partition.
     pub fn dispatch(
         self: &Arc<Self>,
         event: Arc<Event>,
         sub: Arc<Subscription>,
         prior: Prior,
         done: Completion,
+        mut spill: Spill,
     ) {
         let this = Arc::clone(self);
         // One span per delivery: every line logged while delivering (here, in the HTTP client, in the
@@ -65,21 +70,21 @@ impl Dispatcher {
         let span = tracing::debug_span!("delivery", event_id = %event.id, subscription = %sub.id_str, attempt = prior.attempts + 1);
         tokio::spawn(
             async move {
-                this.deliver(&event, &sub, prior).await;
+                this.deliver(&event, &sub, prior, &mut spill).await;
                 done.done();
             }
             .instrument(span),
         );
     }
 
-    async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior) {
+    async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior, spill: &mut Spill) {
         let attempt_no = prior.attempts + 1;
         let started_ms = if self.attempt_log.enabled() {
             now_ms()
         } else {
             0
         };
-        let (result, took) = match sub.endpoint.admit().await {
+        let (result, took) = match sub.endpoint.admit(spill).await {
             Ok(slot) => {
                 self.metrics.in_flight.inc();
                 let (result, took) = self.deliverer.attempt(event, sub).await;
@@ -97,7 +102,15 @@ impl Dispatcher {
                 (result, took)
             }
             Err(NotNow::CircuitOpen) => (AttemptResult::CircuitOpen, Duration::ZERO),
-            Err(NotNow::QueueFull) => (AttemptResult::Deferred, Duration::ZERO),
+            Err(NotNow::Spilled(reason)) => {
+                self.metrics
+                    .deferrals
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: reason.as_str().into(),
+                    })
+                    .inc();
+                (AttemptResult::Deferred(reason), Duration::ZERO)
+            }
         };
         self.metrics.attempt(result.metric_label()).inc();
         let outcome = classify(&result);
@@ -132,12 +145,15 @@ impl Dispatcher {
             );
             return;
         }
-        let deferred = result == AttemptResult::Deferred;
+        // A delivery deferred `max_deferrals` times already counts this one as an attempt: deferrals
+        // cost no attempt, but they must not cycle without end.
+        let spilled = matches!(result, AttemptResult::Deferred(_));
+        let deferred = spilled && prior.deferrals < self.max_deferrals;
         let failure = Failure {
             event,
             subscription_id: &sub.id_str,
             attempts: if deferred { prior.attempts } else { attempt_no },
-            deferrals: prior.deferrals + u32::from(deferred),
+            deferrals: prior.deferrals + u32::from(spilled),
             first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
             last: &result,
         };
@@ -225,7 +241,7 @@ pub fn log_result(r: &AttemptResult, outcome: Outcome) -> &'static str {
         (AttemptResult::Timeout, _) => "timeout",
         (AttemptResult::Connect(_), _) => "connect_error",
         (AttemptResult::CircuitOpen, _) => "circuit_open",
-        (AttemptResult::Deferred, _) => "deferred",
+        (AttemptResult::Deferred(_), _) => "deferred",
         (AttemptResult::Status { .. }, Outcome::Retry { .. }) => "failed",
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod deliver;
@@ -16,4 +17,5 @@ pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod source;
+pub mod spill;
 pub mod store;

@@ -96,7 +96,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn replay_cmd(c: &Config, a: ReplayArgs) -> Result<String, RunError> {
-    let now = hookline::matching::cache::now_ms();
+    let now = hookline::clock::now_ms();
     let time = |flag: &str, v: &Option<String>| -> Result<Option<u64>, RunError> {
         v.as_deref()
             .map(|t| replay::parse_time(t, now))

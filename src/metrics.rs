@@ -111,6 +111,10 @@ pub struct Metrics {
     pub attempt_log_dropped: Counter,
     /// Subscriptions disabled because their endpoint answered 410 Gone.
     pub subscriptions_disabled_gone: Counter,
+    /// Deliveries handed to a tier without an attempt, by why (`partition_bound`, `commit_delay`).
+    pub deferrals: Family<ReasonLabel, Counter>,
+    /// Per assigned partition: how long its oldest unfinished record has held the commit (0 when none).
+    pub commit_delay_seconds: Family<TopicPartitionLabels, FloatGauge>,
 }
 
 impl Metrics {
@@ -271,6 +275,23 @@ impl Metrics {
             "Subscriptions disabled because their endpoint answered 410 Gone",
             subscriptions_disabled_gone.clone(),
         );
+        let deferrals = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "hookline_deferrals",
+            "Deliveries handed to a retry tier without an attempt because they blocked their partition",
+            deferrals.clone(),
+        );
+        let commit_delay_seconds = Family::<TopicPartitionLabels, FloatGauge>::default();
+        r.register(
+            "hookline_commit_delay_seconds",
+            "How long the oldest unfinished record of each assigned partition has held its commit",
+            commit_delay_seconds.clone(),
+        );
+        for reason in ["partition_bound", "commit_delay"] {
+            let _ = deferrals.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
         // Make every documented series exist from the start (a zero is information; absence is not).
         let attempts_by_result = ATTEMPT_RESULTS
             .iter()
@@ -302,6 +323,8 @@ impl Metrics {
         }
         Metrics {
             registry: r,
+            deferrals,
+            commit_delay_seconds,
             attempt_log_written,
             attempt_log_dropped,
             subscriptions_disabled_gone,

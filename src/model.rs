@@ -298,7 +298,7 @@ pub struct Subscription {
     pub retiring: Vec<(SigningKey, u64)>,
     pub timeout: Duration,
     pub headers: HeaderMap,
-    /// Runtime state of the endpoint: concurrency cap, rate limit, wait queue, breaker.
+    /// Runtime state of the endpoint: concurrency cap, rate limit, breaker.
     pub endpoint: Arc<Endpoint>,
     pub spec: SubscriptionSpec,
 }
@@ -309,10 +309,6 @@ pub struct Subscription {
 pub struct Defaults {
     pub timeout_ms: u64,
     pub max_in_flight: u32,
-    /// `delivery.endpoint_queue`.
-    pub endpoint_queue: usize,
-    /// `delivery.queue_wait`.
-    pub queue_wait: Duration,
     pub breaker: BreakerConfig,
     /// This instance's share of each subscription's limits (DESIGN §6), updated on rebalance.
     pub share: Arc<GroupShare>,
@@ -323,8 +319,6 @@ impl Default for Defaults {
         Defaults {
             timeout_ms: 10_000,
             max_in_flight: 64,
-            endpoint_queue: 10_000,
-            queue_wait: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
             share: Arc::default(),
         }
@@ -459,8 +453,6 @@ impl Subscription {
                     max_in_flight: spec.max_in_flight.unwrap_or(defaults.max_in_flight),
                     rate_per_sec: spec.rate_limit_per_sec,
                     burst: spec.burst,
-                    queue: defaults.endpoint_queue,
-                    queue_wait: defaults.queue_wait,
                 },
                 defaults.breaker,
                 defaults.share.clone(),

@@ -42,8 +42,6 @@ pub fn defaults(config: &Config) -> Defaults {
     Defaults {
         timeout_ms: config.delivery.default_timeout_ms,
         max_in_flight: config.delivery.default_max_in_flight,
-        endpoint_queue: config.delivery.endpoint_queue,
-        queue_wait: config.delivery.queue_wait,
         breaker: BreakerConfig {
             window: b.window,
             min_requests: b.min_requests,
@@ -149,6 +147,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         tier_delays,
         jitter: config.retry.jitter,
+        max_deferrals: config.delivery.max_deferrals,
         attempt_log,
         registry: Some(registry.clone()),
     });
@@ -203,6 +202,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         stop.clone(),
     ));
 
+    for setting in config.obsolete_settings() {
+        tracing::warn!(
+            setting,
+            "setting no longer used: deliveries wait for their endpoint, and only what blocks a \
+             partition is deferred (source.max_commit_delay); remove it"
+        );
+    }
     tracing::info!(topics = ?config.source.topics, group = %config.source.group, "hookline running");
     // Both consumers stop on the same signal, each draining its own in-flight deliveries; the shared
     // producer is flushed once both are done, so no hand-off of either is cut off.

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::matching::cache::{Cache, LoadError, now_ms};
+use crate::clock::now_ms;
+use crate::matching::cache::{Cache, LoadError};
 use crate::metrics::Metrics;
 use crate::model::{SubscriptionSpec, rfc3339_ms};
 use crate::store::{Store, StoreError};

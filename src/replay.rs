@@ -27,9 +27,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::clock::now_ms;
 use crate::config::{Config, ConfigError};
 use crate::decode::{RawRecord, decode};
-use crate::matching::cache::now_ms;
 use crate::model::{Origin, Pattern, parse_rfc3339_ms};
 use crate::pipeline::RunError;
 use crate::retry::Topics;

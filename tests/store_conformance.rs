@@ -8,8 +8,8 @@ mod cql_server;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use hookline::clock::now_ms;
 use hookline::config::ScyllaConfig;
-use hookline::matching::cache::now_ms;
 use hookline::model::{RetiredSecret, SubscriptionSpec, rfc3339_ms};
 use hookline::store::scylla::{ScyllaStore, migrate};
 use hookline::store::sqlite::SqliteStore;

@@ -26,11 +26,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::deliver::outcome::{AttemptResult, classify};
 use crate::deliver::policy::AddressPolicy;
 use crate::dispatch::log_result;
-use crate::matching::cache::now_ms;
 use crate::model::{
     Encoding, Event, Origin, RetiredSecret, SigningKey, Subscription, SubscriptionSpec,
     generate_secret, parse_rfc3339_ms, rfc3339_ms, webhook_id,

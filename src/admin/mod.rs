@@ -12,8 +12,9 @@ use axum::http::{Method, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, get};
 
+use crate::clock::now_ms;
 use crate::deliver::breaker::BreakerState;
-use crate::matching::cache::{Cache, now_ms};
+use crate::matching::cache::Cache;
 use crate::metrics::{Metrics, TopicPartitionLabels};
 use crate::source::SourceHandle;
 
@@ -154,6 +155,16 @@ fn refresh_scrape_gauges(s: &AdminState) {
     .zip(counts)
     {
         m.endpoint_state(state.as_str()).set(n);
+    }
+    // Commit delay: how long the oldest unfinished record of each source partition has held it.
+    m.commit_delay_seconds.clear();
+    for (topic, partition, held_ms) in s.source.commit_delays() {
+        m.commit_delay_seconds
+            .get_or_create(&TopicPartitionLabels {
+                topic: topic.to_string(),
+                partition,
+            })
+            .set(held_ms as f64 / 1000.0);
     }
     // Time lag: age of the oldest unfinished record of each partition assigned here (0 when none).
     let now = now_ms() as i64;

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::spill::SpillReason;
+
 /// The result of one attempt, as observed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptResult {
@@ -18,8 +20,9 @@ pub enum AttemptResult {
     Refused(String),
     /// The breaker is open; no request was sent.
     CircuitOpen,
-    /// The endpoint's queue was full; not sent, no attempt spent (handed to the first tier).
-    Deferred,
+    /// Not sent: it waited for its endpoint while that blocked its partition (see `spill.rs`); handed
+    /// to a tier without spending an attempt.
+    Deferred(SpillReason),
 }
 
 impl AttemptResult {
@@ -35,7 +38,7 @@ impl AttemptResult {
             AttemptResult::Timeout => "timeout",
             AttemptResult::Connect(_) | AttemptResult::Refused(_) => "connect",
             AttemptResult::CircuitOpen => "circuit_open",
-            AttemptResult::Deferred => "rate_limited",
+            AttemptResult::Deferred(_) => "rate_limited",
         }
     }
 
@@ -47,7 +50,7 @@ impl AttemptResult {
             AttemptResult::Connect(_) => "connect".into(),
             AttemptResult::Refused(_) => "refused".into(),
             AttemptResult::CircuitOpen => "circuit_open".into(),
-            AttemptResult::Deferred => "deferred".into(),
+            AttemptResult::Deferred(_) => "deferred".into(),
         }
     }
 
@@ -58,7 +61,10 @@ impl AttemptResult {
             AttemptResult::Timeout => "request timed out".into(),
             AttemptResult::Connect(e) | AttemptResult::Refused(e) => e.clone(),
             AttemptResult::CircuitOpen => "circuit breaker open".into(),
-            AttemptResult::Deferred => "endpoint queue full; deferred without an attempt".into(),
+            AttemptResult::Deferred(r) => format!(
+                "waited for the endpoint while blocking its partition ({}); deferred",
+                r.as_str()
+            ),
         };
         truncate(&s, 200).to_string()
     }
@@ -103,7 +109,7 @@ pub fn classify(r: &AttemptResult) -> Outcome {
         AttemptResult::Timeout
         | AttemptResult::Connect(_)
         | AttemptResult::CircuitOpen
-        | AttemptResult::Deferred => Outcome::Retry { retry_after: None },
+        | AttemptResult::Deferred(_) => Outcome::Retry { retry_after: None },
         AttemptResult::Refused(_) => Outcome::Rejected,
     }
 }

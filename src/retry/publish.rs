@@ -218,7 +218,7 @@ impl Publisher {
     /// Dead-letters a failed delivery. `hookline-due-ms` on a dead-letter record is the time it was
     /// dead-lettered (a replay sets a new one).
     pub async fn publish_dead(&self, f: &Failure<'_>, reason: DlqReason) {
-        let headers = delivery_headers(f, Some(crate::matching::cache::now_ms()), Some(reason));
+        let headers = delivery_headers(f, Some(crate::clock::now_ms()), Some(reason));
         self.send(
             &self.topics.dlq,
             Some(f.subscription_id.as_bytes()),
@@ -261,7 +261,7 @@ impl Publisher {
                 });
             }
         }
-        let now = crate::matching::cache::now_ms().to_string();
+        let now = crate::clock::now_ms().to_string();
         let detail = truncate(detail, 200);
         hs = origin_headers(hs, origin)
             .insert(Header {

@@ -43,17 +43,19 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{mono_ms, now_ms};
 use crate::config::{Config, GroupProtocol};
 use crate::decode::{self, RawRecord};
 use crate::deliver::share::GroupShare;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::Prior;
 use crate::matching::cache::Cache;
-use crate::matching::cache::now_ms;
 use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
 use crate::retry::publish::LocalTiers;
 use crate::retry::tier;
+use crate::spill::{self, Spill, SpillPoint, SpillReason};
+use tokio::sync::watch;
 use tracker::{Completion, PartitionTracker};
 
 /// What the consumer reads: the source topics (decode, match, fan out) or the retry tiers (hold until
@@ -90,6 +92,10 @@ struct Held {
     done: Completion,
 }
 
+/// The share of a partition's window of deliveries that must be finished before spilling its waiting
+/// head is worth a deferral (see [`Source::relieve`]).
+const MIN_DONE: f64 = 0.25;
+
 /// How long the final commit and the group leave may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -122,6 +128,8 @@ struct PartitionState {
     tracker: PartitionTracker,
     /// Paused because an in-flight bound was reached.
     paused: bool,
+    /// Where this partition's waiting deliveries step aside (see `spill.rs` and [`Source::relieve`]).
+    spill: watch::Sender<SpillPoint>,
     /// Retry records not yet due, oldest first; the partition is paused while `max_held` are held.
     held: std::collections::VecDeque<Held>,
 }
@@ -131,6 +139,7 @@ impl PartitionState {
         PartitionState {
             tracker: PartitionTracker::new(),
             paused: false,
+            spill: spill::channel(),
             held: Default::default(),
         }
     }
@@ -152,6 +161,8 @@ struct State {
 /// What [`State::push`] did with a record.
 struct Pushed {
     completions: Vec<tracker::Completion>,
+    /// The partition's spill channel, for the deliveries' [`Spill`]s.
+    spill: watch::Sender<SpillPoint>,
     /// The partition just went over a bound and must be paused in librdkafka.
     pause: bool,
 }
@@ -172,12 +183,19 @@ impl State {
         let part = self.parts.get_mut(key)?;
         let (r, b) = part.tracker.advance();
         let (len0, bytes0) = (part.tracker.len(), part.tracker.bytes());
-        let completions = part.tracker.push(offset, bytes, ts_ms, work).ok()?;
+        let completions = part
+            .tracker
+            .push_at(offset, bytes, ts_ms, work, mono_ms())
+            .ok()?;
         self.records = self.records - r + (part.tracker.len() - len0);
         self.bytes = self.bytes - b + (part.tracker.bytes() - bytes0);
         let pause = !part.paused && limits.over(&part.tracker, self.records, self.bytes);
         part.paused |= pause;
-        Some(Pushed { completions, pause })
+        Some(Pushed {
+            completions,
+            pause,
+            spill: part.spill.clone(),
+        })
     }
 
     /// Records taken and not finished, not counting held ones (those are given up, not waited for, at
@@ -416,6 +434,17 @@ impl SourceHandle {
         lock(&self.state).joined
     }
 
+    /// Per assigned partition: how long (ms) its oldest unfinished record has held the commit (0 when
+    /// nothing is unfinished).
+    pub fn commit_delays(&self) -> Vec<(Arc<str>, i32, u64)> {
+        let now = mono_ms();
+        lock(&self.state)
+            .parts
+            .iter()
+            .map(|((t, p), ps)| (t.clone(), *p, ps.tracker.window(now).held_ms.unwrap_or(0)))
+            .collect()
+    }
+
     /// Per assigned partition: the timestamp (epoch ms) of the oldest record taken and not finished
     /// (held retry records included), `None` when nothing is unfinished.
     pub fn oldest_unfinished(&self) -> Vec<(Arc<str>, i32, Option<i64>)> {
@@ -444,6 +473,7 @@ pub struct Source {
     topics: Vec<Arc<str>>,
     limits: Limits,
     max_event_bytes: usize,
+    max_commit_delay: Duration,
     store_interval: Duration,
     shutdown_timeout: Duration,
     cache: Arc<Cache>,
@@ -558,6 +588,7 @@ impl Source {
                 total_bytes: config.source.max_in_flight_bytes,
             },
             max_event_bytes: config.source.max_event_bytes,
+            max_commit_delay: config.source.max_commit_delay,
             store_interval: config.source.store_interval,
             shutdown_timeout: config.source.shutdown_timeout,
             cache,
@@ -779,7 +810,12 @@ impl Source {
             &self.limits,
         );
         // Not (or no longer) assigned here, or a re-fetch of a record already taken: leave it.
-        let Some(Pushed { completions, pause }) = pushed else {
+        let Some(Pushed {
+            completions,
+            pause,
+            spill,
+        }) = pushed
+        else {
             return;
         };
         if pause {
@@ -790,8 +826,9 @@ impl Source {
         match event {
             Some(ev) => {
                 for (sub, done) in subs.into_iter().zip(completions) {
+                    let spill = Spill::new(&spill, m.offset());
                     self.dispatcher
-                        .dispatch(ev.clone(), sub, Prior::default(), done);
+                        .dispatch(ev.clone(), sub, Prior::default(), done, spill);
                 }
             }
             None => self.dead_letter_invalid(
@@ -857,8 +894,9 @@ impl Source {
         });
         let timestamp_ms = m.timestamp().to_millis().unwrap_or(0);
         let mut st = lock(&self.state);
-        let Some(Pushed { completions, pause }) =
-            st.push(key, m.offset(), bytes, timestamp_ms, 1, &self.limits)
+        let Some(Pushed {
+            completions, pause, ..
+        }) = st.push(key, m.offset(), bytes, timestamp_ms, 1, &self.limits)
         else {
             return;
         };
@@ -945,18 +983,24 @@ impl Source {
     /// Hands a due retry record to the dispatcher, or dead-letters it when its subscription is gone.
     fn release(&self, job: Held) {
         if let Some(sub) = self.cache.index().get(&job.subscription) {
+            // A due retry record waits for its endpoint without being spilled: its tier partition's
+            // head is held by design, and the breaker and request timeout bound the wait.
             self.dispatcher
-                .dispatch(job.event, sub, job.prior, job.done);
+                .dispatch(job.event, sub, job.prior, job.done, Spill::never());
             return;
         }
         self.dispatcher
             .dead_letter_orphan(job.event, job.subscription, job.prior, job.done);
     }
 
-    /// Stores finished offsets and resumes partitions that are below their bounds.
+    /// Stores finished offsets, spills what blocks a partition, and resumes partitions that are below
+    /// their bounds.
     fn housekeeping(&self) {
         let mut st = lock(&self.state);
         let offsets = st.advance_all();
+        if self.role == Role::Source {
+            self.relieve(&mut st, mono_ms());
+        }
         let (records, bytes) = (st.records, st.bytes);
         let mut resume = TopicPartitionList::new();
         for ((topic, partition), p) in st.parts.iter_mut() {
@@ -981,6 +1025,41 @@ impl Source {
             && let Err(e) = self.consumer.resume(&resume)
         {
             tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    /// The admission invariant (ARCHITECTURE.md, 7): a delivery waits for its endpoint unless that
+    /// wait blocks work that is otherwise done. Per partition, *pressure* is the partition at its
+    /// in-flight bound, or its oldest unfinished record holding the commit for `max_commit_delay`; it is
+    /// acted on only when at least [`MIN_DONE`] of the window's deliveries are finished (else the window
+    /// is one endpoint's backlog, and pausing paces it). Then the waiting deliveries of the oldest
+    /// records are told to step aside: those held past half of `max_commit_delay`, and at a bound an
+    /// eighth of the unfinished window more per tick, until the partition resumes.
+    fn relieve(&self, st: &mut State, now: u64) {
+        let max_ms = self.max_commit_delay.as_millis() as u64;
+        for p in st.parts.values_mut() {
+            let w = p.tracker.window(now);
+            let Some(held) = w.held_ms else { continue };
+            let too_long = held >= max_ms;
+            if !(p.paused || too_long) || !w.head_blocks_done_work(MIN_DONE) {
+                continue;
+            }
+            let (n, reason) = if p.paused {
+                ((p.tracker.len() / 8).max(1), SpillReason::PartitionBound)
+            } else {
+                (1, SpillReason::CommitDelay)
+            };
+            let older = too_long.then_some(max_ms / 2);
+            if let Some(through) = p.tracker.spill_point(n, older, now)
+                && through > p.spill.borrow().through
+            {
+                let reason = if too_long {
+                    SpillReason::CommitDelay
+                } else {
+                    reason
+                };
+                p.spill.send_replace(SpillPoint { through, reason });
+            }
         }
     }
 

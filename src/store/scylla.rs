@@ -23,8 +23,8 @@ use scylla::value::CqlTimestamp;
 use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
+use crate::clock::now_ms;
 use crate::config::ScyllaConfig;
-use crate::matching::cache::now_ms;
 use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
 
 /// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, paged};
-use crate::matching::cache::now_ms;
+use crate::clock::now_ms;
 use crate::model::SubscriptionSpec;
 
 const SCHEMA: &str = "
