@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -70,7 +72,36 @@ async fn one_hung_endpoint_does_not_slow_the_other_nine() {
     );
     let healthy = run_phase(0).await;
     rxs[9].set_behaviour(|_| Reply::Hang);
+    // Meanwhile: the longest any partition's commit is held (hookline_commit_delay_seconds), sampled.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (admin, sampling) = (h.admin, sampling.clone());
+        tokio::spawn(async move {
+            let mut max = 0.0f64;
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(r) = http().get(format!("http://{admin}/metrics")).send().await
+                    && let Ok(text) = r.text().await
+                {
+                    for l in text
+                        .lines()
+                        .filter(|l| l.starts_with("hookline_commit_delay_seconds{"))
+                    {
+                        let v: f64 = l
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0.0);
+                        max = max.max(v);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            max
+        })
+    };
     let hung = run_phase(N).await;
+    sampling.store(false, Ordering::Relaxed);
+    let max_commit_delay = sampler.await.unwrap();
     // Retry traffic inside the measured phase: records came back from the 1 s tier before it ended.
     let retried = h.metric(&tier).await;
     let tput = |d: Duration| (9 * N) as f64 / d.as_secs_f64();
@@ -87,7 +118,20 @@ async fn one_hung_endpoint_does_not_slow_the_other_nine() {
         h.metric("hookline_delivery_attempts_total{result=\"rate_limited\"}")
             .await,
     );
-    println!("records re-consumed from the 1 s tier during the hung phase: {retried}");
+    println!(
+        "records re-consumed from the 1 s tier during the hung phase: {retried}; longest commit hold \
+         of any partition meanwhile {max_commit_delay:.1} s (deferrals: {:?})",
+        (
+            h.metric("hookline_deferrals_total{reason=\"partition_bound\"}")
+                .await,
+            h.metric("hookline_deferrals_total{reason=\"commit_delay\"}")
+                .await
+        )
+    );
+    assert!(
+        max_commit_delay < 30.0,
+        "a partition's commit was held {max_commit_delay} s: commits must keep moving"
+    );
     rxs[9].release();
     assert!(
         retried > 0.0,
