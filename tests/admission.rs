@@ -118,6 +118,8 @@ async fn lean(slots: usize, service: Duration) -> Lean {
 
 /// The receiver's own capacity: `n` POSTs from 64 keep-alive connections, as fast as it answers.
 async fn capacity(url: &str, n: usize) -> f64 {
+    // reqwest is built without a default TLS provider; `http()` installs ring's (needed even for http).
+    let _ = http();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
