@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use crate::clock::now_ms;
+use crate::completion::Completion;
 use crate::deliver::Deliverer;
 use crate::deliver::breaker::BreakerState;
 use crate::deliver::endpoint::NotNow;
@@ -17,24 +18,12 @@ use crate::deliver::outcome::{
     AttemptResult, Next, Outcome, classify, healthy, jittered, next_tier,
 };
 use crate::metrics::Metrics;
-use crate::model::{Event, Subscription};
+use crate::model::{Event, Prior, Subscription};
 use crate::registry::Registry;
 use crate::retry::publish::{DlqReason, Failure, Publisher};
-use crate::source::tracker::Completion;
 use crate::spill::Spill;
 use crate::store::AttemptRecord;
 use crate::store::attempts::AttemptLog;
-
-/// What happened to a delivery before this attempt (all zero/`None` for a record from the source).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Prior {
-    /// Attempts already made.
-    pub attempts: u32,
-    /// Epoch ms of the first failure (or deferral).
-    pub first_failure_ms: Option<u64>,
-    /// Times deferred because the endpoint's queue was full.
-    pub deferrals: u32,
-}
 
 pub struct Dispatcher {
     pub deliverer: Arc<Deliverer>,

@@ -3,10 +3,12 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod completion;
 pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod dispatch;
+pub mod kafka;
 pub mod manage;
 pub mod matching;
 pub mod metrics;

@@ -462,6 +462,17 @@ impl Subscription {
     }
 }
 
+/// What happened to a delivery before this attempt (all zero/`None` for a record from the source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prior {
+    /// Attempts already made.
+    pub attempts: u32,
+    /// Epoch ms of the first failure (or deferral).
+    pub first_failure_ms: Option<u64>,
+    /// Times deferred (handed to a tier without an attempt) because it blocked its partition.
+    pub deferrals: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

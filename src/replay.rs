@@ -30,12 +30,12 @@ use uuid::Uuid;
 use crate::clock::now_ms;
 use crate::config::{Config, ConfigError};
 use crate::decode::{RawRecord, decode};
+use crate::kafka::topic_partitions;
 use crate::model::{Origin, Pattern, parse_rfc3339_ms};
 use crate::pipeline::RunError;
 use crate::retry::Topics;
 use crate::retry::headers as h;
 use crate::retry::publish::producer_config;
-use crate::source::topic_partitions;
 use crate::store::{self, Store};
 
 /// Which records a replay takes. All given filters must hold.

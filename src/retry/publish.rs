@@ -16,9 +16,9 @@ use super::Topics;
 use super::headers as h;
 use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
+use crate::kafka::topic_partitions;
 use crate::metrics::Metrics;
 use crate::model::{Event, Origin};
-use crate::source::topic_partitions;
 
 /// Dead-letter reasons (`hookline-dlq-reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::headers as h;
-use crate::dispatch::Prior;
 use crate::model::Origin;
+use crate::model::Prior;
 
 /// The `hookline-*` facts of one retry record.
 #[derive(Debug, Clone)]

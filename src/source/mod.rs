@@ -48,9 +48,10 @@ use crate::config::{Config, GroupProtocol};
 use crate::decode::{self, RawRecord};
 use crate::deliver::share::GroupShare;
 use crate::dispatch::Dispatcher;
-use crate::dispatch::Prior;
+use crate::kafka::topic_partitions;
 use crate::matching::cache::Cache;
 use crate::metrics::Metrics;
+use crate::model::Prior;
 use crate::model::{Event, Origin};
 use crate::retry::publish::LocalTiers;
 use crate::retry::tier;
@@ -479,22 +480,6 @@ pub struct Source {
     cache: Arc<Cache>,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
-}
-
-/// The partition ids of `topic` as the cluster's metadata has them (empty when the topic does not exist
-/// or reports an error).
-pub fn topic_partitions<C: ClientContext>(
-    client: &rdkafka::client::Client<C>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
-    let md = client.fetch_metadata(Some(topic), timeout)?;
-    Ok(md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default())
 }
 
 /// A consumer made from `config`, subscribed to `names`.

@@ -10,29 +10,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Shared by the deliveries of one record: how many are still running (of `work`).
-#[derive(Debug)]
-pub struct RecordState {
-    pending: AtomicU32,
-    work: u32,
-}
-
-impl RecordState {
-    fn is_done(&self) -> bool {
-        self.pending.load(Ordering::Acquire) == 0
-    }
-}
-
-/// One delivery's share of a record. Dropping it without calling [`Completion::done`] leaves the record
-/// unfinished (so an aborted task can never cause an offset to be committed).
-#[derive(Debug)]
-pub struct Completion(Arc<RecordState>);
-
-impl Completion {
-    pub fn done(self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub use crate::completion::Completion;
+use crate::completion::RecordState;
 
 #[derive(Debug)]
 struct Entry {
