@@ -129,6 +129,9 @@ struct PartitionState {
     tracker: PartitionTracker,
     /// Paused because an in-flight bound was reached.
     paused: bool,
+    /// When it was paused at its bound (monotonic ms): a bound is acted on only once the partition has
+    /// stayed there for a while (see [`Source::relieve`]).
+    paused_at_ms: u64,
     /// Where this partition's waiting deliveries step aside (see `spill.rs` and [`Source::relieve`]).
     spill: watch::Sender<SpillPoint>,
     /// Retry records not yet due, oldest first; the partition is paused while `max_held` are held.
@@ -140,6 +143,7 @@ impl PartitionState {
         PartitionState {
             tracker: PartitionTracker::new(),
             paused: false,
+            paused_at_ms: 0,
             spill: spill::channel(),
             held: Default::default(),
         }
@@ -191,7 +195,10 @@ impl State {
         self.records = self.records - r + (part.tracker.len() - len0);
         self.bytes = self.bytes - b + (part.tracker.bytes() - bytes0);
         let pause = !part.paused && limits.over(&part.tracker, self.records, self.bytes);
-        part.paused |= pause;
+        if pause {
+            part.paused = true;
+            part.paused_at_ms = mono_ms();
+        }
         Some(Pushed {
             completions,
             pause,
@@ -1014,10 +1021,11 @@ impl Source {
     }
 
     /// The admission invariant (ARCHITECTURE.md, 7): a delivery waits for its endpoint unless that
-    /// wait blocks work that is otherwise done. Per partition, *pressure* is the partition at its
-    /// in-flight bound, or its oldest unfinished record holding the commit for `max_commit_delay`; it is
-    /// acted on only when at least [`MIN_DONE`] of the window's deliveries are finished (else the window
-    /// is one endpoint's backlog, and pausing paces it). Then the waiting deliveries of the oldest
+    /// wait blocks work that is otherwise done. Per partition, *pressure* is the partition held at its
+    /// in-flight bound for a tenth of `max_commit_delay` (a healthy head finishes and the partition
+    /// resumes long before; a pause that lasts means the head is stuck), or its oldest unfinished record
+    /// holding the commit for `max_commit_delay`; it is acted on only when at least [`MIN_DONE`] of the
+    /// window's deliveries are finished (else the window is one endpoint's backlog, and pausing paces it). Then the waiting deliveries of the oldest
     /// records are told to step aside: those held past half of `max_commit_delay`, and at a bound an
     /// eighth of the unfinished window more per tick, until the partition resumes.
     fn relieve(&self, st: &mut State, now: u64) {
@@ -1026,10 +1034,11 @@ impl Source {
             let w = p.tracker.window(now);
             let Some(held) = w.held_ms else { continue };
             let too_long = held >= max_ms;
-            if !(p.paused || too_long) || !w.head_blocks_done_work(MIN_DONE) {
+            let stuck_at_bound = p.paused && now.saturating_sub(p.paused_at_ms) >= max_ms / 10;
+            if !(stuck_at_bound || too_long) || !w.head_blocks_done_work(MIN_DONE) {
                 continue;
             }
-            let (n, reason) = if p.paused {
+            let (n, reason) = if stuck_at_bound {
                 ((p.tracker.len() / 8).max(1), SpillReason::PartitionBound)
             } else {
                 (1, SpillReason::CommitDelay)
