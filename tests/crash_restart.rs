@@ -11,8 +11,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -33,13 +31,11 @@ async fn crash_and_restart(case: &str, protocol: &str, instance_id: Option<&str>
         .collect();
     let mut h = Hookline::start_with_env(dir.path(), &cfg, &[sub(1, &rx.url(), &["*"])], &env);
     h.wait_ready(Duration::from_secs(60)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = load(
+    let load = load(
         broker.bootstrap(),
         topic,
         PARTITIONS,
         Duration::from_millis(50),
-        stop.clone(),
     );
     rx.wait_for("steady deliveries", Duration::from_secs(30), |l| {
         l.len() >= 100
@@ -60,8 +56,7 @@ async fn crash_and_restart(case: &str, protocol: &str, instance_id: Option<&str>
     }
     let resumed = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let acked: HashSet<String> = producer.await.unwrap().into_iter().collect();
+    let acked: HashSet<String> = load.finish().await.into_iter().collect();
     rx.wait_acked(&acked, Duration::from_secs(120)).await;
     println!(
         "kill -9 and restart, {case}: deliveries resumed {resumed:?} after the restart; {} events acknowledged, \

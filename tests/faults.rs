@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,8 +57,7 @@ struct Setup {
     rx: Receiver,
     cfg: String,
     hs: Vec<Hookline>,
-    stop: Arc<AtomicBool>,
-    producer: tokio::task::JoinHandle<Vec<String>>,
+    load: Load,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -87,20 +85,17 @@ async fn setup(broker: &Broker, group: &str, n: usize, protocol: &str) -> Setup 
     for h in hs.iter_mut() {
         h.wait_ready(Duration::from_secs(30)).await;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = load(
+    let load = load(
         broker.bootstrap(),
         topic,
         PARTITIONS,
         Duration::from_millis(50),
-        stop.clone(),
     );
     Setup {
         rx,
         cfg,
         hs,
-        stop,
-        producer,
+        load,
         _dirs: dirs,
     }
 }
@@ -121,8 +116,7 @@ async fn three_instances(protocol: &str) {
         rx,
         cfg,
         mut hs,
-        stop,
-        producer,
+        load,
         _dirs,
     } = setup(broker, &format!("faults-{protocol}"), 3, protocol).await;
     let t0 = Instant::now();
@@ -147,8 +141,7 @@ async fn three_instances(protocol: &str) {
         "graceful stop failed: {status:?}"
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let acked = producer.await.unwrap();
+    let acked = load.finish().await;
     let (dups, gaps) = settle(&rx, &acked, killed, Duration::from_secs(90)).await;
     let worst = gaps.values().max().copied().unwrap_or_default();
     println!(
@@ -181,8 +174,7 @@ async fn broker_restarts_under_load_lose_nothing() {
         rx,
         cfg: _,
         mut hs,
-        stop,
-        producer,
+        load,
         _dirs,
     } = setup(&broker, "broker-faults", 2, "classic").await;
     let recoveries = Arc::new(Mutex::new(Vec::new()));
@@ -242,8 +234,7 @@ async fn broker_restarts_under_load_lose_nothing() {
         ));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let acked = producer.await.unwrap();
+    let acked = load.finish().await;
     let (dups, gaps) = settle(&rx, &acked, first, Duration::from_secs(90)).await;
     println!(
         "broker restarts under load: {} events acknowledged, 0 lost, {dups} duplicates; {}; longest silence {:?}",

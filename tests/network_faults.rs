@@ -12,8 +12,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -49,13 +47,11 @@ async fn fault_for_30s(name: &str, percent: u32) {
     let mut b = Hookline::start_in(&ns, dir_b.path(), &cfg_b, &subs);
     a.wait_ready(Duration::from_secs(60)).await;
     b.wait_ready(Duration::from_secs(60)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = load(
+    let load = load(
         broker.bootstrap(),
         topic,
         PARTITIONS,
         Duration::from_millis(50),
-        stop.clone(),
     );
     // Both instances deliver before the fault.
     let t = Instant::now();
@@ -93,8 +89,7 @@ async fn fault_for_30s(name: &str, percent: u32) {
     a.wait_ready(Duration::from_secs(60)).await;
     b.wait_ready(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let acked: HashSet<String> = producer.await.unwrap().into_iter().collect();
+    let acked: HashSet<String> = load.finish().await.into_iter().collect();
     rx.wait_acked(&acked, Duration::from_secs(120)).await;
     let b_after = b.metric(DELIVERED).await - b_at_heal;
     println!(

@@ -449,7 +449,7 @@ impl SourceHandle {
         lock(&self.state)
             .parts
             .iter()
-            .map(|((t, p), ps)| (t.clone(), *p, ps.tracker.window(now).held_ms.unwrap_or(0)))
+            .map(|((t, p), ps)| (t.clone(), *p, ps.tracker.held_ms(now).unwrap_or(0)))
             .collect()
     }
 
@@ -1031,27 +1031,31 @@ impl Source {
     fn relieve(&self, st: &mut State, now: u64) {
         let max_ms = self.max_commit_delay.as_millis() as u64;
         for p in st.parts.values_mut() {
-            let w = p.tracker.window(now);
-            let Some(held) = w.held_ms else { continue };
+            // The cheap checks first: the whole window is walked only under pressure.
+            let Some(held) = p.tracker.held_ms(now) else {
+                continue;
+            };
             let too_long = held >= max_ms;
             let stuck_at_bound = p.paused && now.saturating_sub(p.paused_at_ms) >= max_ms / 10;
-            if !(stuck_at_bound || too_long) || !w.head_blocks_done_work(MIN_DONE) {
+            if !(stuck_at_bound || too_long)
+                || !p.tracker.window(now).head_blocks_done_work(MIN_DONE)
+            {
                 continue;
             }
-            let (n, reason) = if stuck_at_bound {
-                ((p.tracker.len() / 8).max(1), SpillReason::PartitionBound)
+            let n = if stuck_at_bound {
+                (p.tracker.len() / 8).max(1)
             } else {
-                (1, SpillReason::CommitDelay)
+                1
+            };
+            let reason = if too_long {
+                SpillReason::CommitDelay
+            } else {
+                SpillReason::PartitionBound
             };
             let older = too_long.then_some(max_ms / 2);
             if let Some(through) = p.tracker.spill_point(n, older, now)
                 && through > p.spill.borrow().through
             {
-                let reason = if too_long {
-                    SpillReason::CommitDelay
-                } else {
-                    reason
-                };
                 p.spill.send_replace(SpillPoint { through, reason });
             }
         }

@@ -150,6 +150,16 @@ impl PartitionTracker {
         self.bytes
     }
 
+    /// How long (at `now_ms`, the clock of `push_at`) the oldest unfinished record has been taken;
+    /// `None` when nothing is unfinished. After [`PartitionTracker::advance`] that is the head, so this
+    /// looks at one entry.
+    pub fn held_ms(&self, now_ms: u64) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|e| !e.is_done())
+            .map(|e| u64::from((now_ms as u32).wrapping_sub(e.taken_ms)))
+    }
+
     /// What holds this partition at `now_ms` (same clock as `push_at`), for the spill decision.
     pub fn window(&self, now_ms: u64) -> Window {
         let mut w = Window::default();
@@ -162,10 +172,8 @@ impl PartitionTracker {
             };
             w.units += u64::from(work);
             w.done_units += u64::from(work - pending.min(work));
-            if pending > 0 && w.held_ms.is_none() {
-                w.held_ms = Some((now_ms as u32).wrapping_sub(e.taken_ms) as u64);
-            }
         }
+        w.held_ms = self.held_ms(now_ms);
         w
     }
 

@@ -802,6 +802,16 @@ pub fn sub_id(id: u32) -> String {
     format!("00000000-0000-4000-8000-{id:012}")
 }
 
+/// Writes `subs` into `dir/subscriptions.yaml` and returns the `[store]` section reading it.
+fn yaml_store(dir: &Path, subs: &[serde_json::Value]) -> String {
+    let subs_path = dir.join("subscriptions.yaml");
+    std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
+    format!(
+        "[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
+        subs_path.display()
+    )
+}
+
 impl Hookline {
     /// Writes `config` (TOML, without [admin] and [store]) and `subs` into a temp dir and starts hookline.
     pub fn start(dir: &Path, config: &str, subs: &[serde_json::Value]) -> Hookline {
@@ -814,13 +824,7 @@ impl Hookline {
         subs: &[serde_json::Value],
         env: &[(&str, &str)],
     ) -> Hookline {
-        let subs_path = dir.join("subscriptions.yaml");
-        std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
-        let store = format!(
-            "[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
-            subs_path.display()
-        );
-        Self::start_with_store(dir, config, &store, None, env)
+        Self::start_with_store(dir, config, &yaml_store(dir, subs), None, env)
     }
 
     /// Starts hookline inside network namespace `netns` (see [`NetNs`]) with its admin server on `ip`, an
@@ -831,12 +835,7 @@ impl Hookline {
         config: &str,
         subs: &[serde_json::Value],
     ) -> Hookline {
-        let subs_path = dir.join("subscriptions.yaml");
-        std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
-        let store = format!(
-            "[store]\nkind = \"yaml\"\npath = \"{}\"\nrefresh_interval = \"1s\"\n",
-            subs_path.display()
-        );
+        let store = yaml_store(dir, subs);
         let admin: SocketAddr = format!("{}:{}", netns.inner, free_port()).parse().unwrap();
         Self::start_full(
             dir,
@@ -1433,16 +1432,26 @@ impl Drop for NetNs {
     }
 }
 
-/// Produces one event per partition every `every` until stopped, with its own producer (so the broker
-/// object can be restarted meanwhile). Returns the ids the broker acknowledged.
-pub fn load(
-    bootstrap: String,
-    topic: &'static str,
-    partitions: i32,
-    every: Duration,
+/// A steady load: one event per partition every `every`, with its own producer (so the broker object
+/// can be restarted meanwhile), until [`Load::finish`].
+pub struct Load {
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    /// Stops the load and returns the ids the broker acknowledged.
+    pub async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load task")
+    }
+}
+
+pub fn load(bootstrap: String, topic: &'static str, partitions: i32, every: Duration) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let stop = flag;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("linger.ms", "5")
@@ -1482,5 +1491,6 @@ pub fn load(
             tokio::time::sleep(every).await;
         }
         acked
-    })
+    });
+    Load { stop, task }
 }
