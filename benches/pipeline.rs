@@ -8,8 +8,11 @@
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
 //!   and deliveries per hookline CPU-second (utime+stime from /proc/<pid>/stat between the first and the
 //!   last delivery), and peak RSS (VmHWM).
-//! latency: events produced at R/s for S seconds while hookline runs; each carries its produce time; the
-//!   receiver records produce → received. Reports p50/p99/max.
+//! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
+//!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
+//!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
+//!   the bare consumer's append → consumed, and both from the producer's own clock (each event carries
+//!   its produce time), which adds the producer's queueing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -77,13 +80,15 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// Counts requests; for bodies carrying `"t":<µs>` records the produce → received latency.
+/// Counts requests; for bodies carrying `"t":<µs>` records the produce → received latency, and for ids
+/// `"l<k>"` when event k was received (joined with the broker's append times afterwards).
 #[derive(Default)]
 struct Counter {
     n: AtomicU64,
     first_us: AtomicU64,
     last_us: AtomicU64,
     lat_us: std::sync::Mutex<Vec<u64>>,
+    received_us: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 async fn serve(counter: Arc<Counter>) -> std::net::SocketAddr {
@@ -120,6 +125,9 @@ async fn serve(counter: Arc<Counter>) -> std::net::SocketAddr {
                                 c.lat_us.lock().unwrap().push(now.saturating_sub(t));
                             }
                         }
+                        if let Some(k) = number_after(&body, b"\"id\":\"l") {
+                            c.received_us.lock().unwrap().push((k, now));
+                        }
                         if c.n.fetch_add(1, Ordering::Relaxed) == 0 {
                             c.first_us.store(now, Ordering::Relaxed);
                         }
@@ -140,6 +148,17 @@ async fn serve(counter: Arc<Counter>) -> std::net::SocketAddr {
 
 fn memchr_t(b: &[u8]) -> Option<usize> {
     b.windows(4).position(|w| w == b"\"t\":").map(|p| p + 4)
+}
+
+/// The decimal number right after the first occurrence of `prefix` in `b`.
+fn number_after(b: &[u8], prefix: &[u8]) -> Option<u64> {
+    let start = b.windows(prefix.len()).position(|w| w == prefix)? + prefix.len();
+    let d = &b[start..];
+    let end = d
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .unwrap_or(d.len());
+    std::str::from_utf8(&d[..end]).ok()?.parse().ok()
 }
 
 /// utime + stime of a process, seconds.
@@ -268,7 +287,13 @@ fn h_pid(h: &Hookline) -> u32 {
 
 async fn latency(a: &Args) -> serde_json::Value {
     let broker = Broker::start();
-    broker.create_topic("bench", a.partitions);
+    // The broker stamps each record with its append time: the target is append → received, so the
+    // producer's own queueing (linger, batching, its connection) is not counted against hookline.
+    broker.create_topic_with(
+        "bench",
+        a.partitions,
+        &[("message.timestamp.type", "LogAppendTime")],
+    );
     let counter = Arc::new(Counter::default());
     let addr = serve(counter.clone()).await;
     let url = format!("http://{addr}/hook");
@@ -310,22 +335,32 @@ async fn latency(a: &Args) -> serde_json::Value {
             let c: BaseConsumer = cfg.create().unwrap();
             c.subscribe(&["bench"]).unwrap();
             let mut lat = Vec::new();
+            // (event k, broker append time in ms, consumed here in µs)
+            let mut appended: Vec<(u64, u64, u64)> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(100))
                     && let Some(body) = m.payload()
-                    && let Some(pos) = memchr_t(body)
                 {
+                    let now = now_us();
+                    if let (Some(k), Some(at)) =
+                        (number_after(body, b"\"id\":\"l"), m.timestamp().to_millis())
+                    {
+                        appended.push((k, at.max(0) as u64, now));
+                    }
+                    let Some(pos) = memchr_t(body) else {
+                        continue;
+                    };
                     let d = &body[pos..];
                     let end = d
                         .iter()
                         .position(|b| !b.is_ascii_digit())
                         .unwrap_or(d.len());
                     if let Ok(t) = std::str::from_utf8(&d[..end]).unwrap_or("x").parse::<u64>() {
-                        lat.push(now_us().saturating_sub(t));
+                        lat.push(now.saturating_sub(t));
                     }
                 }
             }
-            lat
+            (lat, appended)
         })
     };
     tokio::time::sleep(Duration::from_secs(3)).await; // let the baseline consumer join
@@ -380,10 +415,27 @@ async fn latency(a: &Args) -> serde_json::Value {
     let rss_kb = status_kb(pid, "VmHWM:");
     h.kill9();
     stop.store(true, Ordering::Relaxed);
-    let mut base = baseline.join().unwrap();
+    let (mut base, appended) = baseline.join().unwrap();
     base.sort_unstable();
     let mut l = counter.lat_us.lock().unwrap().clone();
     l.sort_unstable();
+    // Append → received / consumed. Append times are whole milliseconds (truncated), so these read up
+    // to 1 ms high.
+    let append_ms: std::collections::HashMap<u64, u64> =
+        appended.iter().map(|(k, at, _)| (*k, *at)).collect();
+    let mut from_append: Vec<u64> = counter
+        .received_us
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, at)| Some(at.saturating_sub(append_ms.get(k)? * 1000)))
+        .collect();
+    from_append.sort_unstable();
+    let mut base_from_append: Vec<u64> = appended
+        .iter()
+        .map(|(_, at, seen)| seen.saturating_sub(at * 1000))
+        .collect();
+    base_from_append.sort_unstable();
     let pct_of = |l: &[u64], p: f64| {
         if l.is_empty() {
             0.0
@@ -395,10 +447,15 @@ async fn latency(a: &Args) -> serde_json::Value {
     serde_json::json!({
         "mode": "latency",
         "rate_per_s": a.rate, "seconds": a.seconds, "partitions": a.partitions, "matching_per_event": a.matching,
-        "received": l.len(), "expected": total * a.matching,
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": l.last().map_or(0.0, |m| *m as f64 / 1000.0),
+        "received": l.len(), "expected": total * a.matching, "measured_from_append": from_append.len(),
+        "p50_ms": pct_of(&from_append, 0.50), "p99_ms": pct_of(&from_append, 0.99),
+        "max_ms": from_append.last().map_or(0.0, |m| *m as f64 / 1000.0),
         "baseline_consumer_received": base.len(),
-        "baseline_consumer_p50_ms": pct_of(&base, 0.50), "baseline_consumer_p99_ms": pct_of(&base, 0.99),
+        "baseline_consumer_p50_ms": pct_of(&base_from_append, 0.50),
+        "baseline_consumer_p99_ms": pct_of(&base_from_append, 0.99),
+        "produce_to_received_p50_ms": pct(0.50), "produce_to_received_p99_ms": pct(0.99),
+        "baseline_consumer_produce_to_consumed_p50_ms": pct_of(&base, 0.50),
+        "baseline_consumer_produce_to_consumed_p99_ms": pct_of(&base, 0.99),
         "hookline_cpu_s": (cpu * 100.0).round() / 100.0,
         "peak_rss_mib": (rss_kb as f64 / 1024.0).round(),
         "machine": machine(),

@@ -257,6 +257,15 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// A topic with topic-level settings, e.g. `("message.timestamp.type", "LogAppendTime")`.
+    pub fn create_topic_with(&self, name: &str, partitions: i32, settings: &[(&str, &str)]) {
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in settings {
+            topic = topic.set(k, v);
+        }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
@@ -269,7 +278,7 @@ impl Broker {
                     .build()
                     .unwrap();
                 rt.block_on(admin.create_topics(
-                    &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                    &[topic],
                     &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
                 ))
             })
