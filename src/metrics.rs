@@ -87,6 +87,8 @@ pub struct Metrics {
     pub end_to_end: Histogram,
     pub in_flight: Gauge,
     pub endpoints: Family<StateLabel, Gauge>,
+    pub concurrency_limit_sum: Gauge,
+    pub endpoints_adapted_below_max: Gauge,
     pub subscriptions_cached: Gauge,
     pub subscription_cache_age_seconds: Gauge<f64, AtomicU64>,
     attempts_by_result: Vec<Counter>,
@@ -196,6 +198,18 @@ impl Metrics {
             "hookline_endpoints",
             "Endpoints by circuit breaker state",
             endpoints.clone(),
+        );
+        let concurrency_limit_sum = Gauge::default();
+        r.register(
+            "hookline_concurrency_limit_sum",
+            "Sum over cached endpoints of the requests each may have out at once on this instance (adaptive limit, or max_in_flight scaled by the instance's share)",
+            concurrency_limit_sum.clone(),
+        );
+        let endpoints_adapted_below_max = Gauge::default();
+        r.register(
+            "hookline_endpoints_adapted_below_max",
+            "Endpoints whose adaptive concurrency limit is below their max_in_flight (they answer slower or fail under more)",
+            endpoints_adapted_below_max.clone(),
         );
         let subscriptions_cached = Gauge::default();
         r.register(
@@ -342,6 +356,8 @@ impl Metrics {
             end_to_end,
             in_flight,
             endpoints,
+            concurrency_limit_sum,
+            endpoints_adapted_below_max,
             subscriptions_cached,
             subscription_cache_age_seconds,
             attempts_by_result,

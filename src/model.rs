@@ -95,6 +95,9 @@ pub struct SubscriptionSpec {
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
+    /// Learn the endpoint's concurrency below `max_in_flight` (deliver/adaptive.rs); on unless false.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub adaptive_concurrency: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -107,6 +110,10 @@ pub struct SubscriptionSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl SubscriptionSpec {
@@ -126,6 +133,7 @@ impl SubscriptionSpec {
             rate_limit_per_sec: None,
             burst: None,
             max_in_flight: None,
+            adaptive_concurrency: true,
             timeout_ms: None,
             headers: BTreeMap::new(),
             created_at: Some(now.clone()),
@@ -194,6 +202,7 @@ impl std::fmt::Debug for SubscriptionSpec {
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("burst", &self.burst)
             .field("max_in_flight", &self.max_in_flight)
+            .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("timeout_ms", &self.timeout_ms)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .finish()
@@ -453,6 +462,7 @@ impl Subscription {
                     max_in_flight: spec.max_in_flight.unwrap_or(defaults.max_in_flight),
                     rate_per_sec: spec.rate_limit_per_sec,
                     burst: spec.burst,
+                    adaptive: spec.adaptive_concurrency,
                 },
                 defaults.breaker,
                 defaults.share.clone(),

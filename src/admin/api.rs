@@ -328,6 +328,13 @@ fn apply(
                     .as_bool()
                     .ok_or_else(|| ApiError::bad(f, "must be true or false"))?
             }
+            // null restores the default (on).
+            "adaptive_concurrency" if null => spec.adaptive_concurrency = true,
+            "adaptive_concurrency" => {
+                spec.adaptive_concurrency = v
+                    .as_bool()
+                    .ok_or_else(|| ApiError::bad(f, "must be true or false"))?
+            }
             "rate_limit_per_sec" | "burst" | "max_in_flight" => {
                 let n = if null {
                     None
@@ -428,6 +435,7 @@ fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
         "rate_limit_per_sec": spec.rate_limit_per_sec,
         "burst": spec.burst,
         "max_in_flight": spec.max_in_flight,
+        "adaptive_concurrency": spec.adaptive_concurrency,
         "timeout_ms": spec.timeout_ms,
         "headers": spec.headers,
         "secret_count": spec.secrets.len(),
@@ -680,6 +688,17 @@ async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult 
             "enabled": spec.enabled,
             "breaker": breaker,
             "pending": cached.as_ref().map_or(0, |sub| sub.endpoint.pending()),
+            // Requests this instance may have out at once now: the adaptive limit when the
+            // subscription adapts, else max_in_flight scaled by the instance's share of the group.
+            "concurrency": cached.as_ref().map(|sub| {
+                let (limit, _) = sub.endpoint.effective();
+                json!({
+                    "adaptive": sub.spec.adaptive_concurrency,
+                    "limit": limit,
+                    "max": sub.endpoint.ceiling(),
+                    "in_flight": sub.endpoint.in_flight(),
+                })
+            }),
             "window": {
                 "seconds": s.registry.cache.defaults().breaker.window.as_secs_f64(),
                 "successes": successes,

@@ -143,9 +143,17 @@ fn refresh_scrape_gauges(s: &AdminState) {
     m.subscription_cache_age_seconds.set(s.cache.age_seconds());
     // Breaker states: open → half-open happens by the clock.
     let mut counts = [0i64; 3];
+    let (mut limit_sum, mut below) = (0i64, 0i64);
     for sub in s.cache.index().subscriptions() {
         counts[sub.endpoint.state() as usize] += 1;
+        let (limit, _) = sub.endpoint.effective();
+        limit_sum += i64::from(limit);
+        if sub.spec.adaptive_concurrency && limit < sub.endpoint.ceiling() {
+            below += 1;
+        }
     }
+    m.concurrency_limit_sum.set(limit_sum);
+    m.endpoints_adapted_below_max.set(below);
     for (state, n) in [
         BreakerState::Closed,
         BreakerState::Open,

@@ -1,4 +1,5 @@
-//! Per-endpoint runtime state (one per subscription): the concurrency cap (`max_in_flight`), the token
+//! Per-endpoint runtime state (one per subscription): the concurrency cap (`max_in_flight`, below which
+//! the adaptive limit of [`super::adaptive`] moves unless the subscription turned it off), the token
 //! bucket (`rate_limit_per_sec`, `burst`) and the circuit breaker.
 //!
 //! A delivery asks [`Endpoint::admit`] for a [`Slot`] before sending. The order matters:
@@ -11,7 +12,12 @@
 //! 4. A rate-limit token, taken last so that requests leave at the limited rate (taking tokens before
 //!    waiting for a permit would let them bunch up behind a slow request); spillable too.
 //!
-//! Everything here is lock-free except the breaker, a short mutex held for a few comparisons.
+//! The semaphore holds as many permits as the endpoint may have requests out: the adaptive limit (or
+//! `max_in_flight` scaled by the group share when adaptation is off). When either moves, permits are
+//! added, or taken out of circulation as they come back ([`Endpoint::resize`]).
+//!
+//! Everything here is lock-free except the breaker and the adaptive limit, short mutexes held for a few
+//! comparisons.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -22,6 +28,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use super::adaptive::Adaptive;
 use super::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use super::share::{GroupShare, scaled, scaled_rate};
 use crate::spill::{Spill, SpillReason};
@@ -33,6 +40,8 @@ pub struct EndpointLimits {
     pub max_in_flight: u32,
     pub rate_per_sec: Option<u32>,
     pub burst: Option<u32>,
+    /// Learn the concurrency below `max_in_flight` (the subscription's `adaptive_concurrency`).
+    pub adaptive: bool,
 }
 
 pub struct Endpoint {
@@ -44,8 +53,11 @@ pub struct Endpoint {
     applied: AtomicU32,
     reshaping: Mutex<()>,
     concurrency: Semaphore,
-    /// Permits currently in circulation (the scaled `max_in_flight`).
+    /// Permits currently in circulation (the adaptive limit, or the scaled `max_in_flight`).
     permits: AtomicU32,
+    /// The learned limit, when adaptive; its clock is microseconds since `born`.
+    adaptive: Option<Mutex<Adaptive>>,
+    born: Instant,
     /// Permits to take out of circulation when slots are released (the share shrank while they were out).
     permit_debt: AtomicUsize,
     limiter: ArcSwapOption<DefaultDirectRateLimiter>,
@@ -77,14 +89,27 @@ pub struct Slot<'a> {
     endpoint: &'a Endpoint,
     permit: Option<SemaphorePermit<'a>>,
     probe: bool,
+    sent_at: Instant,
+    /// The adaptive limit's window this request was sent in; `None` once its answer was judged.
+    window: Option<u64>,
 }
 
 impl Slot<'_> {
-    /// Feeds the result to the breaker. `healthy` is false for failures that say the endpoint is in
-    /// trouble (timeouts, connection errors, 408/425/429/5xx).
+    /// Feeds the result to the breaker and the adaptive limit. `healthy` is false for failures that say
+    /// the endpoint is in trouble (timeouts, connection errors, 408/425/429/5xx).
     /// Returns the breaker's new state when this result moved it.
-    pub fn finish(self, healthy: bool) -> Option<BreakerState> {
+    pub fn finish(mut self, healthy: bool) -> Option<BreakerState> {
         let now = Instant::now();
+        if let (Some(a), Some(window)) = (&self.endpoint.adaptive, self.window.take()) {
+            let rtt = now.duration_since(self.sent_at).as_micros() as u64;
+            let mut a = lock(a);
+            if a.answered(self.endpoint.clock_us(now), window, rtt, !healthy)
+                .is_some()
+            {
+                // Under the lock: resizes follow the limit's changes in order.
+                self.endpoint.resize(a.limit());
+            }
+        }
         let mut breaker = self.endpoint.breaker();
         let before = breaker.state(now);
         breaker.record(now, healthy, self.probe);
@@ -93,8 +118,15 @@ impl Slot<'_> {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
+        if let (Some(a), Some(window)) = (&self.endpoint.adaptive, self.window) {
+            lock(a).abandoned(window);
+        }
         self.endpoint.pending.fetch_sub(1, Ordering::AcqRel);
         // After the share shrank, released permits leave circulation until the debt is paid.
         if let Some(p) = self.permit.take()
@@ -145,12 +177,16 @@ impl Endpoint {
     pub fn new(limits: EndpointLimits, breaker: BreakerConfig, share: Arc<GroupShare>) -> Endpoint {
         let ppm = share.ppm();
         let (max, limiter) = shape(&limits, ppm);
+        let adaptive = limits.adaptive.then(|| Adaptive::new(max, 0));
+        let permits = adaptive.as_ref().map_or(max, Adaptive::limit);
         Endpoint {
             share,
             applied: AtomicU32::new(ppm),
             reshaping: Mutex::new(()),
-            concurrency: Semaphore::new(max as usize),
-            permits: AtomicU32::new(max),
+            concurrency: Semaphore::new(permits as usize),
+            permits: AtomicU32::new(permits),
+            adaptive: adaptive.map(Mutex::new),
+            born: Instant::now(),
             permit_debt: AtomicUsize::new(0),
             limiter: ArcSwapOption::new(limiter.map(Arc::new)),
             pending: AtomicUsize::new(0),
@@ -167,7 +203,27 @@ impl Endpoint {
             return;
         }
         let (max, limiter) = shape(&self.limits, ppm);
-        let old = self.permits.swap(max, Ordering::AcqRel);
+        match &self.adaptive {
+            Some(a) => {
+                let mut a = lock(a);
+                a.set_max(max);
+                self.resize(a.limit());
+            }
+            None => self.resize(max),
+        }
+        self.limiter.store(limiter.map(Arc::new));
+        self.applied.store(ppm, Ordering::Release);
+    }
+
+    fn clock_us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.born).as_micros() as u64
+    }
+
+    /// Puts `target` permits in circulation: adds the missing ones (paying any debt first), or takes
+    /// the surplus out — at once if free, else as they come back.
+    fn resize(&self, target: u32) {
+        let old = self.permits.swap(target, Ordering::AcqRel);
+        let max = target;
         if max > old {
             let mut grow = (max - old) as usize;
             // Cancel outstanding debt before adding permits.
@@ -191,11 +247,10 @@ impl Endpoint {
             let taken = self.concurrency.forget_permits(shrink);
             self.permit_debt.fetch_add(shrink - taken, Ordering::AcqRel);
         }
-        self.limiter.store(limiter.map(Arc::new));
-        self.applied.store(ppm, Ordering::Release);
     }
 
-    /// The limits this instance enforces now: (max in flight, rate per second).
+    /// The limits this instance enforces now: (requests that may be out at once — the adaptive limit
+    /// when adaptive —, rate per second).
     pub fn effective(&self) -> (u32, Option<f64>) {
         let ppm = self.applied.load(Ordering::Acquire);
         (
@@ -231,6 +286,18 @@ impl Endpoint {
             Some(r) if r > 0.0 => Duration::from_secs_f64(self.pending() as f64 / r),
             _ => Duration::ZERO,
         }
+    }
+
+    /// `max_in_flight` scaled by this instance's share: the ceiling of the adaptive limit.
+    pub fn ceiling(&self) -> u32 {
+        scaled(self.limits.max_in_flight, self.applied.load(Ordering::Acquire))
+    }
+
+    /// Requests out now (holding a slot).
+    pub fn in_flight(&self) -> u32 {
+        self.permits
+            .load(Ordering::Acquire)
+            .saturating_sub(self.concurrency.available_permits() as u32)
     }
 
     /// Deliveries waiting or sending.
@@ -287,10 +354,16 @@ impl Endpoint {
             }
         }
         guard.1 = false;
+        let window = self
+            .adaptive
+            .as_ref()
+            .map(|a| lock(a).sent(self.in_flight().max(1)));
         Ok(Slot {
             endpoint: self,
             permit: Some(permit),
             probe,
+            sent_at: Instant::now(),
+            window,
         })
     }
 }
@@ -306,6 +379,7 @@ mod tests {
             max_in_flight,
             rate_per_sec: None,
             burst: None,
+            adaptive: false,
         }
     }
 
@@ -435,12 +509,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_adaptive_endpoint_starts_low_and_its_permits_follow_the_learned_limit() {
+        let mut l = limits(64);
+        l.adaptive = true;
+        let e = Endpoint::new(l, breaker_cfg(), Arc::default());
+        let initial = super::super::adaptive::INITIAL;
+        assert_eq!(e.effective().0, initial);
+        assert_eq!(e.ceiling(), 64);
+        let mut slots = Vec::new();
+        for _ in 0..initial {
+            slots.push(e.admit(&mut Spill::never()).await.unwrap());
+        }
+        assert_eq!(e.in_flight(), initial);
+        assert!(
+            e.admit(&mut Spill::never()).now_or_never().is_none(),
+            "no permit beyond the learned limit"
+        );
+        // One window later (5 ms at least) the endpoint pushes back: the limit shrinks by a quarter and
+        // the surplus permits leave circulation as the slots come back.
+        tokio::time::sleep(Duration::from_millis(6)).await;
+        slots.pop().unwrap().finish(false);
+        assert_eq!(e.effective().0, initial * 3 / 4);
+        drop(slots);
+        assert_eq!(e.in_flight(), 0);
+        assert_eq!(
+            e.concurrency.available_permits() as u32,
+            initial * 3 / 4,
+            "permits in circulation follow the limit"
+        );
+        // A cancelled request (slot dropped without an answer) is forgotten, not judged.
+        let s = e.admit(&mut Spill::never()).await.unwrap();
+        drop(s);
+        assert_eq!(e.effective().0, initial * 3 / 4);
+    }
+
+    #[tokio::test]
     async fn limits_follow_the_group_share() {
         let share = Arc::new(GroupShare::default());
         let l = EndpointLimits {
             max_in_flight: 8,
             rate_per_sec: Some(100),
             burst: Some(100),
+            adaptive: false,
         };
         let e = Endpoint::new(l, breaker_cfg(), share.clone());
         assert_eq!(e.effective(), (8, Some(100.0)));

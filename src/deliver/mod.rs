@@ -5,6 +5,7 @@
 //! signature per secret, written with the other headers into the connection's reused head buffer; the
 //! body is the shared event bytes.
 
+pub mod adaptive;
 pub mod breaker;
 pub mod endpoint;
 pub mod http;

@@ -176,6 +176,7 @@ mod tests {
             rate_limit_per_sec: None,
             burst: None,
             max_in_flight: None,
+            adaptive_concurrency: true,
             timeout_ms: None,
             headers: Default::default(),
             created_at: None,

@@ -31,7 +31,8 @@ use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms
 pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
 
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
-    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at";
+    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
+    adaptive_concurrency";
 const ATTEMPT_COLUMNS: &str =
     "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
 
@@ -51,6 +52,7 @@ type SpecRow = (
     Option<BTreeMap<String, String>>,
     Option<CqlTimestamp>,
     Option<CqlTimestamp>,
+    Option<bool>,
 );
 
 type AttemptRow = (
@@ -121,9 +123,14 @@ pub async fn migrate(cfg: &ScyllaConfig) -> Result<usize, StoreError> {
     let s = session(cfg, None).await?;
     let stmts = schema_statements(&cfg.keyspace, &cfg.replication);
     for stmt in &stmts {
-        s.query_unpaged(stmt.as_str(), ())
-            .await
-            .map_err(|e| StoreError::unavailable(format!("{e} in: {stmt}")))?;
+        if let Err(e) = s.query_unpaged(stmt.as_str(), ()).await {
+            // A column added by a later version that this database already has.
+            let added = stmt.to_ascii_lowercase().starts_with("alter table")
+                && e.to_string().contains("conflicts with an existing column");
+            if !added {
+                return Err(StoreError::unavailable(format!("{e} in: {stmt}")));
+            }
+        }
     }
     Ok(stmts.len())
 }
@@ -145,7 +152,7 @@ impl ScyllaStore {
             list,
             get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
             put: prep(format!(
-                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             delete: prep("DELETE FROM subscriptions WHERE id = ?".into()).await?,
@@ -239,6 +246,7 @@ fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
         headers: r.12.unwrap_or_default(),
         created_at: r.13.map(|t| rfc3339_ms(t.0.max(0) as u64)),
         updated_at: r.14.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+        adaptive_concurrency: r.15.unwrap_or(true),
     })
 }
 
@@ -341,6 +349,7 @@ impl Store for ScyllaStore {
             &s.headers,
             ts(&s.created_at, "created_at", s.id)?,
             ts(&s.updated_at, "updated_at", s.id)?,
+            s.adaptive_concurrency,
         );
         self.session
             .execute_unpaged(&self.st.put, values)

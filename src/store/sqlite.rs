@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     timeout_ms INTEGER,
     headers TEXT NOT NULL DEFAULT '{}',
     created_at TEXT,
-    updated_at TEXT
+    updated_at TEXT,
+    adaptive_concurrency INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY,
@@ -56,8 +57,29 @@ CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), valu
 INSERT OR IGNORE INTO revision (id, value) VALUES (0, 0);
 ";
 
+/// Columns added after the first release, for files created by an earlier version
+/// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is).
+const ADDED_COLUMNS: &[(&str, &str)] = &[(
+    "adaptive_concurrency",
+    "ALTER TABLE subscriptions ADD COLUMN adaptive_concurrency INTEGER NOT NULL DEFAULT 1",
+)];
+
+fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
+    let mut st = c.prepare("SELECT name FROM pragma_table_info('subscriptions')")?;
+    let have: Vec<String> = st
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, add) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            c.execute_batch(add)?;
+        }
+    }
+    Ok(())
+}
+
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
-    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at";
+    rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
+    adaptive_concurrency";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -78,6 +100,8 @@ impl SqliteStore {
             c.pragma_update(None, "journal_mode", "WAL")
                 .map_err(StoreError::unavailable)?;
             c.execute_batch(SCHEMA)
+                .map_err(|e| StoreError::unavailable(format!("{}: {e}", p.display())))?;
+            add_missing_columns(&c)
                 .map_err(|e| StoreError::unavailable(format!("{}: {e}", p.display())))?;
             Ok(())
         })
@@ -173,6 +197,7 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         headers: from_json(&id, "headers", &r.get::<_, String>(12).map_err(get)?)?,
         created_at: r.get(13).map_err(get)?,
         updated_at: r.get(14).map_err(get)?,
+        adaptive_concurrency: r.get(15).map_err(get)?,
     })
 }
 
@@ -263,7 +288,7 @@ impl Store for SqliteStore {
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                 ),
                 params![
                     s.id.to_string(),
@@ -281,6 +306,7 @@ impl Store for SqliteStore {
                     json(&s.headers),
                     s.created_at,
                     s.updated_at,
+                    s.adaptive_concurrency,
                 ],
             )
             .map_err(StoreError::unavailable)?;

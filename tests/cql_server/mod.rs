@@ -319,6 +319,12 @@ enum Stmt {
         filter: Vec<(String, Operand)>,
     },
     CreateTable(Table),
+    /// ALTER TABLE t ADD col type
+    AddColumn {
+        table: String,
+        column: String,
+        ty: Ty,
+    },
     Use(String),
     Void,
 }
@@ -540,6 +546,13 @@ fn parse(q: &str, ks: &Option<String>) -> Result<Stmt, String> {
         }
         "create" if kw(1) == "keyspace" => Ok(Stmt::Void),
         "create" if kw(1) == "table" => parse_create_table(&toks, ks).map(Stmt::CreateTable),
+        "alter" if kw(1) == "table" && kw(3) == "add" => {
+            let table = qualify(toks.get(2).ok_or("table expected")?, ks);
+            let column = toks.get(4).ok_or("column expected")?.to_lowercase();
+            i = 5;
+            let ty = Ty::parse(&toks, &mut i)?;
+            Ok(Stmt::AddColumn { table, column, ty })
+        }
         other => Err(format!(
             "statement {other:?} is not supported by the test server"
         )),
@@ -1105,6 +1118,25 @@ fn run(
         Stmt::CreateTable(t) => {
             let key = format!("{}.{}", t.keyspace, t.name);
             g.tables.entry(key).or_insert_with(|| t.clone());
+            result(ResResultBody::Void)
+        }
+        Stmt::AddColumn { table, column, ty } => {
+            let Some(t) = g.tables.get_mut(table) else {
+                return error(format!("table {table} does not exist"), ErrorType::Invalid);
+            };
+            // Cassandra's and ScyllaDB's answer to a column that is already there.
+            if t.columns.iter().any(|(c, _)| c == column) {
+                return error(
+                    format!("Invalid column name {column} because it conflicts with an existing column"),
+                    ErrorType::Invalid,
+                );
+            }
+            t.columns.push((column.clone(), ty.clone()));
+            for part in g.data.get_mut(table).into_iter().flat_map(|d| d.values_mut()) {
+                for (_, row) in part.iter_mut() {
+                    row.values.push(None);
+                }
+            }
             result(ResResultBody::Void)
         }
         Stmt::Upsert {
