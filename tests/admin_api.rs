@@ -375,7 +375,39 @@ async fn test_delivery_attempt_log_health_and_gone() {
     assert_eq!(health["window"]["successes"], 3);
     assert_eq!(health["window"]["failures"], 3);
     assert_eq!(health["recent_attempts"].as_array().unwrap().len(), 6);
+    let c = &health["concurrency"];
+    assert_eq!(c["adaptive"], true, "{health}");
+    let (limit, max) = (c["limit"].as_u64().unwrap(), c["max"].as_u64().unwrap());
+    assert!(limit >= 1 && limit <= max, "{health}");
+    assert_eq!(c["in_flight"], 0);
     assert!(h.metric("hookline_attempt_log_written_total").await >= 6.0);
+    assert!(h.metric("hookline_concurrency_limit_sum").await >= limit as f64);
+    // Adaptation off: the limit is max_in_flight (scaled by this instance's share, here all of it).
+    let (st, v) = api
+        .patch(
+            &format!("/v1/subscriptions/{id2}"),
+            json!({"adaptive_concurrency": false, "max_in_flight": 40}),
+        )
+        .await;
+    assert_eq!((st, &v["adaptive_concurrency"]), (200, &json!(false)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, health) = api.get(&format!("/v1/subscriptions/{id2}/health")).await;
+        let c = &health["concurrency"];
+        if c["adaptive"] == false {
+            assert_eq!(
+                (&c["limit"], &c["max"]),
+                (&json!(40), &json!(40)),
+                "{health}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "edit not applied: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // 410 Gone disables the subscription in the store.
     let r3 = Receiver::start(|_| Reply::Status(410)).await;
@@ -638,6 +670,11 @@ async fn auth_validation_and_documented_routes() {
         (json!({"url": "http://10.0.0.1/"}), 422, "url"),
         (json!({"burst": 5}), 422, "burst"),
         (json!({"enabled": "yes"}), 400, "enabled"),
+        (
+            json!({"adaptive_concurrency": 1}),
+            400,
+            "adaptive_concurrency",
+        ),
     ] {
         let (st, e) = api
             .patch(&format!("/v1/subscriptions/{id}"), body.clone())

@@ -296,3 +296,114 @@ async fn a_slow_endpoint_waits_within_the_bounds_and_spills_beyond() {
         "at most max_deferrals + 1 spills per delivery"
     );
 }
+
+/// A receiver that serves up to `capacity` requests at once in `fast` and thrashes beyond that: a
+/// request arriving while `capacity` or more are inside takes `slow`. Returns the receiver, how many
+/// requests it holds now (inside), and how many took the slow path.
+async fn thrashing(
+    capacity: usize,
+    fast: Duration,
+    slow: Duration,
+) -> (Receiver, Arc<Mutex<Vec<Instant>>>, Arc<AtomicU64>) {
+    let inside: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let slowed = Arc::new(AtomicU64::new(0));
+    let (i, s) = (inside.clone(), slowed.clone());
+    let rx = Receiver::start(move |_| {
+        let now = Instant::now();
+        let mut until = i.lock().unwrap();
+        until.retain(|t| *t > now);
+        let delay = if until.len() < capacity {
+            fast
+        } else {
+            s.fetch_add(1, Ordering::Relaxed);
+            slow
+        };
+        until.push(now + delay);
+        Reply::Delayed(200, delay)
+    })
+    .await;
+    (rx, inside, slowed)
+}
+
+fn held(inside: &Mutex<Vec<Instant>>) -> usize {
+    let now = Instant::now();
+    inside.lock().unwrap().iter().filter(|t| **t > now).count()
+}
+
+/// Must show 5: an endpoint whose latency rises sharply above 20 concurrent requests (20 ms up to 20,
+/// 2 s beyond; the subscription's timeout is 1 s, so those time out) converges to about 20 in flight,
+/// with far fewer timeouts than the same endpoint behind a fixed limit of 64 in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_concurrency_converges_to_what_the_endpoint_serves() {
+    let broker = Broker::shared();
+    let topic = broker.topic("adaptive", 4);
+    let dir = tempfile::tempdir().unwrap();
+    let fast = Duration::from_millis(20);
+    let slow = Duration::from_secs(2);
+    let (adaptive_rx, adaptive_inside, adaptive_slowed) = thrashing(20, fast, slow).await;
+    let (fixed_rx, fixed_inside, fixed_slowed) = thrashing(20, fast, slow).await;
+    let mut a = sub(1, &adaptive_rx.url(), &["a.*"]);
+    a["max_in_flight"] = json!(64);
+    a["timeout_ms"] = json!(1000);
+    let mut f = sub(2, &fixed_rx.url(), &["f.*"]);
+    f["max_in_flight"] = json!(64);
+    f["timeout_ms"] = json!(1000);
+    f["adaptive_concurrency"] = json!(false);
+    // Long tiers: the timed-out deliveries do not come back inside the measurement. No breaker: an open
+    // breaker would stop both endpoints' traffic, and what is compared is how each limit copes.
+    let cfg = base_config(
+        broker,
+        &[topic.as_str()],
+        &format!("adaptive-{}", rand_suffix()),
+    )
+    .replace(r#"tiers = ["1s", "2s", "3s"]"#, r#"tiers = ["1m"]"#)
+        + "[delivery.breaker]\nconsecutive_failures = 1000000\nfailure_ratio = 1.0\n";
+    let mut h = Hookline::start(dir.path(), &cfg, &[a, f]);
+    h.wait_ready(Duration::from_secs(30)).await;
+
+    // A backlog for both that outlasts the measurement: ~1 000/s is what 20 x 20 ms serves.
+    let recs: Vec<Record> = (0..30_000)
+        .map(|i| {
+            let ty = if i % 2 == 0 { "a.event" } else { "f.event" };
+            Record::json((i % 4) as i32, plain_event(i, ty, None))
+        })
+        .collect();
+    broker.produce(&topic, &recs).await;
+    let t = Instant::now();
+    let mut trajectory = Vec::new();
+    let mut settled = Vec::new();
+    while t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (ai, fi) = (held(&adaptive_inside), held(&fixed_inside));
+        trajectory.push(format!("{:.2}s:{ai}/{fi}", t.elapsed().as_secs_f64()));
+        if t.elapsed() > Duration::from_secs(5) {
+            settled.push(ai);
+        }
+    }
+    let (a_slow, f_slow) = (
+        adaptive_slowed.load(Ordering::Relaxed),
+        fixed_slowed.load(Ordering::Relaxed),
+    );
+    let (a_done, f_done) = (adaptive_rx.count(), fixed_rx.count());
+    settled.sort_unstable();
+    let median = settled[settled.len() / 2];
+    let mean = settled.iter().sum::<usize>() as f64 / settled.len() as f64;
+    println!(
+        "in flight at the endpoint, adaptive/fixed 64, every 250 ms: {}",
+        trajectory.join(" ")
+    );
+    println!(
+        "after 5 s the adaptive endpoint held median {median}, mean {mean:.1} requests; requests past \
+         the endpoint's 20 (each a timeout): adaptive {a_slow}, fixed 64 {f_slow}; requests received: \
+         adaptive {a_done}, fixed {f_done}"
+    );
+    assert!(
+        (12..=28).contains(&median),
+        "the adaptive limit converges near 20 in flight: median {median}"
+    );
+    assert!(
+        a_slow * 2 < f_slow,
+        "adaptive {a_slow} timeouts, fixed 64 {f_slow}"
+    );
+    drop(h);
+}

@@ -50,6 +50,7 @@ fn spec(i: u32) -> SubscriptionSpec {
         rate_limit_per_sec: i.is_multiple_of(2).then_some(100 + i),
         burst: i.is_multiple_of(2).then_some(10),
         max_in_flight: (i % 3 == 1).then_some(8),
+        adaptive_concurrency: !i.is_multiple_of(3),
         timeout_ms: (i % 3 == 2).then_some(2_500 + u64::from(i)),
         headers: if i % 2 == 1 {
             [("x-team".to_string(), format!("team-{i}"))].into()
@@ -166,6 +167,7 @@ async fn writable_suite(store: &dyn Store) {
     changed.headers.clear();
     changed.rate_limit_per_sec = Some(7);
     changed.burst = None;
+    changed.adaptive_concurrency = !changed.adaptive_concurrency;
     store.put(&changed).await.unwrap();
     assert_eq!(
         store.get(changed.id).await.unwrap().as_ref(),

@@ -382,7 +382,13 @@ mod tests {
     #[test]
     fn requests_beyond_what_the_endpoint_serves_time_out_far_less_than_at_a_fixed_limit() {
         // Up to 20 at once answer in 10 ms; the 21st and later take 2 s and so time out at 1 s.
-        let serve = |n: u32| if n <= 20 { (10_000, false) } else { (1_000_000, true) };
+        let serve = |n: u32| {
+            if n <= 20 {
+                (10_000, false)
+            } else {
+                (1_000_000, true)
+            }
+        };
         let (mut clock, mut fixed_clock) = (0, 0);
         let mut a = Adaptive::new(64, clock);
         let (changes, timeouts) = drive(&mut a, &mut clock, 20_000_000, serve);

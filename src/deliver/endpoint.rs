@@ -290,7 +290,10 @@ impl Endpoint {
 
     /// `max_in_flight` scaled by this instance's share: the ceiling of the adaptive limit.
     pub fn ceiling(&self) -> u32 {
-        scaled(self.limits.max_in_flight, self.applied.load(Ordering::Acquire))
+        scaled(
+            self.limits.max_in_flight,
+            self.applied.load(Ordering::Acquire),
+        )
     }
 
     /// Requests out now (holding a slot).

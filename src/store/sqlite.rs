@@ -66,9 +66,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[(
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
     let mut st = c.prepare("SELECT name FROM pragma_table_info('subscriptions')")?;
-    let have: Vec<String> = st
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let have: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for (name, add) in ADDED_COLUMNS {
         if !have.iter().any(|h| h == name) {
             c.execute_batch(add)?;
@@ -463,6 +461,44 @@ mod tests {
         assert_eq!(p.next.as_deref(), Some("2"));
         let p = paged(vec![1, 2], 2, |x| x.to_string());
         assert_eq!(p.next, None);
+    }
+
+    #[tokio::test]
+    async fn a_file_of_an_earlier_version_gains_the_new_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The subscriptions table as the first release created it.
+            let c = Connection::open(&path).unwrap();
+            let old = SCHEMA.replace(",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1", "");
+            assert_ne!(old, SCHEMA, "the test removes the column");
+            c.execute_batch(&old).unwrap();
+            c.execute(
+                "INSERT INTO subscriptions (id, url, event_types, secrets, enabled) \
+                 VALUES ('6f1c2a54-6d0e-4c57-9d43-3f0c2b1a0001', 'https://x.example/h', '[\"a.*\"]', \
+                 '[\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(path.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let all = s.list().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert!(
+            all[0].adaptive_concurrency,
+            "an old row reads as the default"
+        );
+        let mut off = all[0].clone();
+        off.adaptive_concurrency = false;
+        s.put(&off).await.unwrap();
+        assert_eq!(s.get(off.id).await.unwrap(), Some(off));
+        // Opening again finds the column and adds nothing.
+        drop(s);
+        SqliteStore::open(path, Duration::from_secs(60))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

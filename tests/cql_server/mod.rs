@@ -1127,12 +1127,19 @@ fn run(
             // Cassandra's and ScyllaDB's answer to a column that is already there.
             if t.columns.iter().any(|(c, _)| c == column) {
                 return error(
-                    format!("Invalid column name {column} because it conflicts with an existing column"),
+                    format!(
+                        "Invalid column name {column} because it conflicts with an existing column"
+                    ),
                     ErrorType::Invalid,
                 );
             }
             t.columns.push((column.clone(), ty.clone()));
-            for part in g.data.get_mut(table).into_iter().flat_map(|d| d.values_mut()) {
+            for part in g
+                .data
+                .get_mut(table)
+                .into_iter()
+                .flat_map(|d| d.values_mut())
+            {
                 for (_, row) in part.iter_mut() {
                     row.values.push(None);
                 }
