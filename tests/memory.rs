@@ -30,9 +30,6 @@ async fn rss_bounded_with_10k_in_flight_and_flat_under_a_dead_endpoint_flood() {
     for i in 0..10u32 {
         let mut s = sub(i + 1, &slow.url(), &[&format!("slow.t{i}")]);
         s["max_in_flight"] = serde_json::json!(1000);
-        // What is measured is the memory of 10 000 requests out at once: a learned limit would climb
-        // from 8 to 1 000 only over several of these 5 s round trips.
-        s["adaptive_concurrency"] = serde_json::json!(false);
         subs.push(s);
     }
     subs.push(sub(

@@ -5,7 +5,10 @@
 //! unloaded round trip, and requests stay out much longer than the answers account for. Sending more only
 //! lengthens its queue until requests time out and are retried — work for nobody. So below the ceiling
 //! the limit follows AIMD (as TCP's congestion window, Vector's adaptive request concurrency or Netflix's
-//! concurrency-limits do), judged once per *window* of about one round trip:
+//! concurrency-limits do), judged once per *window* of about one round trip. It starts at the ceiling: an
+//! endpoint is sent what the subscription allows until it shows it cannot take it (a slow start from a
+//! few would find the ceiling of a healthy endpoint in a few round trips anyway, and would hold back
+//! the first burst to a slow one):
 //!
 //! - the endpoint **pushed back** in the window (a timeout, a connection failure, 408/425/429/5xx): the
 //!   limit shrinks to 3/4;
@@ -15,12 +18,12 @@
 //!   9/10;
 //! - otherwise, if the window **used the whole limit** and no more than 1 in 20 requests in flight were
 //!   sent [`AGING_WINDOWS`] or more windows ago (requests that hang show here before they are stuck), it
-//!   grows: doubling while in slow start (from
-//!   [`INITIAL`] until the first shrink, so a healthy endpoint reaches its ceiling in a few round trips),
-//!   then by one per window;
+//!   grows by an eighth (at least one), so it climbs back from one to a ceiling of 256 in about fifty
+//!   windows after an outage and probes in small steps near what the endpoint serves;
 //! - a window that never used the whole limit leaves it alone: nothing showed the endpoint could take more.
 //!
-//! A push back also holds growth below 9/10 of the limit it happened at for [`HOLD_US`]: an endpoint that
+//! A push back also holds growth below 9/10 of the limit it happened at (the highest, for push backs in
+//! consecutive windows) for [`HOLD_US`]: an endpoint that
 //! collapses when sent too much (its answers then take longer than the timeout) is probed again every few
 //! seconds, not every round trip — each probe costs a timeout's worth of failed requests.
 //!
@@ -35,8 +38,6 @@
 //!
 //! Pure state: the caller passes a monotonic clock in microseconds (tests drive it by hand).
 
-/// The limit a new endpoint starts at (or its ceiling, if lower).
-pub const INITIAL: u32 = 8;
 /// A window lasts at least this long (and at least the floor round trip), at most [`MAX_WINDOW_US`].
 pub const MIN_WINDOW_US: u64 = 5_000;
 pub const MAX_WINDOW_US: u64 = 1_000_000;
@@ -61,7 +62,6 @@ const RING: usize = 8;
 pub struct Adaptive {
     max: u32,
     limit: f64,
-    slow_start: bool,
     floor: Floor,
     /// Id of the current window; sends are stamped with it.
     id: u64,
@@ -78,6 +78,8 @@ pub struct Adaptive {
     /// After a push back, growth stops below `hold_below` until `hold_until_us`.
     hold_below: f64,
     hold_until_us: u64,
+    /// The previous window was pushed back too.
+    pushed_back_before: bool,
 }
 
 /// The lowest window mean round trip of the current and the previous period.
@@ -123,8 +125,7 @@ impl Adaptive {
         let max = max.max(1);
         Adaptive {
             max,
-            limit: f64::from(INITIAL.min(max)),
-            slow_start: true,
+            limit: f64::from(max),
             floor: Floor {
                 period_started_us: now_us,
                 current: None,
@@ -141,6 +142,7 @@ impl Adaptive {
             out_older: 0,
             hold_below: 0.0,
             hold_until_us: 0,
+            pushed_back_before: false,
         }
     }
 
@@ -252,19 +254,21 @@ impl Adaptive {
             let factor = if self.pushed_back { BACKOFF } else { EASE };
             if self.pushed_back {
                 // The push back was caused by requests sent at a limit somewhat below this one (their
-                // answers take a while to come back): hold growth below 9/10 of it for a while.
-                self.hold_below = self.limit * EASE;
+                // answers take a while to come back): hold growth below 9/10 of it for a while. Push
+                // backs in consecutive windows keep the highest level (an outage fails at every level
+                // on the way down; the endpoint is probed again from where its trouble began).
+                let level = self.limit * EASE;
+                self.hold_below = if self.pushed_back_before && now_us < self.hold_until_us {
+                    self.hold_below.max(level)
+                } else {
+                    level
+                };
                 self.hold_until_us = now_us + HOLD_US;
             }
             self.limit = (self.limit * factor).max(1.0);
-            self.slow_start = false;
             Some(Change::Shrank)
         } else if self.full && !aging {
-            let mut grown = if self.slow_start {
-                self.limit * 2.0
-            } else {
-                self.limit + 1.0
-            };
+            let mut grown = self.limit + (self.limit / 8.0).max(1.0);
             if now_us < self.hold_until_us {
                 grown = grown.min(self.hold_below.max(self.limit));
             }
@@ -273,8 +277,11 @@ impl Adaptive {
         } else {
             None
         };
-        // A late window cannot lower the floor (it is above it); it still rolls the periods over.
-        self.floor.observe(now_us, mean);
+        // A late window cannot lower the floor (it is above it); it still rolls the periods over. A
+        // window with failures is not a round-trip measurement (a refused connection answers at once).
+        if !self.pushed_back {
+            self.floor.observe(now_us, mean);
+        }
         // The next window; the slot it reuses held sends of RING windows ago, which become "older".
         self.id += 1;
         let slot = &mut self.out[(self.id % RING as u64) as usize];
@@ -282,6 +289,7 @@ impl Adaptive {
         if change == Some(Change::Shrank) {
             self.judged_from = self.id;
         }
+        self.pushed_back_before = self.pushed_back;
         self.started_us = now_us;
         self.answers = 0;
         self.rtt_sum_us = 0;
@@ -342,7 +350,7 @@ mod tests {
             .iter()
             .take_while(|c| c.0 <= from)
             .last()
-            .map_or(INITIAL, |c| c.1);
+            .map_or(64, |c| c.1);
         let (mut sum, mut t) = (0.0, from);
         for &(when, limit) in changes.iter().filter(|c| c.0 > from && c.0 < to) {
             sum += f64::from(at) * (when - t) as f64;
@@ -353,14 +361,21 @@ mod tests {
     }
 
     #[test]
-    fn a_healthy_endpoint_reaches_its_ceiling_in_a_few_round_trips() {
+    fn an_endpoint_back_from_an_outage_climbs_to_its_ceiling_in_tens_of_round_trips() {
         let mut clock = 0;
         let mut a = Adaptive::new(256, clock);
-        assert_eq!(a.limit(), INITIAL);
-        // 10 ms at any concurrency: nothing queues, so the limit doubles each window up to the ceiling.
-        let (changes, _) = drive(&mut a, &mut clock, 200_000, |_| (10_000, false));
-        assert_eq!(a.limit(), 256, "{changes:?}");
-        assert!(changes.len() <= 6, "reached in a few windows: {changes:?}");
+        assert_eq!(a.limit(), 256, "starts at the ceiling");
+        // Down: every request fails fast (connection refused).
+        drive(&mut a, &mut clock, 1_000_000, |_| (1_000, true));
+        assert_eq!(a.limit(), 1);
+        // Back, 10 ms at any concurrency: nothing queues, so every full window grows the limit.
+        // Growth by an eighth per window up to 9/10 of where the trouble began, held there for HOLD_US.
+        let (changes, _) = drive(&mut a, &mut clock, 2_000_000, |_| (10_000, false));
+        assert_eq!(a.limit(), 230, "{changes:?}");
+        let windows = changes.len();
+        assert!(windows <= 40, "took {windows} windows: {changes:?}");
+        drive(&mut a, &mut clock, HOLD_US, |_| (10_000, false));
+        assert_eq!(a.limit(), 256);
     }
 
     #[test]
@@ -438,9 +453,10 @@ mod tests {
     #[test]
     fn a_window_that_did_not_use_the_limit_does_not_grow_it() {
         let mut a = Adaptive::new(100, 0);
+        a.limit = 10.0;
         let w = a.sent(1);
         assert_eq!(a.answered(10_000, w, 1_000, false), None);
-        assert_eq!(a.limit(), INITIAL);
+        assert_eq!(a.limit(), 10);
     }
 
     #[test]
