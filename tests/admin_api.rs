@@ -590,6 +590,17 @@ async fn auth_validation_and_documented_routes() {
             422,
             "url",
         ),
+        // Issue 18, must show 7: a NAT64 address is judged by the IPv4 address it reaches (10.0.0.5).
+        (
+            json!({"url": "http://[64:ff9b::a00:5]/", "event_types": ["a.b"]}),
+            422,
+            "url",
+        ),
+        (
+            json!({"url": "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", "event_types": ["a.b"]}),
+            422,
+            "url",
+        ),
         (
             json!({"url": url, "event_types": ["a.b", "or*der"]}),
             422,
@@ -668,6 +679,7 @@ async fn auth_validation_and_documented_routes() {
         (json!({"secrets": ["whsec_x"]}), 400, "secrets"),
         (json!({"created_at": "now"}), 400, "created_at"),
         (json!({"url": "http://10.0.0.1/"}), 422, "url"),
+        (json!({"url": "http://[64:ff9b::a00:5]/"}), 422, "url"),
         (json!({"burst": 5}), 422, "burst"),
         (json!({"enabled": "yes"}), 400, "enabled"),
         (

@@ -53,6 +53,9 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
             format!("http://[::ffff:127.0.0.1]:{p4}/hook"),
             "loopback",
         ),
+        // NAT64: judged as the IPv4 address a NAT64 gateway would reach.
+        (9, "http://[64:ff9b::a00:5]/hook".to_string(), "private"),
+        (10, "http://[2002:a00:5::1]/hook".to_string(), "6to4"),
     ];
     let subs: Vec<_> = targets
         .iter()

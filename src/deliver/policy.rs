@@ -1,6 +1,10 @@
 //! Outbound address policy (SSRF protection). Destinations in loopback, private, shared (CGNAT),
-//! link-local, unspecified, multicast and broadcast ranges are refused after DNS resolution unless an
-//! allow-listed network contains them. IP-literal URLs are checked before the request is made; names
+//! link-local, site-local, unspecified, multicast, broadcast, benchmarking, documentation and IETF
+//! protocol ranges are refused after DNS resolution unless an allow-listed network contains them. IPv6
+//! addresses that carry an IPv4 address a gateway will reach (IPv4-mapped, IPv4-compatible, the NAT64
+//! well-known prefix 64:ff9b::/96) are judged as that IPv4 address; transition prefixes whose gateway
+//! or embedding cannot be judged here (6to4 2002::/16, Teredo 2001::/32, local-use NAT64
+//! 64:ff9b:1::/48) are refused. IP-literal URLs are checked before the request is made; names
 //! are checked by the delivery client ([`super::http`]), which filters what DNS returned, so a name
 //! pointing at 127.0.0.1 is refused just like the literal.
 
@@ -42,15 +46,27 @@ impl AddressPolicy {
     }
 }
 
-/// IPv4-mapped and IPv4-compatible IPv6 addresses are judged as the IPv4 address they carry.
+/// IPv4-mapped and NAT64 (64:ff9b::/96) IPv6 addresses are judged as the IPv4 address they carry:
+/// a NAT64 gateway turns `[64:ff9b::a00:5]` into 10.0.0.5.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                IpAddr::V4(low_v4(s))
+            } else {
+                IpAddr::V6(v6)
+            }
+        }
         v4 => v4,
     }
+}
+
+/// The IPv4 address in the last 32 bits.
+fn low_v4(s: [u16; 8]) -> Ipv4Addr {
+    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8)
 }
 
 fn restricted_class(ip: IpAddr) -> Option<&'static str> {
@@ -72,6 +88,12 @@ fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared address space")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        Some("benchmarking")
+    } else if o[..3] == [192, 0, 0] {
+        Some("IETF protocol assignments")
+    } else if o[..3] == [192, 0, 2] || o[..3] == [198, 51, 100] || o[..3] == [203, 0, 113] {
+        Some("documentation")
     } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
         Some("multicast/reserved")
     } else {
@@ -89,17 +111,21 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
         Some("private")
     } else if (s[0] & 0xffc0) == 0xfe80 {
         Some("link-local")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local")
+    } else if s[0] == 0x2002 {
+        Some("6to4")
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        Some("teredo")
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        Some("local-use NAT64")
+    } else if s[0] == 0x2001 && s[1] == 0xdb8 {
+        Some("documentation")
     } else if ip.is_multicast() {
         Some("multicast/reserved")
     } else if s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0 {
         // IPv4-compatible (deprecated) ::a.b.c.d
-        v4_class(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        ))
-        .or(Some("ipv4-compatible"))
+        v4_class(low_v4(s)).or(Some("ipv4-compatible"))
     } else {
         None
     }
@@ -138,6 +164,26 @@ mod tests {
             "::ffff:169.254.169.254",
             "ff02::1",
             "::127.0.0.1",
+            // NAT64 well-known prefix: judged by the IPv4 address inside.
+            "64:ff9b::a00:5",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            // Transition prefixes whose far end cannot be judged here.
+            "64:ff9b:1::a00:5",
+            "64:ff9b:1:ab::808:808",
+            "2002:a00:5::1",
+            "2002:808:808::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            // Site-local, documentation, benchmarking, IETF protocol assignments.
+            "fec0::1",
+            "feff::1",
+            "2001:db8::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
         ] {
             assert!(refused(&p, a), "{a} should be refused");
         }
@@ -148,6 +194,12 @@ mod tests {
             "100.128.0.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "198.17.255.255",
+            "198.20.0.1",
+            "192.0.1.1",
+            "2001:1::1",
+            "2001:4860:4860::8888",
         ] {
             assert!(!refused(&p, a), "{a} should be allowed");
         }
@@ -165,5 +217,14 @@ mod tests {
         assert!(refused(&p, "10.0.0.1"));
         let e = p.check("10.0.0.1".parse().unwrap()).unwrap_err();
         assert!(e.to_string().contains("10.0.0.1") && e.to_string().contains("private"));
+        // A NAT64 address is judged, and reopened, as the IPv4 address it reaches.
+        let e = p.check("64:ff9b::a00:5".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("10.0.0.5"), "{e}");
+        assert!(!refused(&p, "64:ff9b::7f00:1"));
+        let p = AddressPolicy::new(vec!["2002::/16".parse().unwrap()]);
+        assert!(
+            !refused(&p, "2002:808:808::1"),
+            "an allow-list reopens 6to4"
+        );
     }
 }
