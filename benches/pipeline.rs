@@ -3,11 +3,18 @@
 //!
 //!   cargo bench --bench pipeline -- [--events N] [--subs M] [--matching K] [--partitions P]
 //!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
+//!                                   [--pairs N]
 //!
 //! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
 //!   and deliveries per hookline CPU-second (utime+stime from /proc/<pid>/stat between the first and the
-//!   last delivery), and peak RSS (VmHWM).
+//!   last delivery), and peak RSS (VmHWM). Beside each hookline run, in alternation (A B A B, `--pairs`
+//!   pairs, each run its own consumer group over the same pre-produced events, same broker, same
+//!   receiver), a **bare loop**: this binary re-run as a child process (`--bare-loop`) that does the least
+//!   a correct Kafka-to-webhook service must do — rdkafka consumer → JSON parse of id/type →
+//!   HMAC-SHA256 signature → HTTP/1.1 keep-alive POST (reqwest), concurrent, committing only the lowest
+//!   unfinished offset of each partition. Its CPU is measured the same way; the ratio is hookline's
+//!   deliveries per CPU-second over the bare loop's (median of the pairs).
 //! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
 //!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
 //!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
@@ -35,6 +42,7 @@ struct Args {
     rate: usize,
     seconds: u64,
     mode: String,
+    pairs: usize,
 }
 
 fn args() -> Args {
@@ -46,6 +54,7 @@ fn args() -> Args {
         rate: 2000,
         seconds: 10,
         mode: "both".into(),
+        pairs: 2,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -59,6 +68,7 @@ fn args() -> Args {
             "--rate" => a.rate = val.parse().expect("--rate"),
             "--seconds" => a.seconds = val.parse().expect("--seconds"),
             "--mode" => a.mode = val,
+            "--pairs" => a.pairs = val.parse().expect("--pairs"),
             _ => {
                 i += 1;
                 continue;
@@ -228,28 +238,94 @@ async fn throughput(a: &Args) -> serde_json::Value {
         broker.produce("bench", &recs).await;
         i += n;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(&broker, &["bench"], "bench")
-        .replace("level = \"info\"", "level = \"warn\"")
-        // A pre-produced backlog for one endpoint: with the default 10 000 records in flight per partition,
-        // 4 partitions overfill the endpoint's queue (10 000 + max_in_flight) and the overflow is deferred
-        // through a retry tier (by design); the benchmark measures straight delivery, so the partitions
-        // are paused before the queue fills.
-        .replace(
-            "[source]\n",
-            "[source]\nmax_in_flight_per_partition = 2000\n",
-        );
-    assert!(
-        cfg.contains("max_in_flight_per_partition"),
-        "source bound not set"
-    );
-    let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
-    let pid = h_pid(&h);
     let expected = (a.events * a.matching) as u64;
-    // CPU is sampled when the first delivery arrives and when the last one does.
+    let (mut hook, mut bare) = (Vec::new(), Vec::new());
+    for pair in 0..a.pairs {
+        // A: hookline, its own consumer group over the same events.
+        counter.n.store(0, Ordering::Relaxed);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = base_config(&broker, &["bench"], &format!("bench-h{pair}"))
+            .replace("level = \"info\"", "level = \"warn\"")
+            // A pre-produced backlog for one endpoint: the benchmark measures straight delivery at a
+            // bound of 2 000 records in flight per partition (the bare loop gets the same bound).
+            .replace(
+                "[source]\n",
+                &format!("[source]\nmax_in_flight_per_partition = {BOUND_PER_PARTITION}\n"),
+            );
+        assert!(
+            cfg.contains("max_in_flight_per_partition"),
+            "source bound not set"
+        );
+        let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
+        let f = measure(h_pid(&h), &counter, expected, || h.log()).await;
+        h.kill9();
+        hook.push(f);
+        // B: the bare loop, one delivery per matching event to the same receiver.
+        counter.n.store(0, Ordering::Relaxed);
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--bare-loop",
+                &broker.bootstrap(),
+                "bench",
+                &format!("bench-b{pair}"),
+                &url,
+                &a.events.to_string(),
+                &(BOUND_PER_PARTITION * a.partitions as usize).to_string(),
+            ])
+            .spawn()
+            .expect("bare loop process");
+        let f = measure(child.id(), &counter, a.events as u64, || {
+            "bare loop (no log)".into()
+        })
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        bare.push(f);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<f64> = hook
+        .iter()
+        .zip(&bare)
+        .map(|(h, b)| h.per_cpu_s / b.per_cpu_s)
+        .collect();
+    let runs: Vec<serde_json::Value> = hook
+        .iter()
+        .zip(&bare)
+        .map(|(h, b)| serde_json::json!({"hookline_per_cpu_s": h.per_cpu_s.round(), "bare_loop_per_cpu_s": b.per_cpu_s.round(), "hookline_per_s": h.per_s.round(), "bare_loop_per_s": b.per_s.round()}))
+        .collect();
+    serde_json::json!({
+        "mode": "throughput",
+        "events": a.events, "subscriptions": a.subs, "matching_per_event": a.matching, "partitions": a.partitions,
+        "deliveries": expected,
+        "deliveries_per_s": median(hook.iter().map(|f| f.per_s).collect()).round(),
+        "hookline_cpu_s_per_1000_deliveries": (1000.0 / median(hook.iter().map(|f| f.per_cpu_s).collect()) * 10000.0).round() / 10000.0,
+        "deliveries_per_hookline_cpu_s": median(hook.iter().map(|f| f.per_cpu_s).collect()).round(),
+        "bare_loop_deliveries_per_cpu_s": median(bare.iter().map(|f| f.per_cpu_s).collect()).round(),
+        "ratio_to_bare_loop": (median(ratios) * 1000.0).round() / 1000.0,
+        "peak_rss_mib": hook.iter().map(|f| f.rss_mib).fold(0.0, f64::max),
+        "bare_loop_peak_rss_mib": bare.iter().map(|f| f.rss_mib).fold(0.0, f64::max),
+        "runs": runs,
+        "machine": machine(),
+    })
+}
+
+/// Records in flight per partition, for hookline (`source.max_in_flight_per_partition`) and the bare loop.
+const BOUND_PER_PARTITION: usize = 2000;
+
+struct Figures {
+    per_s: f64,
+    per_cpu_s: f64,
+    rss_mib: f64,
+}
+
+/// Waits for `expected` requests at the receiver; CPU of `pid` from the first to the last of them.
+async fn measure(pid: u32, counter: &Counter, expected: u64, log: impl Fn() -> String) -> Figures {
     let deadline = Instant::now() + Duration::from_secs(600);
     while counter.n.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no delivery; log:\n{}", h.log());
+        assert!(Instant::now() < deadline, "no delivery; log:\n{}", log());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let cpu0 = cpu_seconds(pid);
@@ -260,25 +336,153 @@ async fn throughput(a: &Args) -> serde_json::Value {
             Instant::now() < deadline,
             "only {} of {expected} deliveries; log:\n{}",
             counter.n.load(Ordering::Relaxed),
-            h.log()
+            log()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
     let n = (counter.n.load(Ordering::Relaxed) - n0) as f64;
-    let rss_kb = status_kb(pid, "VmHWM:");
-    h.kill9();
-    serde_json::json!({
-        "mode": "throughput",
-        "events": a.events, "subscriptions": a.subs, "matching_per_event": a.matching, "partitions": a.partitions,
-        "deliveries": expected,
-        "deliveries_per_s": (n / wall).round(),
-        "hookline_cpu_s_per_1000_deliveries": (cpu / n * 1000.0 * 10000.0).round() / 10000.0,
-        "deliveries_per_hookline_cpu_s": (n / cpu).round(),
-        "peak_rss_mib": (rss_kb as f64 / 1024.0).round(),
-        "machine": machine(),
-    })
+    Figures {
+        per_s: n / wall,
+        per_cpu_s: n / cpu,
+        rss_mib: (status_kb(pid, "VmHWM:") as f64 / 1024.0).round(),
+    }
+}
+
+/// The bare loop (see the module docs), run as `--bare-loop BOOTSTRAP TOPIC GROUP URL EVENTS BOUND`.
+fn bare_loop_process(v: &[String]) {
+    let [bootstrap, topic, group, url, events, bound] = v else {
+        panic!("--bare-loop BOOTSTRAP TOPIC GROUP URL EVENTS BOUND");
+    };
+    let (events, bound): (u64, usize) = (events.parse().unwrap(), bound.parse().unwrap());
+    // As many worker threads as hookline's default runtime (one per core).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bare_loop(bootstrap, topic, group, url, events, bound));
+}
+
+async fn bare_loop(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    url: &str,
+    events: u64,
+    bound: usize,
+) {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use std::collections::{BTreeSet, HashMap};
+
+    #[derive(serde::Deserialize)]
+    struct Ev<'a> {
+        #[serde(borrow)]
+        id: &'a str,
+        #[serde(rename = "type", borrow)]
+        _ty: &'a str,
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "200")
+        .set("queued.max.messages.kbytes", "16384")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let consumer = Arc::new(consumer);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(bound)
+        .build()
+        .unwrap();
+    let key = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).unwrap();
+    // Per partition: offsets not yet finished, and the next offset after the highest seen.
+    type Offsets = Arc<std::sync::Mutex<HashMap<i32, (BTreeSet<i64>, i64)>>>;
+    let offsets: Offsets = Arc::default();
+    let permits = Arc::new(tokio::sync::Semaphore::new(bound));
+    let done = Arc::new(AtomicU64::new(0));
+    {
+        // Commit the lowest unfinished offset of each partition (or the next one when all finished).
+        let (offsets, consumer, topic) = (offsets.clone(), consumer.clone(), topic.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let marks: Vec<(i32, i64)> = offsets
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(p, (open, next))| (*p, open.first().copied().unwrap_or(*next)))
+                    .collect();
+                for (p, o) in marks {
+                    let _ = consumer.store_offset(&topic, p, o);
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done.load(Ordering::Relaxed) < events && Instant::now() < deadline {
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await
+        else {
+            continue;
+        };
+        let Some(payload) = m.payload() else { continue };
+        let body = bytes::Bytes::copy_from_slice(payload);
+        let (p, o) = (m.partition(), m.offset());
+        {
+            let mut g = offsets.lock().unwrap();
+            let e = g.entry(p).or_insert_with(|| (BTreeSet::new(), o));
+            e.0.insert(o);
+            e.1 = e.1.max(o + 1);
+        }
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let (client, key, offsets, done, url) = (
+            client.clone(),
+            key.clone(),
+            offsets.clone(),
+            done.clone(),
+            url.to_string(),
+        );
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Ok(ev) = serde_json::from_slice::<Ev>(&body) {
+                let id = ev.id.to_string();
+                let ts = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    .to_string();
+                let mut mac = key;
+                mac.update(id.as_bytes());
+                mac.update(b".");
+                mac.update(ts.as_bytes());
+                mac.update(b".");
+                mac.update(&body);
+                let sig = format!(
+                    "v1,{}",
+                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+                );
+                let _ = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", ts)
+                    .header("webhook-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+            }
+            offsets.lock().unwrap().get_mut(&p).map(|e| e.0.remove(&o));
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+    }
 }
 
 fn h_pid(h: &Hookline) -> u32 {
@@ -462,8 +666,21 @@ async fn latency(a: &Args) -> serde_json::Value {
     })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() {
+fn main() {
+    let v: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = v.iter().position(|x| x == "--bare-loop") {
+        bare_loop_process(&v[i + 1..]);
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+async fn bench() {
     let a = args();
     if a.mode == "throughput" || a.mode == "both" {
         println!("{}", throughput(&a).await);

@@ -298,36 +298,71 @@ async fn a_slow_endpoint_waits_within_the_bounds_and_spills_beyond() {
 }
 
 /// A receiver that serves up to `capacity` requests at once in `fast` and thrashes beyond that: a
-/// request arriving while `capacity` or more are inside takes `slow`. Returns the receiver, how many
-/// requests it holds now (inside), and how many took the slow path.
-async fn thrashing(
-    capacity: usize,
-    fast: Duration,
-    slow: Duration,
-) -> (Receiver, Arc<Mutex<Vec<Instant>>>, Arc<AtomicU64>) {
-    let inside: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let slowed = Arc::new(AtomicU64::new(0));
-    let (i, s) = (inside.clone(), slowed.clone());
-    let rx = Receiver::start(move |_| {
-        let now = Instant::now();
-        let mut until = i.lock().unwrap();
-        until.retain(|t| *t > now);
-        let delay = if until.len() < capacity {
-            fast
-        } else {
-            s.fetch_add(1, Ordering::Relaxed);
-            slow
-        };
-        until.push(now + delay);
-        Reply::Delayed(200, delay)
-    })
-    .await;
-    (rx, inside, slowed)
+/// request arriving while `capacity` or more are open takes `slow`. A request stays open until it is
+/// answered or its client gives up (hyper drops the handler when the connection closes). Counts the
+/// requests received, those open now, and those that took the slow path.
+struct Thrashing {
+    url: String,
+    received: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+    slowed: Arc<AtomicU64>,
 }
 
-fn held(inside: &Mutex<Vec<Instant>>) -> usize {
-    let now = Instant::now();
-    inside.lock().unwrap().iter().filter(|t| **t > now).count()
+struct Open(Arc<AtomicU64>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn thrashing(capacity: u64, fast: Duration, slow: Duration) -> Thrashing {
+    let (received, open, slowed) = (Arc::default(), Arc::new(AtomicU64::new(0)), Arc::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (r2, o2, s2): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) =
+        (Arc::clone(&received), open.clone(), Arc::clone(&slowed));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (r, o, s) = (r2.clone(), o2.clone(), s2.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (r, o, s) = (r.clone(), o.clone(), s.clone());
+                        async move {
+                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                            r.fetch_add(1, Ordering::Relaxed);
+                            let before = o.fetch_add(1, Ordering::Relaxed);
+                            let _open = Open(o);
+                            let delay = if before < capacity {
+                                fast
+                            } else {
+                                s.fetch_add(1, Ordering::Relaxed);
+                                slow
+                            };
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
+                                hyper::body::Bytes,
+                            >::new(
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Thrashing {
+        url: format!("http://{addr}/hook"),
+        received,
+        open,
+        slowed,
+    }
 }
 
 /// Must show 5: an endpoint whose latency rises sharply above 20 concurrent requests (20 ms up to 20,
@@ -338,14 +373,13 @@ async fn adaptive_concurrency_converges_to_what_the_endpoint_serves() {
     let broker = Broker::shared();
     let topic = broker.topic("adaptive", 4);
     let dir = tempfile::tempdir().unwrap();
-    let fast = Duration::from_millis(20);
-    let slow = Duration::from_secs(2);
-    let (adaptive_rx, adaptive_inside, adaptive_slowed) = thrashing(20, fast, slow).await;
-    let (fixed_rx, fixed_inside, fixed_slowed) = thrashing(20, fast, slow).await;
-    let mut a = sub(1, &adaptive_rx.url(), &["a.*"]);
+    let (fast, slow) = (Duration::from_millis(20), Duration::from_secs(2));
+    let adaptive_rx = thrashing(20, fast, slow).await;
+    let fixed_rx = thrashing(20, fast, slow).await;
+    let mut a = sub(1, &adaptive_rx.url, &["a.*"]);
     a["max_in_flight"] = json!(64);
     a["timeout_ms"] = json!(1000);
-    let mut f = sub(2, &fixed_rx.url(), &["f.*"]);
+    let mut f = sub(2, &fixed_rx.url, &["f.*"]);
     f["max_in_flight"] = json!(64);
     f["timeout_ms"] = json!(1000);
     f["adaptive_concurrency"] = json!(false);
@@ -358,8 +392,12 @@ async fn adaptive_concurrency_converges_to_what_the_endpoint_serves() {
     )
     .replace(r#"tiers = ["1s", "2s", "3s"]"#, r#"tiers = ["1m"]"#)
         + "[delivery.breaker]\nconsecutive_failures = 1000000\nfailure_ratio = 1.0\n";
-    let mut h = Hookline::start(dir.path(), &cfg, &[a, f]);
+    let token = "adaptive-test-token";
+    let store = yaml_store(dir.path(), &[a, f]);
+    let mut h = Hookline::start_with_store(dir.path(), &cfg, &store, Some(token), &[]);
     h.wait_ready(Duration::from_secs(30)).await;
+    let api = Api::new(&h, token);
+    let health = format!("/v1/subscriptions/{}/health", sub_id(1));
 
     // A backlog for both that outlasts the measurement: ~1 000/s is what 20 x 20 ms serves.
     let recs: Vec<Record> = (0..30_000)
@@ -374,27 +412,45 @@ async fn adaptive_concurrency_converges_to_what_the_endpoint_serves() {
     let mut settled = Vec::new();
     while t.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let (ai, fi) = (held(&adaptive_inside), held(&fixed_inside));
-        trajectory.push(format!("{:.2}s:{ai}/{fi}", t.elapsed().as_secs_f64()));
+        // hookline's own view (its limit and its requests out) and the endpoint's (requests it is
+        // still working on, including those hookline gave up on at the timeout), for both.
+        let (_, v) = api.get(&health).await;
+        let c = &v["concurrency"];
+        let (limit, out) = (
+            c["limit"].as_u64().unwrap_or(0),
+            c["in_flight"].as_u64().unwrap_or(0),
+        );
+        let (ai, fi) = (
+            adaptive_rx.open.load(Ordering::Relaxed),
+            fixed_rx.open.load(Ordering::Relaxed),
+        );
+        trajectory.push(format!(
+            "{:.2}s:{limit}/{out}/{ai}/{fi}",
+            t.elapsed().as_secs_f64()
+        ));
         if t.elapsed() > Duration::from_secs(5) {
-            settled.push(ai);
+            settled.push(out as usize);
         }
     }
     let (a_slow, f_slow) = (
-        adaptive_slowed.load(Ordering::Relaxed),
-        fixed_slowed.load(Ordering::Relaxed),
+        adaptive_rx.slowed.load(Ordering::Relaxed),
+        fixed_rx.slowed.load(Ordering::Relaxed),
     );
-    let (a_done, f_done) = (adaptive_rx.count(), fixed_rx.count());
+    let (a_done, f_done) = (
+        adaptive_rx.received.load(Ordering::Relaxed),
+        fixed_rx.received.load(Ordering::Relaxed),
+    );
     settled.sort_unstable();
     let median = settled[settled.len() / 2];
     let mean = settled.iter().sum::<usize>() as f64 / settled.len() as f64;
     println!(
-        "in flight at the endpoint, adaptive/fixed 64, every 250 ms: {}",
+        "every 250 ms: adaptive limit / its requests out / requests open at the adaptive endpoint / \
+         at the fixed-64 endpoint: {}",
         trajectory.join(" ")
     );
     println!(
-        "after 5 s the adaptive endpoint held median {median}, mean {mean:.1} requests; requests past \
-         the endpoint's 20 (each a timeout): adaptive {a_slow}, fixed 64 {f_slow}; requests received: \
+        "after 5 s hookline had median {median}, mean {mean:.1} requests out to the adaptive endpoint; requests \
+         past the endpoint's 20 (each a timeout): adaptive {a_slow}, fixed 64 {f_slow}; requests received: \
          adaptive {a_done}, fixed {f_done}"
     );
     assert!(

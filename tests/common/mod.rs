@@ -812,7 +812,7 @@ pub fn sub_id(id: u32) -> String {
 }
 
 /// Writes `subs` into `dir/subscriptions.yaml` and returns the `[store]` section reading it.
-fn yaml_store(dir: &Path, subs: &[serde_json::Value]) -> String {
+pub fn yaml_store(dir: &Path, subs: &[serde_json::Value]) -> String {
     let subs_path = dir.join("subscriptions.yaml");
     std::fs::write(&subs_path, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
     format!(
