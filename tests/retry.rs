@@ -328,6 +328,10 @@ async fn breaker_opens_probes_and_closes() {
     let rx = Receiver::start(|_| Reply::Delayed(503, Duration::from_millis(200))).await;
     let mut s = sub(1, &rx.url(), &["*"]);
     s["max_in_flight"] = serde_json::json!(4);
+    // A fixed concurrency, so that the K probes can be out together: with adaptive concurrency the
+    // outage shrinks the endpoint's limit to one, and a failing first probe reopens the breaker before
+    // a second is sent (README, circuit breaker).
+    s["adaptive_concurrency"] = serde_json::json!(false);
     let cfg = base_config(broker, &[topic.as_str()], "r5").replace(
         r#"tiers = ["1s", "2s", "3s"]"#,
         r#"tiers = ["1s", "2s", "4s", "8s", "16s"]"#,

@@ -106,7 +106,15 @@ pub enum HttpError {
     /// DNS, connect, TLS, I/O or protocol failure.
     #[error("{0}")]
     Failed(String),
+    /// No response head before the deadline.
+    #[error("no response within the timeout")]
+    TimedOut,
 }
+
+/// Once the status line and headers are in, the status decides the attempt; the body is read (and
+/// dropped) within this bound only to keep the connection reusable. A body that stalls or never ends
+/// costs the connection, never a redelivery.
+pub const BODY_READ_BOUND: Duration = Duration::from_secs(1);
 
 /// What the endpoint answered.
 #[derive(Debug)]
@@ -116,7 +124,8 @@ pub struct Response {
     pub retry_after: Option<String>,
     /// The first `capture` bytes of the body.
     pub excerpt: Vec<u8>,
-    /// The body broke off (connection error or malformed framing) after the status was read.
+    /// The body broke off (connection error, malformed framing, or not done within
+    /// [`BODY_READ_BOUND`]) after the status was read; the connection is then not reused.
     pub body_error: Option<String>,
 }
 
@@ -166,12 +175,14 @@ impl Client {
 
     /// POSTs `body` to `target`. `headers` writes the caller's header lines (`name: value\r\n`) after
     /// `host` and `content-length`. Returns the status once the head is read and the body read or dropped.
+    /// `deadline` bounds everything up to the response head; the body then gets [`BODY_READ_BOUND`].
     pub async fn post(
         &self,
         target: &Target,
         headers: impl Fn(&mut Vec<u8>),
         body: &Bytes,
         capture: usize,
+        deadline: tokio::time::Instant,
     ) -> Result<Response, HttpError> {
         if let Some(ip) = target.ip {
             self.cfg
@@ -181,19 +192,17 @@ impl Client {
         }
         let (mut conn, reused) = match self.checkout(target) {
             Some(c) => (c, true),
-            // Boxed: connecting is rare next to reuse, and its state would otherwise make every
-            // in-flight delivery's future ~1.3 KiB larger.
-            None => (Box::pin(self.connect(target)).await?, false),
+            None => (self.connect_by(target, deadline).await?, false),
         };
         let mut first = self
-            .exchange(&mut conn, target, &headers, body, capture)
+            .exchange(&mut conn, target, &headers, body, capture, deadline)
             .await;
         if reused && matches!(first, Err(Exchange::Stale(_))) {
             // The server closed the idle connection as we reused it: nothing was answered, so send once
             // more on a fresh connection.
-            conn = Box::pin(self.connect(target)).await?;
+            conn = self.connect_by(target, deadline).await?;
             first = self
-                .exchange(&mut conn, target, &headers, body, capture)
+                .exchange(&mut conn, target, &headers, body, capture, deadline)
                 .await;
         }
         match first {
@@ -204,7 +213,20 @@ impl Client {
                 Ok(resp)
             }
             Err(Exchange::Stale(e) | Exchange::Failed(e)) => Err(HttpError::Failed(e)),
+            Err(Exchange::TimedOut) => Err(HttpError::TimedOut),
         }
+    }
+
+    /// [`Client::connect`] before `deadline`. Boxed: connecting is rare next to reuse, and its state
+    /// would otherwise make every in-flight delivery's future ~1.3 KiB larger.
+    async fn connect_by(
+        &self,
+        target: &Target,
+        deadline: tokio::time::Instant,
+    ) -> Result<Conn, HttpError> {
+        tokio::time::timeout_at(deadline, Box::pin(self.connect(target)))
+            .await
+            .map_err(|_| HttpError::TimedOut)?
     }
 
     fn checkout(&self, target: &Target) -> Option<Conn> {
@@ -344,7 +366,55 @@ impl Client {
         headers: &impl Fn(&mut Vec<u8>),
         body: &Bytes,
         capture: usize,
+        deadline: tokio::time::Instant,
     ) -> Result<(Response, bool), Exchange> {
+        let headed =
+            tokio::time::timeout_at(deadline, self.request(conn, target, headers, body)).await;
+        let (status, retry_after, framing, keep_alive, head_len) =
+            headed.map_err(|_| Exchange::TimedOut)??;
+        conn.buf.drain(..head_len);
+        let mut excerpt = Vec::new();
+        let read = tokio::time::timeout(
+            BODY_READ_BOUND,
+            read_body(
+                &mut conn.io,
+                &mut conn.buf,
+                framing,
+                self.cfg.max_response_bytes,
+                capture,
+                &mut excerpt,
+            ),
+        )
+        .await;
+        let (complete, body_error) = read.unwrap_or_else(|_| {
+            (
+                false,
+                Some(format!(
+                    "response body not finished within {BODY_READ_BOUND:?}"
+                )),
+            )
+        });
+        let keep_alive = keep_alive && complete && conn.buf.is_empty();
+        Ok((
+            Response {
+                status,
+                retry_after,
+                excerpt,
+                body_error,
+            },
+            keep_alive,
+        ))
+    }
+
+    /// Writes the request and reads the final response head: (status, Retry-After, framing,
+    /// keep-alive, head length in `conn.buf`).
+    async fn request(
+        &self,
+        conn: &mut Conn,
+        target: &Target,
+        headers: &impl Fn(&mut Vec<u8>),
+        body: &Bytes,
+    ) -> Result<(u16, Option<String>, Framing, bool, usize), Exchange> {
         let head = &mut conn.head;
         head.clear();
         head.extend_from_slice(b"POST ");
@@ -364,12 +434,19 @@ impl Client {
         conn.buf.clear();
         // After a skipped 1xx head, what is already buffered is parsed before reading more.
         let mut buffered = false;
-        let (status, retry_after, framing, keep_alive, head_len) = loop {
+        // How far the buffer has been searched for the head's end: a head that trickles in is
+        // parsed once, when it is complete, not again from byte 0 on every read.
+        let mut searched: usize = 0;
+        // Any response byte (a 1xx head included) means the server took the request: a close after it
+        // is a failed attempt, never a reason to send the POST again.
+        let mut answered = false;
+        let found = loop {
             if !std::mem::take(&mut buffered) {
                 let read = read_more(&mut conn.io, &mut conn.buf).await;
+                answered |= matches!(read, Ok(n) if n > 0);
                 if !matches!(read, Ok(n) if n > 0) {
                     // Nothing received at all means the connection was already closed (stale).
-                    let stale = conn.buf.is_empty();
+                    let stale = !answered;
                     let what = match read {
                         Err(e) => format!("connection error: reading the response: {e}"),
                         Ok(_) if stale => "connection closed before a response".into(),
@@ -382,50 +459,39 @@ impl Client {
                     });
                 }
             }
-            let mut hdrs = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut hdrs);
-            match resp.parse(&conn.buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let code = resp.code.unwrap_or(0);
-                    if (100..200).contains(&code) && code != 101 {
-                        conn.buf.drain(..n);
-                        buffered = !conn.buf.is_empty();
-                        continue;
-                    }
-                    let parsed = parse_head(&resp)
-                        .map_err(|e| Exchange::Failed(format!("invalid response: {e}")))?;
-                    break (code, parsed.0, parsed.1, parsed.2, n);
-                }
-                Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {}
-                Ok(httparse::Status::Partial) => {
+            // The empty line that ends a head: CRLF CRLF, or bare LFs (which httparse accepts too).
+            let from = searched.saturating_sub(2);
+            let tail = &conn.buf[from..];
+            let ended =
+                tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+            if !ended {
+                searched = conn.buf.len();
+                if conn.buf.len() >= MAX_HEAD {
                     return Err(Exchange::Failed(format!(
                         "invalid response: head larger than {MAX_HEAD} bytes"
                     )));
                 }
+                continue;
+            }
+            match parse_response(&conn.buf) {
+                Ok(Some((code, n, parsed))) => {
+                    if (100..200).contains(&code) && code != 101 {
+                        conn.buf.drain(..n);
+                        buffered = !conn.buf.is_empty();
+                        searched = 0;
+                        continue;
+                    }
+                    let parsed =
+                        parsed.map_err(|e| Exchange::Failed(format!("invalid response: {e}")))?;
+                    break (code, parsed.0, parsed.1, parsed.2, n);
+                }
+                // An empty line httparse does not take as the end (e.g. inside the status line of
+                // a garbled head): read on, bounded by MAX_HEAD above.
+                Ok(None) => searched = conn.buf.len(),
                 Err(e) => return Err(Exchange::Failed(format!("invalid response: {e}"))),
             }
         };
-        conn.buf.drain(..head_len);
-        let mut excerpt = Vec::new();
-        let (complete, body_error) = read_body(
-            &mut conn.io,
-            &mut conn.buf,
-            framing,
-            self.cfg.max_response_bytes,
-            capture,
-            &mut excerpt,
-        )
-        .await;
-        let keep_alive = keep_alive && complete && conn.buf.is_empty();
-        Ok((
-            Response {
-                status,
-                retry_after,
-                excerpt,
-                body_error,
-            },
-            keep_alive,
-        ))
+        Ok(found)
     }
 }
 
@@ -433,6 +499,8 @@ enum Exchange {
     /// Failed before any response byte arrived (on a reused connection: it was closed under us).
     Stale(String),
     Failed(String),
+    /// No response head before the deadline.
+    TimedOut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +508,41 @@ enum Framing {
     Length(u64),
     Chunked,
     UntilClose,
+}
+
+/// Parses a complete response head at the start of `buf`: (status, head length, what [`parse_head`]
+/// makes of it), or `None` if httparse wants more. Up to 64 headers are parsed on the stack; a head with
+/// more is parsed again with room for as many as fit in [`MAX_HEAD`] (a 2xx with many headers is
+/// still a 2xx).
+#[allow(clippy::type_complexity)]
+fn parse_response(
+    buf: &[u8],
+) -> Result<Option<(u16, usize, Result<(Option<String>, Framing, bool), String>)>, String> {
+    fn with<'b>(
+        buf: &'b [u8],
+        hdrs: &mut [httparse::Header<'b>],
+    ) -> Result<
+        Option<(u16, usize, Result<(Option<String>, Framing, bool), String>)>,
+        httparse::Error,
+    > {
+        let mut resp = httparse::Response::new(hdrs);
+        match resp.parse(buf)? {
+            httparse::Status::Complete(n) => {
+                let code = resp.code.unwrap_or(0);
+                Ok(Some((code, n, parse_head(&resp))))
+            }
+            httparse::Status::Partial => Ok(None),
+        }
+    }
+    let mut hdrs = [httparse::EMPTY_HEADER; 64];
+    match with(buf, &mut hdrs) {
+        Err(httparse::Error::TooManyHeaders) => {
+            // A header line takes at least 4 bytes ("a:\r\n" plus a value).
+            let mut many = vec![httparse::EMPTY_HEADER; MAX_HEAD / 4];
+            with(buf, &mut many).map_err(|e| e.to_string())
+        }
+        r => r.map_err(|e| e.to_string()),
+    }
 }
 
 /// Retry-After, framing and keep-alive from a (final) response head.
@@ -456,9 +559,14 @@ fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, boo
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
+            // 1*DIGIT (RFC 9110 §8.6); Rust's parse would also take "+5".
+            let v = h.value.trim_ascii();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                return Err("bad content-length".into());
+            }
+            let v: u64 = std::str::from_utf8(v)
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
+                .and_then(|s| s.parse().ok())
                 .ok_or("bad content-length")?;
             if length.is_some_and(|l| l != v) {
                 return Err("conflicting content-length".into());
@@ -485,6 +593,14 @@ fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, boo
         }
     }
     let code = resp.code.unwrap_or(0);
+    if !(100..=599).contains(&code) {
+        return Err(format!("status code {code} outside 100..=599"));
+    }
+    if chunked && length.is_some() {
+        // Both framings (RFC 9112 §6.3): chunked wins, and the connection is not reused — a sender
+        // that says both may be out of step with us about where the next response starts.
+        keep_alive = false;
+    }
     let framing = if code == 204 || code == 304 || code == 101 {
         keep_alive &= code != 101;
         Framing::Length(0)
@@ -629,11 +745,16 @@ impl Chunked {
                 }
                 continue;
             }
-            let size = line
-                .split(|b| *b == b';')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
+            // chunk-size = 1*HEXDIG, then optional BWS ";" extensions (RFC 9112 §7.1); no sign, no
+            // other whitespace, at most 16 digits (u64).
+            let (size, ext) = match line.iter().position(|b| *b == b';') {
+                Some(i) => (&line[..i], true),
+                None => (line, false),
+            };
+            let size = if ext { size.trim_ascii_end() } else { size };
+            if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+                break Err("bad chunk size".into());
+            }
             let size = std::str::from_utf8(size)
                 .ok()
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
@@ -868,6 +989,7 @@ mod tests {
             |h| h.extend_from_slice(b"x-extra: 1\r\n"),
             &body,
             capture,
+            tokio::time::Instant::now() + Duration::from_secs(10),
         )
         .await
     }
@@ -923,6 +1045,32 @@ mod tests {
             1,
             "reused after a chunked body"
         );
+    }
+
+    /// Issue 18, defect 9: a 2xx with more than 64 headers, trickling in, is a 2xx (it was "invalid" and
+    /// retried), and the connection is reused.
+    #[tokio::test]
+    async fn a_success_with_many_headers_is_a_success() {
+        let (t, conns) = raw_server(|_, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                let mut resp = String::from("HTTP/1.1 201 Created\r\n");
+                for i in 0..100 {
+                    resp.push_str(&format!("x-header-{i}: value\r\n"));
+                }
+                resp.push_str("content-length: 2\r\n\r\nok");
+                for chunk in resp.as_bytes().chunks(7) {
+                    s.write_all(chunk).await.unwrap();
+                }
+            }
+        })
+        .await;
+        let c = client(4096);
+        for _ in 0..2 {
+            let r = post(&c, &t, 4).await.unwrap();
+            assert_eq!(r.status, 201);
+            assert_eq!(r.excerpt, b"ok");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -994,6 +1142,100 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    /// Issue 18, defect 5: once the head is in, the status decides. A 2xx whose body stalls, and a
+    /// close-delimited 2xx on a connection the server keeps open, are successes after the body bound
+    /// (they timed out and were delivered again); the connection is not reused. A head that never comes
+    /// is a timeout at the deadline.
+    #[tokio::test]
+    async fn the_status_decides_once_the_head_is_in() {
+        let (t, conns) = raw_server(|_, mut s| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            // Keeps the connection open, sending nothing more.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(4096);
+        let started = std::time::Instant::now();
+        let r = post(&c, &t, 16).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(r.status, 200);
+        assert!(r.body_error.is_some(), "the stalled body is reported");
+        assert!(
+            took >= BODY_READ_BOUND && took < BODY_READ_BOUND + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(post(&c, &t, 0).await.unwrap().status, 200);
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "a stalled connection is not reused"
+        );
+
+        let (t, _) = raw_server(|_, mut s| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 202 Accepted\r\n\r\nuntil close, which never comes")
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        assert_eq!(post(&c, &t, 0).await.unwrap().status, 202);
+
+        let (t, _) = raw_server(|_, mut s| async move {
+            read_request(&mut s).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let body = Bytes::from_static(b"{}");
+        let started = std::time::Instant::now();
+        let r = c
+            .post(
+                &t,
+                |_| {},
+                &body,
+                0,
+                tokio::time::Instant::now() + Duration::from_millis(300),
+            )
+            .await;
+        assert!(matches!(r, Err(HttpError::TimedOut)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    /// Issue 18, defect 7: a close after a 1xx (or any response byte) is a failed attempt; the POST is
+    /// not sent again on a fresh connection.
+    #[tokio::test]
+    async fn a_close_after_an_informational_response_is_not_resent() {
+        for partial in [&b"HTTP/1.1 100 Continue\r\n\r\n"[..], b"HTTP/1.1 2"] {
+            let (t, conns) = raw_server(move |n, mut s| async move {
+                if n == 0 {
+                    read_request(&mut s).await.unwrap();
+                    s.write_all(OK).await.unwrap();
+                    read_request(&mut s).await.unwrap();
+                    s.write_all(partial).await.unwrap();
+                    return;
+                }
+                while read_request(&mut s).await.is_some() {
+                    s.write_all(OK).await.unwrap();
+                }
+            })
+            .await;
+            let c = client(4096);
+            assert_eq!(post(&c, &t, 0).await.unwrap().status, 200);
+            let second = post(&c, &t, 0).await;
+            assert!(
+                second.is_err(),
+                "{partial:?}: {:?}",
+                second.map(|r| r.status)
+            );
+            assert_eq!(conns.load(Ordering::SeqCst), 1, "{partial:?}: sent again");
+        }
     }
 
     #[tokio::test]
@@ -1116,6 +1358,57 @@ mod tests {
         );
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n").is_err());
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").is_err());
+    }
+
+    /// Issue 18, defect 8: framing follows RFC 9112 strictly.
+    #[test]
+    fn lenient_framing_is_refused() {
+        for cl in ["+5", "-0", "5 5", "0x5", "5.0", "", "99999999999999999999"] {
+            assert!(
+                head(&format!("HTTP/1.1 200 OK\r\ncontent-length: {cl}\r\n\r\n")).is_err(),
+                "content-length {cl:?}"
+            );
+        }
+        // Surrounding whitespace is the header's, not the value's.
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\ncontent-length:  5 \r\n\r\n").unwrap(),
+            (None, Framing::Length(5), true)
+        );
+        // Both framings: chunked, and the connection is not reused.
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap(),
+            (None, Framing::Chunked, false)
+        );
+        for code in ["000", "099", "600", "999"] {
+            assert!(
+                head(&format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n")).is_err(),
+                "status {code}"
+            );
+        }
+        for size in ["+5", " 5", "5 ", "-5", "0x5", "", "11111111111111111"] {
+            let mut buf = format!("{size}\r\nhello\r\n0\r\n\r\n").into_bytes();
+            assert!(
+                Chunked::default().feed(&mut buf, &mut |_| {}).is_err(),
+                "chunk size {size:?}"
+            );
+        }
+        // Whitespace before an extension is allowed (BWS).
+        let mut buf = b"5 ;a=b\r\nhello\r\n0\r\n\r\n".to_vec();
+        assert_eq!(Chunked::default().feed(&mut buf, &mut |_| {}), Ok(true));
+    }
+
+    /// Issue 18, defect 9: a head with more than 64 headers is parsed, not refused.
+    #[test]
+    fn many_headers_are_parsed() {
+        let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..300 {
+            raw.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        raw.push_str("content-length: 2\r\n\r\nok");
+        let (code, n, parsed) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        assert_eq!((code, n), (200, raw.len() - 2));
+        assert_eq!(parsed.unwrap(), (None, Framing::Length(2), true));
     }
 
     #[test]

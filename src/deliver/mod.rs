@@ -93,26 +93,28 @@ impl Deliverer {
                 line(h, name.as_str().as_bytes(), value.as_bytes());
             }
         };
-        let sent = self.client.post(&sub.target, headers, &event.body, capture);
-        let (result, excerpt) = match tokio::time::timeout(sub.timeout, sent).await {
-            Err(_) => (AttemptResult::Timeout, Vec::new()),
-            Ok(Err(self::http::HttpError::Refused(m))) => (AttemptResult::Refused(m), Vec::new()),
-            Ok(Err(self::http::HttpError::Failed(m))) => (AttemptResult::Connect(m), Vec::new()),
-            Ok(Ok(resp)) => {
-                let code = resp.status;
-                let result = match resp.body_error {
-                    // A 2xx whose body broke off still counts: the endpoint said it accepted the event.
-                    Some(e) if !(200..300).contains(&code) => AttemptResult::Connect(e),
-                    _ => AttemptResult::Status {
-                        code,
-                        retry_after: resp
-                            .retry_after
-                            .as_deref()
-                            .and_then(|v| parse_retry_after(v, SystemTime::now())),
-                    },
-                };
-                (result, resp.excerpt)
-            }
+        // The subscription's timeout bounds the request up to the response head; the body then has
+        // its own short bound (http::BODY_READ_BOUND) and decides only whether the connection is reused.
+        let deadline = tokio::time::Instant::from_std(started) + sub.timeout;
+        let sent = self
+            .client
+            .post(&sub.target, headers, &event.body, capture, deadline);
+        let (result, excerpt) = match sent.await {
+            Err(self::http::HttpError::TimedOut) => (AttemptResult::Timeout, Vec::new()),
+            Err(self::http::HttpError::Refused(m)) => (AttemptResult::Refused(m), Vec::new()),
+            Err(self::http::HttpError::Failed(m)) => (AttemptResult::Connect(m), Vec::new()),
+            // Once the status is in, it decides: a 2xx whose body stalls or breaks off was accepted,
+            // and a 429/503/410 keeps its status and Retry-After even if the body did not end cleanly.
+            Ok(resp) => (
+                AttemptResult::Status {
+                    code: resp.status,
+                    retry_after: resp
+                        .retry_after
+                        .as_deref()
+                        .and_then(|v| parse_retry_after(v, SystemTime::now())),
+                },
+                resp.excerpt,
+            ),
         };
         (result, started.elapsed(), excerpt)
     }
