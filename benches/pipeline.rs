@@ -200,7 +200,7 @@ fn subscriptions(a: &Args, url: &str) -> Vec<serde_json::Value> {
                 format!("other.type{i}")
             };
             let mut s = sub(i as u32 + 1, url, &[&ty]);
-            s["max_in_flight"] = serde_json::json!(256);
+            s["max_in_flight"] = serde_json::json!(ENDPOINT_MAX_IN_FLIGHT);
             s
         })
         .collect()
@@ -312,6 +312,9 @@ async fn throughput(a: &Args) -> serde_json::Value {
     })
 }
 
+/// Requests out at once per endpoint, for hookline (`max_in_flight`) and the bare loop.
+const ENDPOINT_MAX_IN_FLIGHT: usize = 256;
+
 /// Records in flight per partition, for hookline (`source.max_in_flight_per_partition`) and the bare loop.
 const BOUND_PER_PARTITION: usize = 2000;
 
@@ -399,7 +402,7 @@ async fn bare_loop(
     consumer.subscribe(&[topic]).unwrap();
     let consumer = Arc::new(consumer);
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(bound)
+        .pool_max_idle_per_host(ENDPOINT_MAX_IN_FLIGHT)
         .build()
         .unwrap();
     let key = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).unwrap();
@@ -407,6 +410,8 @@ async fn bare_loop(
     type Offsets = Arc<std::sync::Mutex<HashMap<i32, (BTreeSet<i64>, i64)>>>;
     let offsets: Offsets = Arc::default();
     let permits = Arc::new(tokio::sync::Semaphore::new(bound));
+    // Requests out at once to the endpoint: hookline's subscriptions here allow 256.
+    let requests = Arc::new(tokio::sync::Semaphore::new(ENDPOINT_MAX_IN_FLIGHT));
     let done = Arc::new(AtomicU64::new(0));
     {
         // Commit the lowest unfinished offset of each partition (or the next one when all finished).
