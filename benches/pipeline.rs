@@ -447,15 +447,17 @@ async fn bare_loop(
             e.1 = e.1.max(o + 1);
         }
         let permit = permits.clone().acquire_owned().await.unwrap();
-        let (client, key, offsets, done, url) = (
+        let (client, key, offsets, done, url, requests) = (
             client.clone(),
             key.clone(),
             offsets.clone(),
             done.clone(),
             url.to_string(),
+            requests.clone(),
         );
         tokio::spawn(async move {
             let _permit = permit;
+            let _request = requests.acquire().await;
             if let Ok(ev) = serde_json::from_slice::<Ev>(&body) {
                 let id = ev.id.to_string();
                 let ts = SystemTime::now()
