@@ -78,7 +78,7 @@ impl Dispatcher {
                 self.metrics.in_flight.inc();
                 let (result, took) = self.deliverer.attempt(event, sub).await;
                 self.metrics.in_flight.dec();
-                match slot.finish(healthy(&result)) {
+                match slot.finish(healthy(&result), took) {
                     Some(BreakerState::Open) => {
                         tracing::warn!(subscription = %sub.id_str, "circuit breaker opened: endpoint failing; deliveries go to the retry tiers until it recovers")
                     }

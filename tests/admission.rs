@@ -70,19 +70,42 @@ async fn lean(slots: usize, service: Duration) -> Lean {
     let n = Arc::new(AtomicU64::new(0));
     let ids = Arc::new(Mutex::new(HashSet::new()));
     let sem = Arc::new(tokio::sync::Semaphore::new(slots));
+    let (n2, ids2) = (n.clone(), ids.clone());
+    let url = serve_empty(move |id| {
+        let (n, ids, sem) = (n2.clone(), ids2.clone(), sem.clone());
+        async move {
+            let _slot = sem.acquire().await;
+            tokio::time::sleep(service).await;
+            n.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = id {
+                ids.lock().unwrap().insert(id);
+            }
+        }
+    })
+    .await;
+    Lean { url, n, ids }
+}
+
+/// A bare HTTP/1.1 server on 127.0.0.1: each request's body is read, then `handle` runs with its
+/// `webhook-id`, and an empty 200 is sent. hyper drops `handle`'s future when the client closes the
+/// connection first. Returns the URL.
+async fn serve_empty<F, Fut>(handle: F) -> String
+where
+    F: Fn(Option<String>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (n2, ids2) = (n.clone(), ids.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (n, ids, sem) = (n2.clone(), ids2.clone(), sem.clone());
+            let handle = handle.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (n, ids, sem) = (n.clone(), ids.clone(), sem.clone());
+                        let handle = handle.clone();
                         async move {
                             let id = req
                                 .headers()
@@ -90,12 +113,7 @@ async fn lean(slots: usize, service: Duration) -> Lean {
                                 .and_then(|v| v.to_str().ok())
                                 .map(str::to_string);
                             let _ = http_body_util::BodyExt::collect(req.into_body()).await;
-                            let _slot = sem.acquire().await;
-                            tokio::time::sleep(service).await;
-                            n.fetch_add(1, Ordering::Relaxed);
-                            if let Some(id) = id {
-                                ids.lock().unwrap().insert(id);
-                            }
+                            handle(id).await;
                             Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
                                 hyper::body::Bytes,
                             >::new(
@@ -109,11 +127,7 @@ async fn lean(slots: usize, service: Duration) -> Lean {
             });
         }
     });
-    Lean {
-        url: format!("http://{addr}/hook"),
-        n,
-        ids,
-    }
+    format!("http://{addr}/hook")
 }
 
 /// The receiver's own capacity: `n` POSTs from 64 keep-alive connections, as fast as it answers.
@@ -317,48 +331,27 @@ impl Drop for Open {
 }
 
 async fn thrashing(capacity: u64, fast: Duration, slow: Duration) -> Thrashing {
-    let (received, open, slowed) = (Arc::default(), Arc::new(AtomicU64::new(0)), Arc::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (r2, o2, s2): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) =
-        (Arc::clone(&received), open.clone(), Arc::clone(&slowed));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
+    let (received, open, slowed): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) =
+        Default::default();
+    let (r, o, s) = (received.clone(), open.clone(), slowed.clone());
+    let url = serve_empty(move |_| {
+        let (r, o, s) = (r.clone(), o.clone(), s.clone());
+        async move {
+            r.fetch_add(1, Ordering::Relaxed);
+            let before = o.fetch_add(1, Ordering::Relaxed);
+            let _open = Open(o);
+            let delay = if before < capacity {
+                fast
+            } else {
+                s.fetch_add(1, Ordering::Relaxed);
+                slow
             };
-            let (r, o, s) = (r2.clone(), o2.clone(), s2.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (r, o, s) = (r.clone(), o.clone(), s.clone());
-                        async move {
-                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
-                            r.fetch_add(1, Ordering::Relaxed);
-                            let before = o.fetch_add(1, Ordering::Relaxed);
-                            let _open = Open(o);
-                            let delay = if before < capacity {
-                                fast
-                            } else {
-                                s.fetch_add(1, Ordering::Relaxed);
-                                slow
-                            };
-                            tokio::time::sleep(delay).await;
-                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
-                                hyper::body::Bytes,
-                            >::new(
-                            )))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::time::sleep(delay).await;
         }
-    });
+    })
+    .await;
     Thrashing {
-        url: format!("http://{addr}/hook"),
+        url,
         received,
         open,
         slowed,

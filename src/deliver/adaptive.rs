@@ -182,7 +182,7 @@ impl Adaptive {
         rtt_us: u64,
         pushed_back: bool,
     ) -> Option<Change> {
-        self.forget(sent_in);
+        self.abandoned(sent_in);
         if sent_in < self.judged_from {
             return None;
         }
@@ -200,12 +200,9 @@ impl Adaptive {
         self.close(now_us)
     }
 
-    /// A request sent in window `sent_in` ended without an answer to judge (its delivery was cancelled).
+    /// The request sent in window `sent_in` is no longer out. Called by [`Adaptive::answered`], and on
+    /// its own for a request that ended without an answer to judge (its delivery was cancelled).
     pub fn abandoned(&mut self, sent_in: u64) {
-        self.forget(sent_in);
-    }
-
-    fn forget(&mut self, sent_in: u64) {
         if self.id - sent_in.min(self.id) < RING as u64 {
             let slot = &mut self.out[(sent_in % RING as u64) as usize];
             *slot = slot.saturating_sub(1);

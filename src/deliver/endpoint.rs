@@ -89,19 +89,19 @@ pub struct Slot<'a> {
     endpoint: &'a Endpoint,
     permit: Option<SemaphorePermit<'a>>,
     probe: bool,
-    sent_at: Instant,
     /// The adaptive limit's window this request was sent in; `None` once its answer was judged.
     window: Option<u64>,
 }
 
 impl Slot<'_> {
     /// Feeds the result to the breaker and the adaptive limit. `healthy` is false for failures that say
-    /// the endpoint is in trouble (timeouts, connection errors, 408/425/429/5xx).
+    /// the endpoint is in trouble (timeouts, connection errors, 408/425/429/5xx); `took` is how long
+    /// the attempt took (its round trip).
     /// Returns the breaker's new state when this result moved it.
-    pub fn finish(mut self, healthy: bool) -> Option<BreakerState> {
+    pub fn finish(mut self, healthy: bool, took: Duration) -> Option<BreakerState> {
         let now = Instant::now();
         if let (Some(a), Some(window)) = (&self.endpoint.adaptive, self.window.take()) {
-            let rtt = now.duration_since(self.sent_at).as_micros() as u64;
+            let rtt = took.as_micros() as u64;
             let mut a = lock(a);
             if a.answered(self.endpoint.clock_us(now), window, rtt, !healthy)
                 .is_some()
@@ -118,6 +118,7 @@ impl Slot<'_> {
     }
 }
 
+/// A poisoned lock is still used: every state behind these locks is valid after any panic.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -198,7 +199,7 @@ impl Endpoint {
     /// Applies a new group share: rescales the permits and the rate limiter (its bucket starts afresh).
     /// Permits that are out when the share shrinks are withdrawn as they return.
     fn reshape(&self, ppm: u32) {
-        let _one = self.reshaping.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = lock(&self.reshaping);
         if self.applied.load(Ordering::Acquire) == ppm {
             return;
         }
@@ -223,9 +224,8 @@ impl Endpoint {
     /// the surplus out — at once if free, else as they come back.
     fn resize(&self, target: u32) {
         let old = self.permits.swap(target, Ordering::AcqRel);
-        let max = target;
-        if max > old {
-            let mut grow = (max - old) as usize;
+        if target > old {
+            let mut grow = (target - old) as usize;
             // Cancel outstanding debt before adding permits.
             while grow > 0 {
                 let d = self.permit_debt.load(Ordering::Acquire);
@@ -242,8 +242,8 @@ impl Endpoint {
                 }
             }
             self.concurrency.add_permits(grow);
-        } else if max < old {
-            let shrink = (old - max) as usize;
+        } else if target < old {
+            let shrink = (old - target) as usize;
             let taken = self.concurrency.forget_permits(shrink);
             self.permit_debt.fetch_add(shrink - taken, Ordering::AcqRel);
         }
@@ -266,7 +266,7 @@ impl Endpoint {
     }
 
     fn breaker(&self) -> MutexGuard<'_, Breaker> {
-        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.breaker)
     }
 
     pub fn state(&self) -> BreakerState {
@@ -365,7 +365,6 @@ impl Endpoint {
             endpoint: self,
             permit: Some(permit),
             probe,
-            sent_at: Instant::now(),
             window,
         })
     }
@@ -406,7 +405,7 @@ mod tests {
         tokio::pin!(second);
         assert!(second.as_mut().now_or_never().is_none(), "waits");
         assert_eq!(e.pending(), 2);
-        first.finish(true);
+        first.finish(true, Duration::ZERO);
         let s = second.await.expect("gets the freed permit");
         drop(s);
         assert_eq!(e.pending(), 0);
@@ -473,7 +472,10 @@ mod tests {
     async fn an_open_breaker_refuses_without_waiting_and_edits_keep_it() {
         let e = Endpoint::new(limits(1), breaker_cfg(), Arc::default());
         for _ in 0..2 {
-            e.admit(&mut Spill::never()).await.unwrap().finish(false);
+            e.admit(&mut Spill::never())
+                .await
+                .unwrap()
+                .finish(false, Duration::ZERO);
         }
         assert_eq!(e.state(), BreakerState::Open);
         // Even with every permit out, an open breaker answers at once instead of queueing.
@@ -530,7 +532,7 @@ mod tests {
         // One window later (5 ms at least) the endpoint pushes back: the limit shrinks by a quarter and
         // the surplus permits leave circulation as the slots come back.
         tokio::time::sleep(Duration::from_millis(6)).await;
-        slots.pop().unwrap().finish(false);
+        slots.pop().unwrap().finish(false, Duration::from_millis(6));
         assert_eq!(e.effective().0, 6);
         drop(slots);
         assert_eq!(e.in_flight(), 0);

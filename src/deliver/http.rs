@@ -370,7 +370,7 @@ impl Client {
     ) -> Result<(Response, bool), Exchange> {
         let headed =
             tokio::time::timeout_at(deadline, self.request(conn, target, headers, body)).await;
-        let (status, retry_after, framing, keep_alive, head_len) =
+        let (status, (retry_after, framing, keep_alive), head_len) =
             headed.map_err(|_| Exchange::TimedOut)??;
         conn.buf.drain(..head_len);
         let mut excerpt = Vec::new();
@@ -406,15 +406,15 @@ impl Client {
         ))
     }
 
-    /// Writes the request and reads the final response head: (status, Retry-After, framing,
-    /// keep-alive, head length in `conn.buf`).
+    /// Writes the request and reads the final response head: (status, what it says, its length in
+    /// `conn.buf`).
     async fn request(
         &self,
         conn: &mut Conn,
         target: &Target,
         headers: &impl Fn(&mut Vec<u8>),
         body: &Bytes,
-    ) -> Result<(u16, Option<String>, Framing, bool, usize), Exchange> {
+    ) -> Result<(u16, Head, usize), Exchange> {
         let head = &mut conn.head;
         head.clear();
         head.extend_from_slice(b"POST ");
@@ -443,8 +443,9 @@ impl Client {
         let found = loop {
             if !std::mem::take(&mut buffered) {
                 let read = read_more(&mut conn.io, &mut conn.buf).await;
-                answered |= matches!(read, Ok(n) if n > 0);
-                if !matches!(read, Ok(n) if n > 0) {
+                let got = matches!(read, Ok(n) if n > 0);
+                answered |= got;
+                if !got {
                     // Nothing received at all means the connection was already closed (stale).
                     let stale = !answered;
                     let what = match read {
@@ -481,9 +482,9 @@ impl Client {
                         searched = 0;
                         continue;
                     }
-                    let parsed =
+                    let head =
                         parsed.map_err(|e| Exchange::Failed(format!("invalid response: {e}")))?;
-                    break (code, parsed.0, parsed.1, parsed.2, n);
+                    break (code, head, n);
                 }
                 // An empty line httparse does not take as the end (e.g. inside the status line of
                 // a garbled head): read on, bounded by MAX_HEAD above.
@@ -510,21 +511,20 @@ enum Framing {
     UntilClose,
 }
 
-/// Parses a complete response head at the start of `buf`: (status, head length, what [`parse_head`]
-/// makes of it), or `None` if httparse wants more. Up to 64 headers are parsed on the stack; a head with
-/// more is parsed again with room for as many as fit in [`MAX_HEAD`] (a 2xx with many headers is
-/// still a 2xx).
-#[allow(clippy::type_complexity)]
-fn parse_response(
-    buf: &[u8],
-) -> Result<Option<(u16, usize, Result<(Option<String>, Framing, bool), String>)>, String> {
+/// What a final response head says: Retry-After, framing, keep-alive.
+type Head = (Option<String>, Framing, bool);
+
+/// A complete head: (status, head length, what [`parse_head`] makes of it).
+type Parsed = (u16, usize, Result<Head, String>);
+
+/// Parses a complete response head at the start of `buf`, or `None` if httparse wants more. Up to 64
+/// headers are parsed on the stack; a head with more is parsed again with room for as many as fit in
+/// [`MAX_HEAD`] (a 2xx with many headers is still a 2xx).
+fn parse_response(buf: &[u8]) -> Result<Option<Parsed>, String> {
     fn with<'b>(
         buf: &'b [u8],
         hdrs: &mut [httparse::Header<'b>],
-    ) -> Result<
-        Option<(u16, usize, Result<(Option<String>, Framing, bool), String>)>,
-        httparse::Error,
-    > {
+    ) -> Result<Option<Parsed>, httparse::Error> {
         let mut resp = httparse::Response::new(hdrs);
         match resp.parse(buf)? {
             httparse::Status::Complete(n) => {
@@ -545,13 +545,25 @@ fn parse_response(
     }
 }
 
+/// A run of 1 to `max_digits` digits of `radix` and nothing else — no sign, no whitespace, no prefix,
+/// as HTTP's grammar has it (Rust's `from_str_radix` would take "+5") — that fits a u64.
+fn strict_uint(s: &[u8], radix: u32, max_digits: usize) -> Option<u64> {
+    if s.is_empty() || s.len() > max_digits {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, b| {
+        let d = char::from(*b).to_digit(radix)?;
+        n.checked_mul(u64::from(radix))?.checked_add(u64::from(d))
+    })
+}
+
 /// Retry-After, framing and keep-alive from a (final) response head.
 ///
 /// The status decides first (RFC 9112 §6.3): a 204 or 304 never has a body, whatever its headers say,
 /// so it is framed as empty and its connection stays reusable; only then do Transfer-Encoding and
 /// Content-Length frame the body, and a body with neither is read until close (no reuse). A 101 switches
 /// the connection to another protocol: framed as empty, never reused.
-fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, bool), String> {
+fn parse_head(resp: &httparse::Response) -> Result<Head, String> {
     let mut retry_after = None;
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -559,15 +571,8 @@ fn parse_head(resp: &httparse::Response) -> Result<(Option<String>, Framing, boo
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            // 1*DIGIT (RFC 9110 §8.6); Rust's parse would also take "+5".
-            let v = h.value.trim_ascii();
-            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                return Err("bad content-length".into());
-            }
-            let v: u64 = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or("bad content-length")?;
+            // 1*DIGIT (RFC 9110 §8.6).
+            let v = strict_uint(h.value.trim_ascii(), 10, 19).ok_or("bad content-length")?;
             if length.is_some_and(|l| l != v) {
                 return Err("conflicting content-length".into());
             }
@@ -745,20 +750,16 @@ impl Chunked {
                 }
                 continue;
             }
-            // chunk-size = 1*HEXDIG, then optional BWS ";" extensions (RFC 9112 §7.1); no sign, no
-            // other whitespace, at most 16 digits (u64).
+            // chunk-size = 1*HEXDIG, then optional BWS ";" extensions (RFC 9112 §7.1); at most 16
+            // digits (u64).
             let (size, ext) = match line.iter().position(|b| *b == b';') {
                 Some(i) => (&line[..i], true),
                 None => (line, false),
             };
             let size = if ext { size.trim_ascii_end() } else { size };
-            if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+            let Some(size) = strict_uint(size, 16, 16) else {
                 break Err("bad chunk size".into());
-            }
-            let size = std::str::from_utf8(size)
-                .ok()
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or("bad chunk size")?;
+            };
             if size == 0 {
                 self.trailers = true;
             } else {
@@ -1144,22 +1145,26 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 3);
     }
 
+    /// A server that writes `response` to the first request of each connection, then keeps the
+    /// connection open without sending anything more.
+    async fn answer_once_and_hold(response: &'static [u8]) -> (Target, Arc<AtomicUsize>) {
+        raw_server(move |_, mut s| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(response).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await
+    }
+
     /// Issue 18, defect 5: once the head is in, the status decides. A 2xx whose body stalls, and a
     /// close-delimited 2xx on a connection the server keeps open, are successes after the body bound
     /// (they timed out and were delivered again); the connection is not reused. A head that never comes
     /// is a timeout at the deadline.
     #[tokio::test]
     async fn the_status_decides_once_the_head_is_in() {
-        let (t, conns) = raw_server(|_, mut s| async move {
-            if read_request(&mut s).await.is_some() {
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok")
-                    .await
-                    .unwrap();
-            }
-            // Keeps the connection open, sending nothing more.
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        })
-        .await;
+        let (t, conns) =
+            answer_once_and_hold(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok").await;
         let c = client(4096);
         let started = std::time::Instant::now();
         let r = post(&c, &t, 16).await.unwrap();
@@ -1177,15 +1182,9 @@ mod tests {
             "a stalled connection is not reused"
         );
 
-        let (t, _) = raw_server(|_, mut s| async move {
-            if read_request(&mut s).await.is_some() {
-                s.write_all(b"HTTP/1.1 202 Accepted\r\n\r\nuntil close, which never comes")
-                    .await
-                    .unwrap();
-            }
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        })
-        .await;
+        let (t, _) =
+            answer_once_and_hold(b"HTTP/1.1 202 Accepted\r\n\r\nuntil close, which never comes")
+                .await;
         assert_eq!(post(&c, &t, 0).await.unwrap().status, 202);
 
         let (t, _) = raw_server(|_, mut s| async move {
@@ -1286,7 +1285,7 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 0);
     }
 
-    fn head(raw: &str) -> Result<(Option<String>, Framing, bool), String> {
+    fn head(raw: &str) -> Result<Head, String> {
         let mut hdrs = [httparse::EMPTY_HEADER; 16];
         let mut r = httparse::Response::new(&mut hdrs);
         assert!(r.parse(raw.as_bytes()).unwrap().is_complete());
