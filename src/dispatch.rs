@@ -17,8 +17,9 @@ use crate::deliver::endpoint::NotNow;
 use crate::deliver::outcome::{
     AttemptResult, Next, Outcome, classify, healthy, jittered, next_tier,
 };
+use crate::matching::Subscription;
 use crate::metrics::Metrics;
-use crate::model::{Event, Prior, Subscription};
+use crate::model::{Event, Prior};
 use crate::registry::Registry;
 use crate::retry::publish::{DlqReason, Failure, Publisher};
 use crate::spill::Spill;
@@ -76,7 +77,7 @@ impl Dispatcher {
         let (result, took) = match sub.endpoint.admit(spill).await {
             Ok(slot) => {
                 self.metrics.in_flight.inc();
-                let (result, took) = self.deliverer.attempt(event, sub).await;
+                let (result, took) = self.deliverer.attempt(event, &sub.recipient).await;
                 self.metrics.in_flight.dec();
                 match slot.finish(healthy(&result), took) {
                     Some(BreakerState::Open) => {

@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use crate::cli::SubscriptionsCommand;
 use crate::clock::now_ms;
 use crate::config::{Config, ConfigError, StoreKind};
-use crate::model::{Defaults, Subscription, SubscriptionSpec, generate_secret, rfc3339_ms};
+use crate::matching::{Defaults, Subscription};
+use crate::model::{SubscriptionSpec, generate_secret, rfc3339_ms};
 use crate::pipeline::{RunError, defaults};
 use crate::store::{self, yaml};
 

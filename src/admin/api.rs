@@ -31,9 +31,10 @@ use crate::deliver::Deliverer;
 use crate::deliver::outcome::{AttemptResult, classify};
 use crate::deliver::policy::AddressPolicy;
 use crate::dispatch::log_result;
+use crate::matching::Subscription;
 use crate::model::{
-    Encoding, Event, Origin, RetiredSecret, SigningKey, Subscription, SubscriptionSpec,
-    generate_secret, parse_rfc3339_ms, rfc3339_ms, webhook_id,
+    Encoding, Event, Origin, RetiredSecret, SigningKey, SubscriptionSpec, generate_secret,
+    parse_rfc3339_ms, rfc3339_ms, webhook_id,
 };
 use crate::registry::{Registry, WriteError};
 use crate::store::{AttemptRecord, StoreError};
@@ -618,7 +619,7 @@ async fn test(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) ->
     // A manual test bypasses the endpoint's limits and breaker, and is not written to the attempt log.
     let (result, took, excerpt) = s
         .deliverer
-        .attempt_capturing(&event, &sub, EXCERPT_BYTES)
+        .attempt_capturing(&event, &sub.recipient, EXCERPT_BYTES)
         .await;
     let outcome = classify(&result);
     let status = match result {

@@ -16,10 +16,10 @@ pub mod sign;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::http::header::HeaderName;
+use ::http::header::{HeaderMap, HeaderName};
 
 use crate::config::DeliveryConfig;
-use crate::model::{Event, Subscription};
+use crate::model::{Event, SigningKey};
 use outcome::{AttemptResult, parse_retry_after};
 use policy::AddressPolicy;
 
@@ -28,6 +28,21 @@ pub static WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-time
 pub static WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 const USER_AGENT: &str = concat!("hookline/", env!("CARGO_PKG_VERSION"));
+
+/// Who a request goes to and how it is signed: the delivery half of a prepared subscription, built once
+/// per load (`matching::subscription`), so an attempt parses nothing.
+#[derive(Debug)]
+pub struct Recipient {
+    /// Where requests go (host, port, path), parsed once.
+    pub target: self::http::Target,
+    pub keys: Vec<SigningKey>,
+    /// Keys of retired secrets with their expiry (unix seconds): they sign requests timestamped before it.
+    pub retiring: Vec<(SigningKey, u64)>,
+    /// Bounds the request up to the response head.
+    pub timeout: Duration,
+    /// Extra headers (marked sensitive, so redacted in debug output).
+    pub headers: HeaderMap,
+}
 
 pub struct Deliverer {
     client: self::http::Client,
@@ -47,8 +62,8 @@ impl Deliverer {
     }
 
     /// Makes one attempt. Returns the result and how long the HTTP exchange took.
-    pub async fn attempt(&self, event: &Event, sub: &Subscription) -> (AttemptResult, Duration) {
-        let (r, took, _) = self.attempt_capturing(event, sub, 0).await;
+    pub async fn attempt(&self, event: &Event, to: &Recipient) -> (AttemptResult, Duration) {
+        let (r, took, _) = self.attempt_capturing(event, to, 0).await;
         (r, took)
     }
 
@@ -57,7 +72,7 @@ impl Deliverer {
     pub async fn attempt_capturing(
         &self,
         event: &Event,
-        sub: &Subscription,
+        to: &Recipient,
         capture: usize,
     ) -> (AttemptResult, Duration, Vec<u8>) {
         let started = Instant::now();
@@ -66,8 +81,8 @@ impl Deliverer {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         // Secrets retired by a rotation keep signing during their grace period.
-        let keys = sub.keys.iter().chain(
-            sub.retiring
+        let keys = to.keys.iter().chain(
+            to.retiring
                 .iter()
                 .filter(move |(_, until)| ts < *until)
                 .map(|(k, _)| k),
@@ -89,16 +104,16 @@ impl Deliverer {
                 WEBHOOK_SIGNATURE.as_str().as_bytes(),
                 signature.as_bytes(),
             );
-            for (name, value) in &sub.headers {
+            for (name, value) in &to.headers {
                 line(h, name.as_str().as_bytes(), value.as_bytes());
             }
         };
         // The subscription's timeout bounds the request up to the response head; the body then has
         // its own short bound (http::BODY_READ_BOUND) and decides only whether the connection is reused.
-        let deadline = tokio::time::Instant::from_std(started) + sub.timeout;
+        let deadline = tokio::time::Instant::from_std(started) + to.timeout;
         let sent = self
             .client
-            .post(&sub.target, headers, &event.body, capture, deadline);
+            .post(&to.target, headers, &event.body, capture, deadline);
         let (result, excerpt) = match sent.await {
             Err(self::http::HttpError::TimedOut) => (AttemptResult::Timeout, Vec::new()),
             Err(self::http::HttpError::Refused(m)) => (AttemptResult::Refused(m), Vec::new()),

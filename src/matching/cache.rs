@@ -12,8 +12,9 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use super::Index;
+use super::{Defaults, Subscription};
 use crate::metrics::Metrics;
-use crate::model::{Defaults, SpecError, Subscription, SubscriptionSpec};
+use crate::model::{SpecError, SubscriptionSpec};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,13 +7,15 @@
 
 pub mod cache;
 pub mod filter;
+pub mod subscription;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::model::{Event, Pattern, Subscription};
+use crate::model::{Event, Pattern};
+pub use subscription::{Defaults, Subscription};
 
 /// Subscriptions (by position in `Index::subs`) that share a pattern, split by tenant scope.
 #[derive(Default, Debug)]
@@ -182,7 +184,7 @@ mod tests {
             created_at: None,
             updated_at: None,
         };
-        Arc::new(Subscription::prepare(spec, &crate::model::Defaults::default()).unwrap())
+        Arc::new(Subscription::prepare(spec, &Defaults::default()).unwrap())
     }
 
     fn ids(v: Vec<Arc<Subscription>>) -> Vec<u128> {

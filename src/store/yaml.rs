@@ -180,7 +180,8 @@ mod tests {
         let specs = parse(&std::fs::read_to_string(p).unwrap()).unwrap();
         assert!(!specs.is_empty());
         for s in specs {
-            crate::model::Subscription::prepare(s, &crate::model::Defaults::default()).unwrap();
+            crate::matching::Subscription::prepare(s, &crate::matching::Defaults::default())
+                .unwrap();
         }
     }
 }

@@ -1,0 +1,284 @@
+//! The prepared form of a subscription: what matching selects and dispatch delivers to. A
+//! [`SubscriptionSpec`] (the stored, user-facing form in `model`) is validated and turned into a
+//! [`Subscription`] once per load — URL parsed, keys derived, headers built, filter compiled, endpoint
+//! runtime created — so the hot path never parses anything.
+//!
+//! It lives here, above `model` and `deliver`, because it joins both: its matching half (patterns,
+//! filter) is read by the [`Index`](super::Index), its delivery half is a [`Recipient`] the deliverer
+//! needs and nothing more, and its [`Endpoint`] is the per-endpoint runtime. `model` stays plain data
+//! and `deliver` never sees a subscription.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use uuid::Uuid;
+
+use super::filter::Filter;
+use crate::deliver::Recipient;
+use crate::deliver::breaker::BreakerConfig;
+use crate::deliver::endpoint::{Endpoint, EndpointLimits};
+use crate::deliver::http::Target;
+use crate::deliver::share::GroupShare;
+use crate::model::{Pattern, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms};
+
+/// A subscription prepared for the hot path: URL parsed, keys derived, headers built, once per load.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: Uuid,
+    /// `id` as text, kept for headers and logs.
+    pub id_str: Box<str>,
+    pub tenant: Option<Box<str>>,
+    pub url: url::Url,
+    pub patterns: Vec<Pattern>,
+    pub filter: Option<Filter>,
+    /// Everything a request to this endpoint needs: target, signing keys, extra headers, timeout.
+    pub recipient: Recipient,
+    /// Runtime state of the endpoint: concurrency cap, rate limit, breaker.
+    pub endpoint: Arc<Endpoint>,
+    pub spec: SubscriptionSpec,
+}
+
+/// Values used where a subscription leaves a field unset (from `[delivery]`), and the instance's share of
+/// the group's limits.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub timeout_ms: u64,
+    pub max_in_flight: u32,
+    pub breaker: BreakerConfig,
+    /// This instance's share of each subscription's limits (DESIGN §6), updated on rebalance.
+    pub share: Arc<GroupShare>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            timeout_ms: 10_000,
+            max_in_flight: 64,
+            breaker: BreakerConfig::default(),
+            share: Arc::default(),
+        }
+    }
+}
+
+/// Headers a subscription may not set: hop-by-hop, framing, and the ones hookline itself sends.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+impl Subscription {
+    /// Validates a spec and prepares it. Errors name the field (`url`, `event_types[1]`, `secrets[0]`, …).
+    pub fn prepare(spec: SubscriptionSpec, defaults: &Defaults) -> Result<Subscription, SpecError> {
+        let url = url::Url::parse(&spec.url)
+            .map_err(|e| SpecError::new("url", format!("{:?} is not a URL ({e})", spec.url)))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(SpecError::new("url", "scheme must be http or https"));
+        }
+        if url.host().is_none() {
+            return Err(SpecError::new("url", "must have a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(SpecError::new(
+                "url",
+                "must not contain credentials; use headers",
+            ));
+        }
+        if spec.event_types.is_empty() {
+            return Err(SpecError::new(
+                "event_types",
+                "must list at least one pattern",
+            ));
+        }
+        let patterns = spec
+            .event_types
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Pattern::parse(p).map_err(|m| SpecError::new(format!("event_types[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(t) = &spec.tenant
+            && t.is_empty()
+        {
+            return Err(SpecError::new("tenant", "must not be empty when present"));
+        }
+        if spec.secrets.is_empty() {
+            return Err(SpecError::new("secrets", "must list at least one secret"));
+        }
+        let keys = spec
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                SigningKey::parse(s).map_err(|m| SpecError::new(format!("secrets[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut retiring = Vec::with_capacity(spec.retired_secrets.len());
+        for (i, r) in spec.retired_secrets.iter().enumerate() {
+            let key = SigningKey::parse(&r.secret)
+                .map_err(|m| SpecError::new(format!("retired_secrets[{i}].secret"), m))?;
+            let until = parse_rfc3339_ms(&r.expires_at)
+                .map_err(|m| SpecError::new(format!("retired_secrets[{i}].expires_at"), m))?;
+            retiring.push((key, until / 1000));
+        }
+        let filter = match &spec.filter {
+            Some(f) => Some(
+                Filter::compile(f)
+                    .map_err(|(path, m)| SpecError::new(format!("filter.{path}"), m))?,
+            ),
+            None => None,
+        };
+        if let Some(r) = spec.rate_limit_per_sec
+            && !(1..=1_000_000).contains(&r)
+        {
+            return Err(SpecError::new("rate_limit_per_sec", "must be 1..=1000000"));
+        }
+        if let Some(b) = spec.burst {
+            if !(1..=1_000_000).contains(&b) {
+                return Err(SpecError::new("burst", "must be 1..=1000000"));
+            }
+            if spec.rate_limit_per_sec.is_none() {
+                return Err(SpecError::new("burst", "needs rate_limit_per_sec"));
+            }
+        }
+        if let Some(m) = spec.max_in_flight
+            && !(1..=100_000).contains(&m)
+        {
+            return Err(SpecError::new("max_in_flight", "must be 1..=100000"));
+        }
+        let timeout_ms = spec.timeout_ms.unwrap_or(defaults.timeout_ms);
+        if !(1..=600_000).contains(&timeout_ms) {
+            return Err(SpecError::new("timeout_ms", "must be 1..=600000"));
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &spec.headers {
+            let field = format!("headers.{name}");
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| SpecError::new(&field, "is not a valid header name"))?;
+            if FORBIDDEN_HEADERS.contains(&n.as_str()) {
+                return Err(SpecError::new(
+                    &field,
+                    "is set by hookline or is hop-by-hop and cannot be overridden",
+                ));
+            }
+            let mut v = HeaderValue::from_str(value)
+                .map_err(|_| SpecError::new(&field, "is not a valid header value"))?;
+            // Extra headers often carry credentials; keep them out of debug output.
+            v.set_sensitive(true);
+            headers.insert(n, v);
+        }
+        let target = Target::from_url(&url).map_err(|m| SpecError::new("url", m))?;
+        Ok(Subscription {
+            id: spec.id,
+            id_str: spec.id.to_string().into(),
+            tenant: spec.tenant.as_deref().map(Into::into),
+            url,
+            patterns,
+            filter,
+            recipient: Recipient {
+                target,
+                keys,
+                retiring,
+                timeout: Duration::from_millis(timeout_ms),
+                headers,
+            },
+            endpoint: Arc::new(Endpoint::new(
+                EndpointLimits {
+                    max_in_flight: spec.max_in_flight.unwrap_or(defaults.max_in_flight),
+                    rate_per_sec: spec.rate_limit_per_sec,
+                    burst: spec.burst,
+                    adaptive: spec.adaptive_concurrency,
+                },
+                defaults.breaker,
+                defaults.share.clone(),
+            )),
+            spec,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SubscriptionSpec {
+        serde_yaml_ng::from_str(
+            "url: http://127.0.0.1:9/x\nevent_types: [\"order.*\"]\nsecrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn prepare_validates_and_names_fields() {
+        assert!(Subscription::prepare(spec(), &Defaults::default()).is_ok());
+        type Mutation = Box<dyn Fn(&mut SubscriptionSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|s| s.url = "ftp://x/".into()), "url"),
+            (Box::new(|s| s.url = "not a url".into()), "url"),
+            (Box::new(|s| s.event_types = vec![]), "event_types"),
+            (
+                Box::new(|s| s.event_types = vec!["a".into(), "b*".into()]),
+                "event_types[1]",
+            ),
+            (Box::new(|s| s.secrets = vec!["nope".into()]), "secrets[0]"),
+            (
+                Box::new(|s| s.secrets.push("whsec_!!!".into())),
+                "secrets[1]",
+            ),
+            (Box::new(|s| s.timeout_ms = Some(0)), "timeout_ms"),
+            (Box::new(|s| s.burst = Some(5)), "burst"),
+            (
+                Box::new(|s| s.rate_limit_per_sec = Some(0)),
+                "rate_limit_per_sec",
+            ),
+            (Box::new(|s| s.max_in_flight = Some(0)), "max_in_flight"),
+            (
+                Box::new(|s| {
+                    s.headers.insert("webhook-id".into(), "x".into());
+                }),
+                "headers.webhook-id",
+            ),
+            (
+                Box::new(|s| {
+                    s.headers.insert("Connection".into(), "x".into());
+                }),
+                "headers.Connection",
+            ),
+            (
+                Box::new(|s| {
+                    s.headers.insert("bad header".into(), "x".into());
+                }),
+                "headers.bad header",
+            ),
+            (Box::new(|s| s.tenant = Some(String::new())), "tenant"),
+        ];
+        for (mutate, field) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let e = Subscription::prepare(s, &Defaults::default()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn signing_key_debug_is_redacted() {
+        let s = Subscription::prepare(spec(), &Defaults::default()).unwrap();
+        let dbg = format!("{:?}", s);
+        assert!(!dbg.contains("MfKQ9r8"), "{dbg}");
+    }
+}
