@@ -254,6 +254,14 @@ pub struct DeliveryConfig {
     pub pool_max_idle_per_host: usize,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
     pub pool_idle_timeout: Duration,
+    /// A keep-alive connection older than this is closed instead of reused, so DNS changes are seen.
+    #[serde(default = "default_pool_max_lifetime", with = "humantime_serde_compat")]
+    pub pool_max_lifetime: Duration,
+    /// TCP keepalive probes after this much silence on a connection; "0s" turns them off.
+    #[serde(default = "default_tcp_keepalive", with = "humantime_serde_compat")]
+    pub tcp_keepalive: Duration,
+    #[serde(default)]
+    pub tls: DeliveryTlsConfig,
     /// A delivery handed to a retry tier without an attempt (spilled from a blocked partition) this
     /// many times is counted as a failed attempt the next time, so deferrals cannot cycle forever.
     #[serde(default = "default_max_deferrals")]
@@ -267,6 +275,17 @@ pub struct DeliveryConfig {
     pub queue_wait: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     pub breaker: BreakerSettings,
+}
+
+/// `[delivery.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryTlsConfig {
+    /// PEM file of CA certificates trusted beside the platform's roots (a private CA of a tenant's
+    /// endpoints). Read at start: a missing or unreadable file, or one without a certificate, is a
+    /// config error.
+    #[serde(default)]
+    pub extra_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Per-subscription circuit breaker (DESIGN §4).
@@ -480,6 +499,12 @@ fn default_pool_idle() -> usize {
 fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(90)
 }
+fn default_pool_max_lifetime() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_tcp_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -542,6 +567,9 @@ impl Default for DeliveryConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             pool_max_idle_per_host: default_pool_idle(),
             pool_idle_timeout: default_pool_idle_timeout(),
+            pool_max_lifetime: default_pool_max_lifetime(),
+            tcp_keepalive: default_tcp_keepalive(),
+            tls: DeliveryTlsConfig::default(),
             max_deferrals: default_max_deferrals(),
             endpoint_queue: None,
             queue_wait: None,
@@ -809,6 +837,19 @@ impl Config {
             }
         }
         self.allow_networks()?;
+        self.extra_roots()?;
+        if self.delivery.pool_max_lifetime < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "delivery.pool_max_lifetime",
+                "must be at least 1s",
+            ));
+        }
+        if self.delivery.tcp_keepalive > Duration::from_secs(7200) {
+            return Err(ConfigError::new(
+                "delivery.tcp_keepalive",
+                "must be at most 2h (or 0s for off)",
+            ));
+        }
         range(
             "delivery.max_response_bytes",
             self.delivery.max_response_bytes as u64,
@@ -1070,6 +1111,41 @@ impl Config {
         c
     }
 
+    /// The CA certificates of `delivery.tls.extra_ca_file` (none when unset).
+    pub fn extra_roots(
+        &self,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let Some(path) = &self.delivery.tls.extra_ca_file else {
+            return Ok(Vec::new());
+        };
+        let err = |m: String| ConfigError::new("delivery.tls.extra_ca_file", m);
+        let pem =
+            std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(format!("{}: not PEM certificates ({e})", path.display())))?;
+        if certs.is_empty() {
+            return Err(err(format!(
+                "{} holds no \"BEGIN CERTIFICATE\" block",
+                path.display()
+            )));
+        }
+        // Each must be a certificate rustls can use as a trust anchor.
+        let mut store = rustls::RootCertStore::empty();
+        for (i, c) in certs.iter().enumerate() {
+            store.add(c.clone()).map_err(|e| {
+                err(format!(
+                    "{}: certificate {} is not a usable CA ({e})",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
+        }
+        Ok(certs)
+    }
+
     pub fn allow_networks(&self) -> Result<Vec<IpNet>, ConfigError> {
         self.delivery
             .allow_networks
@@ -1182,6 +1258,45 @@ fn parse_env_value(v: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_ca_file_is_read_at_start_and_errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |path: &std::path::Path| {
+            format!(
+                "{MIN}[delivery.tls]\nextra_ca_file = \"{}\"\n",
+                path.display()
+            )
+        };
+        let missing = dir.path().join("nope.pem");
+        let e = load(&with(&missing), &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("delivery.tls.extra_ca_file: cannot read"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = load(&with(&empty), &[]).unwrap_err().to_string();
+        assert!(e.starts_with("delivery.tls.extra_ca_file:"), "{e}");
+        assert!(e.contains("no \"BEGIN CERTIFICATE\""), "{e}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = load(&with(&garbage), &[]).unwrap_err().to_string();
+        assert!(e.contains("not a usable CA"), "{e}");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let c = load(&with(&good), &[]).unwrap();
+        assert_eq!(c.extra_roots().unwrap().len(), 1);
+    }
 
     const MIN: &str = r#"
 [kafka]

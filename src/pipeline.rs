@@ -110,7 +110,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tracing::info!(subscriptions = cache.index().len(), store = %store.describe(), "subscriptions loaded");
 
     let policy = AddressPolicy::new(config.allow_networks()?);
-    let deliverer = Arc::new(Deliverer::new(&config.delivery, policy.clone()));
+    let deliverer = Arc::new(Deliverer::new(
+        &config.delivery,
+        policy.clone(),
+        config.extra_roots()?,
+    ));
     let registry = Arc::new(Registry::new(store.clone(), cache.clone(), metrics.clone()));
     // The attempt log outlives the consumers: it is stopped after their deliveries drained.
     let log_stop = CancellationToken::new();
@@ -181,7 +185,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tiers.handle(),
         ApiState::new(
             registry,
-            deliverer,
+            deliverer.clone(),
             policy,
             config.admin.token.as_deref(),
             config.admin.rotation_grace,
@@ -195,6 +199,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             tracing::error!(error = %e, "admin server failed");
         }
     });
+    // Idle keep-alive connections past their idle timeout or lifetime are closed even when nothing
+    // is delivered to their host any more.
+    let sweeper = deliverer.clone();
+    let sweep_stop = stop.clone();
+    tokio::spawn(async move { sweeper.sweep_idle_connections(sweep_stop).await });
     tokio::spawn(cache.clone().run_refresh(
         store,
         config.store.refresh_interval,

@@ -30,6 +30,13 @@ use url::Url;
 
 use super::policy::AddressPolicy;
 
+/// Happy Eyeballs' connection attempt delay (RFC 8305 §5 recommends 250 ms).
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// How long a response is awaited after the request could not be written whole (see
+/// [`Client::request`]).
+const EARLY_RESPONSE_BOUND: Duration = Duration::from_millis(500);
+
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Read buffer growth step; a buffer grown past 8 steps is dropped when its connection goes idle.
@@ -134,8 +141,31 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub max_idle_per_host: usize,
     pub idle_timeout: Duration,
+    /// A connection older than this is not reused, so a changed DNS answer or a server that was
+    /// moved behind a balancer is seen within this time.
+    pub max_lifetime: Duration,
+    /// TCP keepalive probes start after a connection has been silent this long (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
     /// Response bodies are read up to this many bytes; a longer body closes the connection.
     pub max_response_bytes: usize,
+    /// Roots trusted beside the platform's (`[delivery.tls] extra_ca_file`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the policy (tests and tools).
+    pub fn new(policy: AddressPolicy) -> ClientConfig {
+        ClientConfig {
+            policy,
+            connect_timeout: Duration::from_secs(5),
+            max_idle_per_host: 64,
+            idle_timeout: Duration::from_secs(90),
+            max_lifetime: Duration::from_secs(300),
+            tcp_keepalive: Some(Duration::from_secs(30)),
+            max_response_bytes: 64 * 1024,
+            extra_roots: Vec::new(),
+        }
+    }
 }
 
 pub struct Client {
@@ -157,6 +187,7 @@ struct Conn {
     /// The request head being written (kept to reuse its allocation).
     head: Vec<u8>,
     idle_since: Instant,
+    born: Instant,
 }
 
 enum Stream {
@@ -229,62 +260,90 @@ impl Client {
             .map_err(|_| HttpError::TimedOut)?
     }
 
+    /// The most recently used idle connection to `target` that is still fresh and open. The lock is
+    /// held only to pop; the liveness probe (a read attempt through TLS, if any) and closing a dead
+    /// connection happen outside it.
     fn checkout(&self, target: &Target) -> Option<Conn> {
-        let mut dropped = Vec::new();
-        let found = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let list = pool.idle.get_mut(&target.key)?;
-            let mut found = None;
-            while let Some(c) = list.pop() {
-                if c.idle_since.elapsed() < self.cfg.idle_timeout && c.io.idle_and_open() {
-                    found = Some(c);
-                    break;
-                }
-                dropped.push(c);
+        loop {
+            let mut c = {
+                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                pool.idle.get_mut(&target.key)?.pop()?
+            };
+            if self.fresh(&c, Instant::now()) && c.io.idle_and_open() {
+                return Some(c);
             }
-            found
-        };
-        drop(dropped); // closed outside the lock
-        found
+        }
     }
 
-    fn checkin(&self, target: &Target, mut conn: Conn) {
-        if self.cfg.max_idle_per_host == 0 {
-            return;
-        }
-        conn.idle_since = Instant::now();
-        if conn.buf.capacity() > 8 * READ_CHUNK {
-            conn.buf = Vec::new();
-        }
+    /// Within the idle timeout and the maximum lifetime.
+    fn fresh(&self, c: &Conn, now: Instant) -> bool {
+        now.duration_since(c.idle_since) < self.cfg.idle_timeout
+            && now.duration_since(c.born) < self.cfg.max_lifetime
+    }
+
+    /// Closes idle connections past the idle timeout or the maximum lifetime, on every host. Called
+    /// now and then from check-ins and periodically by the pipeline ([`Client::sweep_interval`]), so
+    /// a host no longer delivered to does not keep sockets open.
+    pub fn sweep(&self) {
+        let now = Instant::now();
         let mut expired = Vec::new();
         {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let list = pool.idle.entry(target.key.clone()).or_default();
-            if list.len() < self.cfg.max_idle_per_host {
-                list.push(conn);
-            } else {
-                expired.push(conn);
-            }
-            // Now and then, close connections idle past the timeout on every host (the oldest are at the
-            // front of each list), so hosts no longer delivered to do not keep sockets open.
-            let now = Instant::now();
-            if pool
-                .last_sweep
-                .is_none_or(|t| now.duration_since(t) >= self.cfg.idle_timeout)
-            {
-                pool.last_sweep = Some(now);
-                let timeout = self.cfg.idle_timeout;
-                pool.idle.retain(|_, list| {
-                    let keep_from = list
-                        .iter()
-                        .position(|c| now.duration_since(c.idle_since) < timeout)
-                        .unwrap_or(list.len());
-                    expired.extend(list.drain(..keep_from));
-                    !list.is_empty()
-                });
-            }
+            pool.last_sweep = Some(now);
+            pool.idle.retain(|_, list| {
+                let mut i = 0;
+                while i < list.len() {
+                    if self.fresh(&list[i], now) {
+                        i += 1;
+                    } else {
+                        expired.push(list.remove(i));
+                    }
+                }
+                !list.is_empty()
+            });
         }
-        drop(expired);
+        drop(expired); // closed outside the lock
+    }
+
+    /// How often [`Client::sweep`] should run.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.cfg.idle_timeout.min(self.cfg.max_lifetime) / 2).max(Duration::from_millis(100))
+    }
+
+    /// Idle connections in the pool (all hosts).
+    pub fn idle_connections(&self) -> usize {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.idle.values().map(Vec::len).sum()
+    }
+
+    fn checkin(&self, target: &Target, mut conn: Conn) {
+        let now = Instant::now();
+        if self.cfg.max_idle_per_host == 0 || now.duration_since(conn.born) >= self.cfg.max_lifetime
+        {
+            return;
+        }
+        conn.idle_since = now;
+        if conn.buf.capacity() > 8 * READ_CHUNK {
+            conn.buf = Vec::new();
+        }
+        let (extra, sweep) = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let list = pool.idle.entry(target.key.clone()).or_default();
+            let extra = if list.len() < self.cfg.max_idle_per_host {
+                list.push(conn);
+                None
+            } else {
+                Some(conn)
+            };
+            let sweep = pool
+                .last_sweep
+                .is_none_or(|t| now.duration_since(t) >= self.sweep_interval());
+            (extra, sweep)
+        };
+        drop(extra); // closed outside the lock
+        if sweep {
+            self.sweep();
+        }
     }
 
     async fn connect(&self, target: &Target) -> Result<Conn, HttpError> {
@@ -315,29 +374,20 @@ impl Client {
                 allowed
             }
         };
-        let mut last = String::new();
-        let mut tcp = None;
-        for addr in addrs {
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => last = format!("connect error: {addr}: {e}"),
-                Err(_) => {
-                    last = format!(
-                        "connect error: {addr}: timed out after {} ms",
-                        self.cfg.connect_timeout.as_millis()
-                    )
-                }
-            }
-        }
-        let tcp = tcp.ok_or(HttpError::Failed(last))?;
+        let tcp = self.connect_tcp(addrs).await.map_err(HttpError::Failed)?;
         let _ = tcp.set_nodelay(true);
+        if let Some(idle) = self.cfg.tcp_keepalive {
+            // A peer that vanished (host gone, NAT entry dropped) is noticed on an idle connection
+            // instead of at the next delivery's timeout.
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 3).max(Duration::from_secs(1)));
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+        }
         let io = if target.tls {
             let connector = self
                 .tls
-                .get_or_init(tls_connector)
+                .get_or_init(|| tls_connector(&self.cfg.extra_roots))
                 .as_ref()
                 .map_err(|e| HttpError::Failed(e.clone()))?;
             let name = rustls::pki_types::ServerName::try_from(target.host.to_string())
@@ -355,7 +405,56 @@ impl Client {
             buf: Vec::new(),
             head: Vec::new(),
             idle_since: Instant::now(),
+            born: Instant::now(),
         })
+    }
+
+    /// Connects to the first of `addrs` that answers, Happy Eyeballs style (RFC 8305): address
+    /// families interleaved in the resolver's order of preference, a new attempt started every
+    /// [`ATTEMPT_DELAY`] while earlier ones are still pending (and at once when one fails), the first
+    /// established connection wins and the others are dropped. Each attempt has the connect timeout.
+    async fn connect_tcp(&self, addrs: Vec<SocketAddr>) -> Result<TcpStream, String> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+        let timeout = self.cfg.connect_timeout;
+        let attempt = |addr: SocketAddr| async move {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(format!("connect error: {addr}: {e}")),
+                Err(_) => Err(format!(
+                    "connect error: {addr}: timed out after {} ms",
+                    timeout.as_millis()
+                )),
+            }
+        };
+        let mut next = interleave_families(addrs).into_iter().peekable();
+        let mut pending = FuturesUnordered::new();
+        let mut last = String::from("connect error: no address");
+        loop {
+            if pending.is_empty() {
+                match next.next() {
+                    Some(a) => pending.push(attempt(a)),
+                    None => return Err(last),
+                }
+            }
+            let more = next.peek().is_some();
+            tokio::select! {
+                Some(r) = pending.next() => match r {
+                    Ok(s) => return Ok(s),
+                    Err(e) => {
+                        last = e;
+                        if let Some(a) = next.next() {
+                            pending.push(attempt(a));
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {
+                    if let Some(a) = next.next() {
+                        pending.push(attempt(a));
+                    }
+                }
+            }
+        }
     }
 
     /// One request and its response on `conn`. Returns whether the connection may be reused.
@@ -426,12 +525,24 @@ impl Client {
         head.extend_from_slice(b"\r\n");
         headers(head);
         head.extend_from_slice(b"\r\n");
-        write_all2(&mut conn.io, &conn.head, body)
-            .await
-            .map_err(|e| Exchange::Stale(format!("connection error: sending the request: {e}")))?;
-
-        // The response head (1xx heads are skipped).
+        // A server may answer before it has read the whole request (a 413 or 401 after the head) and
+        // close, so the write fails; the answer is then already in our receive buffer and decides the
+        // attempt. Only when nothing can be read is the write error the outcome.
         conn.buf.clear();
+        if let Err(e) = write_all2(&mut conn.io, &conn.head, body).await {
+            let write_error = format!("connection error: sending the request: {e}");
+            return match tokio::time::timeout(EARLY_RESPONSE_BOUND, self.read_head(conn)).await {
+                Ok(Ok(found)) => Ok(found),
+                Ok(Err(Exchange::Stale(_))) | Err(_) => Err(Exchange::Stale(write_error)),
+                Ok(Err(other)) => Err(other),
+            };
+        }
+        self.read_head(conn).await
+    }
+
+    /// Reads the final response head into `conn.buf`, skipping 1xx heads: (status, what it says, its
+    /// length in `conn.buf`).
+    async fn read_head(&self, conn: &mut Conn) -> Result<(u16, Head, usize), Exchange> {
         // After a skipped 1xx head, what is already buffered is parsed before reading more.
         let mut buffered = false;
         // How far the buffer has been searched for the head's end: a head that trickles in is
@@ -671,6 +782,10 @@ async fn read_body(
                 match read_more(io, buf).await {
                     Ok(0) => return (false, None),
                     Ok(_) => {}
+                    // Over TLS, a close without close_notify: for a body that ends at the close this
+                    // is its end (a truncation could only shorten a body that is dropped anyway, and
+                    // the connection is not reused either way).
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return (false, None),
                     Err(e) => {
                         return (
                             false,
@@ -807,31 +922,57 @@ async fn write_all2(io: &mut Stream, a: &[u8], b: &[u8]) -> io::Result<()> {
     io.flush().await
 }
 
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls_platform_verifier::BuilderVerifierExt;
+/// Addresses reordered so that families alternate, starting with the family of the first (RFC 8305
+/// §4): `[v6a, v6b, v4a]` → `[v6a, v4a, v6b]`.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first().map(SocketAddr::is_ipv6) else {
+        return addrs;
+    };
+    let (mut preferred, mut other): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv6() == first);
+    let mut out = Vec::with_capacity(preferred.len() + other.len());
+    preferred.reverse();
+    other.reverse();
+    loop {
+        match (preferred.pop(), other.pop()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Server certificates are checked against the platform's roots plus `extra_roots`.
+fn tls_connector(
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<tokio_rustls::TlsConnector, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(
+        extra_roots.to_vec(),
+        provider.clone(),
+    )
+    .map_err(|e| format!("tls error: setting up the verifier: {e}"))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_platform_verifier())
         .map_err(|e| format!("tls error: setting up the verifier: {e}"))?
+        // "dangerous" only in rustls' naming: the verifier is the platform's, with the extra roots.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-
-    /// An idle connection must have nothing to read: a readable socket means the server closed it (or
-    /// sent something unasked), either way it is not reused.
-    fn idle_and_open(&self) -> bool {
+    /// An idle connection must have nothing to read. The probe is one read attempt through the whole
+    /// stack, TLS included, that must not complete: plaintext the server sent unasked (which would
+    /// otherwise be taken for the next request's response), a close (EOF or close_notify) or an error
+    /// all mean the connection is not reused. TLS records that carry no data, such as a TLS 1.3
+    /// NewSessionTicket, are consumed by rustls and leave the connection healthy.
+    fn idle_and_open(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(self).poll_read(&mut cx, &mut buf).is_pending()
     }
 }
 
@@ -942,7 +1083,7 @@ mod tests {
     }
 
     /// Reads one request (head and content-length body) and returns it.
-    async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    async fn read_request(s: &mut (impl AsyncRead + Unpin)) -> Option<(String, Vec<u8>)> {
         let mut buf = Vec::new();
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -975,11 +1116,11 @@ mod tests {
 
     fn client(max_response_bytes: usize) -> Client {
         Client::new(ClientConfig {
-            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
             connect_timeout: Duration::from_secs(2),
             max_idle_per_host: 4,
             idle_timeout: Duration::from_secs(30),
             max_response_bytes,
+            ..ClientConfig::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]))
         })
     }
 
@@ -1270,13 +1411,7 @@ mod tests {
     #[tokio::test]
     async fn refused_destinations_are_not_connected() {
         let (t, conns) = raw_server(|_, _| async {}).await;
-        let strict = Client::new(ClientConfig {
-            policy: AddressPolicy::new(vec![]),
-            connect_timeout: Duration::from_secs(1),
-            max_idle_per_host: 1,
-            idle_timeout: Duration::from_secs(1),
-            max_response_bytes: 10,
-        });
+        let strict = Client::new(ClientConfig::new(AddressPolicy::new(vec![])));
         assert!(matches!(
             post(&strict, &t, 0).await,
             Err(HttpError::Refused(_))
@@ -1438,5 +1573,393 @@ mod tests {
         assert!(Chunked::default().feed(&mut bad, &mut |_| {}).is_err());
         let mut bad = b"2\r\nabXY".to_vec();
         assert!(Chunked::default().feed(&mut bad, &mut |_| {}).is_err());
+    }
+
+    // ---- pool lifetime, sweeping, keepalive, Happy Eyeballs (defect 10) ----
+
+    /// A server that answers every request with 204 on every connection.
+    async fn server_204() -> (Target, Arc<AtomicUsize>) {
+        raw_server(|_, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                if s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn connections_past_their_lifetime_are_not_reused_and_sweeps_close_idle_ones() {
+        let (t, conns) = server_204().await;
+        let c = Client::new(ClientConfig {
+            max_lifetime: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(250),
+            ..ClientConfig::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]))
+        });
+        // Reused while young and recently used.
+        for _ in 0..3 {
+            assert_eq!(post(&c, &t, 0).await.unwrap().status, 204);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        // Used again 150 ms after its last use (within the idle timeout) but 350 ms after it was
+        // opened (past its lifetime): a new connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(post(&c, &t, 0).await.unwrap().status, 204);
+        assert_eq!(conns.load(Ordering::SeqCst), 2, "lifetime ended reuse");
+        assert_eq!(c.idle_connections(), 1);
+        // Nothing delivered any more: a sweep (no check-in needed) closes it once idle too long.
+        c.sweep();
+        assert_eq!(c.idle_connections(), 1, "still fresh");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.sweep();
+        assert_eq!(c.idle_connections(), 0, "swept");
+    }
+
+    #[tokio::test]
+    async fn tcp_keepalive_is_set_on_new_connections() {
+        let (t, _) = server_204().await;
+        let c = client(0);
+        assert_eq!(post(&c, &t, 0).await.unwrap().status, 204);
+        let conn = c.checkout(&t).unwrap();
+        let Stream::Plain(tcp) = &conn.io else {
+            panic!("plain")
+        };
+        let sock = socket2::SockRef::from(tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn address_families_alternate() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            interleave_families(vec![
+                a("[::1]:1"),
+                a("[::2]:1"),
+                a("[::3]:1"),
+                a("1.0.0.1:1")
+            ]),
+            vec![a("[::1]:1"), a("1.0.0.1:1"), a("[::2]:1"), a("[::3]:1")]
+        );
+        assert_eq!(
+            interleave_families(vec![
+                a("1.0.0.1:1"),
+                a("1.0.0.2:1"),
+                a("[::1]:1"),
+                a("[::2]:1")
+            ]),
+            vec![a("1.0.0.1:1"), a("[::1]:1"), a("1.0.0.2:1"), a("[::2]:1")]
+        );
+        assert!(interleave_families(vec![]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_hanging_address_does_not_wait_for_its_connect_timeout() {
+        // A listener whose accept queue is full: Linux drops further SYNs, so a connect to it hangs.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        sock.listen(0).unwrap();
+        let hanging = sock.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hanging)).await
+            {
+                fillers.push(s);
+            }
+        }
+        let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let c = Client::new(ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            ..ClientConfig::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]))
+        });
+        let started = Instant::now();
+        let s = c.connect_tcp(vec![hanging, good_addr]).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(s.peer_addr().unwrap(), good_addr);
+        assert!(
+            took >= ATTEMPT_DELAY - Duration::from_millis(20) && took < Duration::from_secs(2),
+            "second address tried after the attempt delay, not the 5 s timeout: {took:?}"
+        );
+        // A refused address fails at once and the next is tried immediately.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = closed.local_addr().unwrap();
+        drop(closed);
+        let started = Instant::now();
+        c.connect_tcp(vec![refused, good_addr]).await.unwrap();
+        assert!(started.elapsed() < ATTEMPT_DELAY, "{:?}", started.elapsed());
+        let e = c.connect_tcp(vec![refused]).await.unwrap_err();
+        assert!(e.starts_with("connect error: 127.0.0.1:"), "{e}");
+    }
+
+    // ---- an early answer while the request is still being written (defect 4) ----
+
+    #[tokio::test]
+    async fn an_answer_before_the_request_is_read_decides_the_attempt() {
+        // The server reads only the head, answers 413 and closes with the body unread (so the kernel
+        // resets the connection): writing the 8 MiB body fails, and the 413 must still be the outcome.
+        let (t, _) = raw_server(|_, mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(
+                b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            drop(s);
+        })
+        .await;
+        let c = client(4096);
+        let body = Bytes::from(vec![b'x'; 8 << 20]);
+        let r = c
+            .post(
+                &t,
+                |_| {},
+                &body,
+                0,
+                tokio::time::Instant::now() + Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 413);
+        assert_eq!(c.idle_connections(), 0);
+    }
+
+    // ---- TLS (defects 2 and 6, reuse over TLS) ----
+
+    struct TestCa {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl TestCa {
+        fn new() -> TestCa {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "hookline test CA");
+            let key = rcgen::KeyPair::generate().unwrap();
+            TestCa {
+                issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+            }
+        }
+
+        fn root(&self) -> rustls::pki_types::CertificateDer<'static> {
+            self.issuer.der().clone()
+        }
+
+        fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+            let params = rcgen::CertificateParams::new(
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .unwrap();
+            Arc::new(cfg)
+        }
+    }
+
+    type TlsServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+    /// An HTTPS server on loopback with a certificate for `localhost`, playing `script` per connection.
+    async fn tls_server<F, Fut>(ca: &TestCa, script: F) -> (Target, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, TlsServerStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost"]));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://localhost:{}/p", l.local_addr().unwrap().port());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        let script = Arc::new(script);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (acceptor, c, script) = (acceptor.clone(), c.clone(), script.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(s).await {
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        script(n, tls).await;
+                    }
+                });
+            }
+        });
+        (Target::from_url(&Url::parse(&url).unwrap()).unwrap(), conns)
+    }
+
+    /// A client trusting `ca`; `localhost` resolves to 127.0.0.1, which the policy allows.
+    fn tls_client(ca: &TestCa) -> Client {
+        Client::new(ClientConfig {
+            extra_roots: vec![ca.root()],
+            ..ClientConfig::new(AddressPolicy::new(vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap(),
+            ]))
+        })
+    }
+
+    #[tokio::test]
+    async fn tls_connections_are_reused_across_key_updates() {
+        // After each response the server also sends a TLS record that carries no data (a KeyUpdate,
+        // like a NewSessionTicket): the raw socket is readable, but the connection is healthy. The
+        // probe goes through rustls, which consumes the record, so the connection is reused.
+        let ca = TestCa::new();
+        let (t, conns) = tls_server(&ca, |_, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+                s.flush().await.unwrap();
+                // Separately, once the client has read the response.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                s.get_mut().1.refresh_traffic_keys().unwrap();
+                s.flush().await.unwrap();
+            }
+        })
+        .await;
+        let c = tls_client(&ca);
+        for _ in 0..5 {
+            assert_eq!(post(&c, &t, 0).await.unwrap().status, 204);
+            // Let the KeyUpdate arrive before the next checkout.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "one TLS connection");
+    }
+
+    #[tokio::test]
+    async fn plaintext_left_inside_tls_is_never_read_as_the_next_response() {
+        // The server's response is exactly READ_CHUNK bytes (what the client's first read takes), and
+        // the same TLS record carries a second, unasked response. After the first read, those bytes
+        // sit decrypted inside rustls — not in the client's buffer, not on the socket.
+        let ca = TestCa::new();
+        let (t, conns) = tls_server(&ca, |_, mut s| async move {
+            let prefix = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-pad: ";
+            let pad = READ_CHUNK - prefix.len() - "\r\n\r\nok".len();
+            let mut first = format!("{prefix}{}\r\n\r\nok", "p".repeat(pad)).into_bytes();
+            assert_eq!(first.len(), READ_CHUNK);
+            first.extend_from_slice(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n",
+            );
+            while read_request(&mut s).await.is_some() {
+                s.write_all(&first).await.unwrap();
+                s.flush().await.unwrap();
+            }
+        })
+        .await;
+        let c = tls_client(&ca);
+        for _ in 0..3 {
+            let r = post(&c, &t, 0).await.unwrap();
+            assert_eq!(r.status, 200, "the stray 500 was read as a response");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3, "each connection dropped");
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_answer_keeps_its_status_with_or_without_close_notify() {
+        let ca = TestCa::new();
+        let (t, _) = tls_server(&ca, |n, mut s| async move {
+            read_request(&mut s).await.unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 7\r\n\r\nbusy")
+                .await
+                .unwrap();
+            s.flush().await.unwrap();
+            if n == 0 {
+                // A clean close: close_notify, then FIN.
+                s.shutdown().await.unwrap();
+            } else {
+                // A raw close: FIN without close_notify.
+                let (tcp, _) = s.into_inner();
+                let mut tcp = tcp;
+                tcp.shutdown().await.unwrap();
+            }
+        })
+        .await;
+        let c = tls_client(&ca);
+        for what in ["close_notify", "raw EOF"] {
+            let r = post(&c, &t, 16).await.unwrap();
+            assert_eq!(r.status, 503, "{what}");
+            assert_eq!(r.retry_after.as_deref(), Some("7"), "{what}");
+            assert_eq!(r.excerpt, b"busy", "{what}");
+            assert!(r.body_error.is_none(), "{what}: {:?}", r.body_error);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_raw_close_inside_a_length_framed_tls_body_is_a_body_error() {
+        let ca = TestCa::new();
+        let (t, _) = tls_server(&ca, |_, mut s| async move {
+            read_request(&mut s).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+                .await
+                .unwrap();
+            s.flush().await.unwrap();
+            let (mut tcp, _) = s.into_inner();
+            tcp.shutdown().await.unwrap();
+        })
+        .await;
+        let r = post(&tls_client(&ca), &t, 0).await.unwrap();
+        assert_eq!(r.status, 200, "the status decides");
+        assert!(r.body_error.is_some(), "truncated body noticed");
+    }
+
+    #[tokio::test]
+    async fn server_certificates_are_verified() {
+        let ca = TestCa::new();
+        let (t, _) = tls_server(&ca, |_, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        // Trusted CA, right name.
+        assert_eq!(post(&tls_client(&ca), &t, 0).await.unwrap().status, 204);
+        // Unknown CA (only the platform roots).
+        let c = Client::new(ClientConfig::new(AddressPolicy::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ])));
+        let e = post(&c, &t, 0).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls error:") && e.contains("UnknownIssuer"),
+            "{e}"
+        );
+        // Right CA, wrong name: the certificate is for localhost, the URL says 127.0.0.1.
+        let by_ip =
+            Target::from_url(&Url::parse(&format!("https://127.0.0.1:{}/p", t.port)).unwrap())
+                .unwrap();
+        let e = post(&tls_client(&ca), &by_ip, 0)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("tls error:") && e.contains("not valid for name"),
+            "{e}"
+        );
     }
 }

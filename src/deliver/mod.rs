@@ -49,15 +49,36 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(cfg: &DeliveryConfig, policy: AddressPolicy) -> Deliverer {
+    /// `extra_roots`: CA certificates trusted beside the platform's (`Config::extra_roots`).
+    pub fn new(
+        cfg: &DeliveryConfig,
+        policy: AddressPolicy,
+        extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Deliverer {
         Deliverer {
             client: self::http::Client::new(self::http::ClientConfig {
                 policy,
                 connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
                 max_idle_per_host: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout,
+                max_lifetime: cfg.pool_max_lifetime,
+                tcp_keepalive: (!cfg.tcp_keepalive.is_zero()).then_some(cfg.tcp_keepalive),
                 max_response_bytes: cfg.max_response_bytes,
+                extra_roots,
             }),
+        }
+    }
+
+    /// Closes expired idle connections every little while until `stop` (see
+    /// [`http::Client::sweep`]).
+    pub async fn sweep_idle_connections(&self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.client.sweep_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.client.sweep(),
+            }
         }
     }
 
