@@ -20,6 +20,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub mod tls;
+
 /// An HTTP client for talking to hookline's admin server.
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -615,6 +617,17 @@ impl Receiver {
         ip: &str,
         behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static,
     ) -> Receiver {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Self::serve(listener, addr, behaviour)
+    }
+
+    /// A receiver serving whatever connections `listener` accepts (plain TCP, or TLS: [`tls`]).
+    fn serve(
+        listener: impl axum::serve::Listener<Addr = SocketAddr>,
+        addr: SocketAddr,
+        behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    ) -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let behaviour: Arc<Mutex<Behaviour>> = Arc::new(Mutex::new(Arc::new(behaviour)));
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -624,8 +637,6 @@ impl Receiver {
             release: rx,
         };
         let app = axum::Router::new().fallback(handle).with_state(state);
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
