@@ -69,6 +69,12 @@ pub enum SubscriptionsCommand {
         event_types: Vec<String>,
         #[arg(long)]
         tenant: Option<String>,
+        /// PEM file of the client certificate (chain) for mutual TLS; needs --tls-client-key.
+        #[arg(long, requires = "tls_client_key")]
+        tls_client_cert: Option<PathBuf>,
+        /// PEM file of the client certificate's private key.
+        #[arg(long, requires = "tls_client_cert")]
+        tls_client_key: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArgs,
     },

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 use crate::cli::SubscriptionsCommand;
 use crate::clock::now_ms;
@@ -100,6 +101,8 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             url,
             event_types,
             tenant,
+            tls_client_cert,
+            tls_client_key,
             ..
         } => {
             let mut spec = SubscriptionSpec::new(
@@ -109,6 +112,16 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
                 now_ms(),
             );
             spec.tenant = tenant;
+            let read = |flag: &str, p: &Option<PathBuf>| -> Result<Option<String>, RunError> {
+                p.as_ref()
+                    .map(|p| {
+                        std::fs::read_to_string(p)
+                            .map_err(|e| RunError::Runtime(format!("{flag} {}: {e}", p.display())))
+                    })
+                    .transpose()
+            };
+            spec.tls_client_cert = read("--tls-client-cert", &tls_client_cert)?;
+            spec.tls_client_key = read("--tls-client-key", &tls_client_key)?;
             check(&spec, &defaults)?;
             store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "id: {}\nsecret: {}", spec.id, spec.secrets[0]);

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub endpoints: Family<StateLabel, Gauge>,
     pub concurrency_limit_sum: Gauge,
     pub endpoints_adapted_below_max: Gauge,
+    pub tls_client_certs_expiring: Gauge,
     pub subscriptions_cached: Gauge,
     pub subscription_cache_age_seconds: Gauge<f64, AtomicU64>,
     attempts_by_result: Vec<Counter>,
@@ -210,6 +211,12 @@ impl Metrics {
             "hookline_endpoints_adapted_below_max",
             "Endpoints whose adaptive concurrency limit is below their max_in_flight (they answer slower or fail under more)",
             endpoints_adapted_below_max.clone(),
+        );
+        let tls_client_certs_expiring = Gauge::default();
+        r.register(
+            "hookline_tls_client_certs_expiring",
+            "Cached subscriptions whose mutual-TLS client certificate expires within 14 days (or has expired)",
+            tls_client_certs_expiring.clone(),
         );
         let subscriptions_cached = Gauge::default();
         r.register(
@@ -358,6 +365,7 @@ impl Metrics {
             endpoints,
             concurrency_limit_sum,
             endpoints_adapted_below_max,
+            tls_client_certs_expiring,
             subscriptions_cached,
             subscription_cache_age_seconds,
             attempts_by_result,

@@ -97,6 +97,13 @@ pub struct SubscriptionSpec {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Client certificate chain (PEM) for mutual TLS; with `tls_client_key`. Write-only in the API
+    /// (which shows `tls_client_cert_expires_at`), redacted in debug output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_cert: Option<String>,
+    /// The private key (PEM) of `tls_client_cert`; kept like a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +138,8 @@ impl SubscriptionSpec {
             adaptive_concurrency: true,
             timeout_ms: None,
             headers: BTreeMap::new(),
+            tls_client_cert: None,
+            tls_client_key: None,
             created_at: Some(now.clone()),
             updated_at: Some(now),
         }
@@ -200,6 +209,14 @@ impl std::fmt::Debug for SubscriptionSpec {
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("timeout_ms", &self.timeout_ms)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "tls_client_cert",
+                &self.tls_client_cert.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "tls_client_key",
+                &self.tls_client_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

@@ -57,6 +57,11 @@ fn spec(i: u32) -> SubscriptionSpec {
         } else {
             BTreeMap::new()
         },
+        // Stores keep the PEM text as given (prepare checks it, not the store).
+        tls_client_cert: (i % 4 == 1)
+            .then(|| format!("-----BEGIN CERTIFICATE-----\ncert-{i}\n-----END CERTIFICATE-----\n")),
+        tls_client_key: (i % 4 == 1)
+            .then(|| format!("-----BEGIN PRIVATE KEY-----\nkey-{i}\n-----END PRIVATE KEY-----\n")),
         created_at: Some(rfc3339_ms(t)),
         updated_at: Some(rfc3339_ms(t + u64::from(i))),
     }
@@ -305,8 +310,8 @@ async fn scylla_adapter_conforms_against_the_cql_test_server() {
     };
     let n = migrate(&cfg).await.unwrap();
     assert_eq!(
-        n, 5,
-        "schema statements (CREATE KEYSPACE, 3 tables, 1 column added later)"
+        n, 7,
+        "schema statements (CREATE KEYSPACE, 3 tables, 3 columns added later)"
     );
     // Idempotent.
     migrate(&cfg).await.unwrap();

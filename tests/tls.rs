@@ -175,3 +175,126 @@ async fn certificate_failures_are_attempt_failures_that_go_to_the_retry_tier() {
         3.0
     );
 }
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Must show 2: a receiver that requires client certificates accepts the one a subscription was given
+/// through the API, and refuses a subscription without one; the certificate and key are never shown
+/// or logged, their expiry is, and one expiring within 14 days is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_client_certificates_set_through_the_api() {
+    let mut env = SqliteEnv::new(1);
+    let server_ca = TestCa::new("server CA");
+    let client_ca = TestCa::new("client CA");
+    let ca_file = env.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, server_ca.pem()).unwrap();
+    env.cfg.push_str(&format!(
+        "[delivery.tls]\nextra_ca_file = \"{}\"\n",
+        ca_file.display()
+    ));
+    let (recv, stats) = Receiver::start_tls(
+        server_ca.server_config(&server_ca.issue(&["localhost"], None), Some(&client_ca)),
+        |_| Reply::Status(204),
+    )
+    .await;
+    let h = env.hookline(TOKEN).await;
+    let api = Api::new(&h, TOKEN);
+    let url = recv.https_url("localhost");
+
+    // A client certificate expiring in 10 days.
+    let client = client_ca.issue(&["hookline-client"], Some(common::tls::date_in_days(10)));
+    let (code, created) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "event_types": ["m.with"], "tls_client_cert": client.cert_pem,
+                   "tls_client_key": client.key_pem}),
+        )
+        .await;
+    assert_eq!(code, 201, "{created}");
+    let with_id = created["id"].as_str().unwrap().to_string();
+    let (code, without) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "event_types": ["m.without"]}),
+        )
+        .await;
+    assert_eq!(code, 201, "{without}");
+    let without_id = without["id"].as_str().unwrap().to_string();
+
+    // Write-only: neither the certificate nor the key is ever returned; the expiry is.
+    let (_, shown) = api.get(&format!("/v1/subscriptions/{with_id}")).await;
+    let text = shown.to_string();
+    assert!(
+        !text.contains("BEGIN") && shown.get("tls_client_key").is_none(),
+        "{text}"
+    );
+    let expires = shown["tls_client_cert_expires_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (y, m, d) = common::tls::date_in_days(10);
+    assert!(
+        expires.starts_with(&format!("{y:04}-{m:02}-{d:02}")),
+        "{expires}"
+    );
+    assert!(without["tls_client_cert_expires_at"].is_null());
+    // A key that does not belong to the certificate is refused, naming the field.
+    let other = client_ca.issue(&["other"], None);
+    let (code, err) = api
+        .patch(
+            &format!("/v1/subscriptions/{with_id}"),
+            json!({"tls_client_key": other.key_pem}),
+        )
+        .await;
+    assert_eq!(code, 422, "{err}");
+    assert!(err.to_string().contains("tls_client_key"), "{err}");
+
+    // Give the cache a moment to hold both (the API writes through this instance's cache).
+    env.broker
+        .produce(
+            &env.topic,
+            &[
+                Record::json(0, plain_event(1, "m.with", None)),
+                Record::json(0, plain_event(2, "m.without", None)),
+            ],
+        )
+        .await;
+    recv.wait_acked(&ids(1..2), Duration::from_secs(30)).await;
+    // The subscription without a certificate is refused by the server (its attempts fail and go to
+    // the tiers); nothing of it reaches the receiver.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.failures().is_empty() {
+        assert!(Instant::now() < deadline, "no refused handshake");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("server refused: {:?}", stats.failures());
+    assert!(stats.client_certs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(recv.received().iter().all(|r| r.webhook_id == "evt-00001"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, health) = api
+            .get(&format!("/v1/subscriptions/{without_id}/health"))
+            .await;
+        if health["consecutive_failures"].as_u64().unwrap_or(0) >= 1 {
+            assert!(health["tls_client_cert"].is_null(), "{health}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Expiring within 14 days: the health API and the metric say so.
+    let (_, health) = api
+        .get(&format!("/v1/subscriptions/{with_id}/health"))
+        .await;
+    assert_eq!(health["tls_client_cert"]["expiring"], true, "{health}");
+    assert_eq!(health["tls_client_cert"]["expires_at"], expires.as_str());
+    assert_eq!(h.metric("hookline_tls_client_certs_expiring").await, 1.0);
+    let log = h.log();
+    let key_body = client.key_pem.lines().nth(1).unwrap();
+    let cert_body = client.cert_pem.lines().nth(1).unwrap();
+    assert!(
+        !log.contains(key_body) && !log.contains(cert_body),
+        "key or certificate in the log"
+    );
+}

@@ -350,6 +350,11 @@ fn apply(
             }
             "timeout_ms" if null => spec.timeout_ms = None,
             "timeout_ms" => spec.timeout_ms = Some(want_uint(&v, f, u64::MAX >> 1)?),
+            // Write-only: set (both, checked together by prepare) or cleared with null.
+            "tls_client_cert" if null => spec.tls_client_cert = None,
+            "tls_client_cert" => spec.tls_client_cert = Some(want_string(v, f)?),
+            "tls_client_key" if null => spec.tls_client_key = None,
+            "tls_client_key" => spec.tls_client_key = Some(want_string(v, f)?),
             "headers" if null => spec.headers.clear(),
             "headers" => match v {
                 Value::Object(m) => {
@@ -367,7 +372,12 @@ fn apply(
                     ));
                 }
             },
-            "id" | "created_at" | "updated_at" | "retired_secrets" | "secret_count" => {
+            "id"
+            | "created_at"
+            | "updated_at"
+            | "retired_secrets"
+            | "secret_count"
+            | "tls_client_cert_expires_at" => {
                 return Err(ApiError::bad(f, "is read-only"));
             }
             _ => return Err(ApiError::bad(f, "unknown field")),
@@ -417,6 +427,17 @@ impl ApiState {
     }
 }
 
+/// `notAfter` (unix seconds) of a spec's client certificate.
+fn cert_expiry(spec: &SubscriptionSpec) -> Option<i64> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = spec.tls_client_cert.as_deref()?;
+    let leaf = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    crate::deliver::identity::not_after(&leaf)
+}
+
 /// A subscription as the API shows it: everything but the secrets.
 fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
     let now = now_ms();
@@ -441,6 +462,8 @@ fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
         "headers": spec.headers,
         "secret_count": spec.secrets.len(),
         "retired_secrets": retired,
+        // The certificate and key are never shown; when the certificate expires is.
+        "tls_client_cert_expires_at": cert_expiry(spec).map(|s| rfc3339_ms(s.max(0) as u64 * 1000)),
         "created_at": spec.created_at,
         "updated_at": spec.updated_at,
     });
@@ -707,6 +730,11 @@ async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult 
             },
             "consecutive_failures": consecutive,
             "recent_attempts": recent,
+            // Mutual TLS: when the client certificate expires, and whether that is within 14 days.
+            "tls_client_cert": cert_expiry(&spec).map(|t| json!({
+                "expires_at": rfc3339_ms(t.max(0) as u64 * 1000),
+                "expiring": t - (now_ms() / 1000) as i64 <= crate::deliver::identity::EXPIRY_WARNING_SECS,
+            })),
         }),
     ))
 }

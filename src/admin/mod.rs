@@ -143,8 +143,17 @@ fn refresh_scrape_gauges(s: &AdminState) {
     m.subscription_cache_age_seconds.set(s.cache.age_seconds());
     // Breaker states: open → half-open happens by the clock.
     let mut counts = [0i64; 3];
-    let (mut limit_sum, mut below) = (0i64, 0i64);
+    let (mut limit_sum, mut below, mut expiring) = (0i64, 0i64, 0i64);
+    let now_s = (crate::clock::now_ms() / 1000) as i64;
     for sub in s.cache.index().subscriptions() {
+        if sub
+            .recipient
+            .target
+            .identity()
+            .is_some_and(|id| id.expiring(now_s))
+        {
+            expiring += 1;
+        }
         counts[sub.endpoint.state() as usize] += 1;
         let (limit, _) = sub.endpoint.effective();
         limit_sum += i64::from(limit);
@@ -154,6 +163,7 @@ fn refresh_scrape_gauges(s: &AdminState) {
     }
     m.concurrency_limit_sum.set(limit_sum);
     m.endpoints_adapted_below_max.set(below);
+    m.tls_client_certs_expiring.set(expiring);
     for (state, n) in [
         BreakerState::Closed,
         BreakerState::Open,

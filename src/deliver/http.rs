@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use url::Url;
 
+use super::identity::ClientIdentity;
 use super::policy::AddressPolicy;
 
 /// Happy Eyeballs' connection attempt delay (RFC 8305 §5 recommends 250 ms).
@@ -55,8 +56,10 @@ pub struct Target {
     host_header: Box<str>,
     /// Request target: path and query.
     path: Box<str>,
-    /// Pool key: scheme, host and port.
+    /// Pool key: scheme, host and port (and the client certificate's fingerprint).
     key: Box<str>,
+    /// The client certificate presented when the server asks (mutual TLS).
+    identity: Option<Arc<ClientIdentity>>,
 }
 
 impl Target {
@@ -100,7 +103,21 @@ impl Target {
             ip,
             host_header: host_header.into(),
             path: path.into(),
+            identity: None,
         })
+    }
+
+    /// The same target, presenting `identity` to the server. Its connections are pooled apart from
+    /// those of other identities (and of none) to the same host.
+    pub fn with_identity(mut self, identity: Arc<ClientIdentity>) -> Target {
+        self.key = format!("{}#{}", self.key, identity.fingerprint).into();
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The client certificate's identity, if any.
+    pub fn identity(&self) -> Option<&ClientIdentity> {
+        self.identity.as_deref()
     }
 }
 
@@ -170,7 +187,7 @@ impl ClientConfig {
 
 pub struct Client {
     cfg: ClientConfig,
-    tls: OnceLock<Result<tokio_rustls::TlsConnector, String>>,
+    tls: OnceLock<Result<TlsSetup, String>>,
     pool: Mutex<Pool>,
 }
 
@@ -387,9 +404,11 @@ impl Client {
         let io = if target.tls {
             let connector = self
                 .tls
-                .get_or_init(|| tls_connector(&self.cfg.extra_roots))
+                .get_or_init(|| TlsSetup::new(&self.cfg.extra_roots))
                 .as_ref()
-                .map_err(|e| HttpError::Failed(e.clone()))?;
+                .map_err(|e| HttpError::Failed(e.clone()))?
+                .connector(target.identity())
+                .map_err(HttpError::Failed)?;
             let name = rustls::pki_types::ServerName::try_from(target.host.to_string())
                 .map_err(|e| HttpError::Failed(format!("tls error: server name: {e}")))?;
             let tls = tokio::time::timeout(self.cfg.connect_timeout, connector.connect(name, tcp))
@@ -941,25 +960,77 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
-/// Server certificates are checked against the platform's roots plus `extra_roots`.
-fn tls_connector(
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<tokio_rustls::TlsConnector, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(
-        extra_roots.to_vec(),
-        provider.clone(),
-    )
-    .map_err(|e| format!("tls error: setting up the verifier: {e}"))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls error: setting up the verifier: {e}"))?
-        // "dangerous" only in rustls' naming: the verifier is the platform's, with the extra roots.
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+/// TLS client configurations: one verifier (the platform's roots plus `extra_roots`, loaded once),
+/// the connector without a client certificate, and one connector per client identity (made at its
+/// first connection; a fingerprint names it, so key material is not duplicated per connection).
+struct TlsSetup {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<rustls_platform_verifier::Verifier>,
+    anonymous: tokio_rustls::TlsConnector,
+    with_identity: Mutex<HashMap<Box<str>, tokio_rustls::TlsConnector>>,
+}
+
+/// Connectors kept for client identities; beyond this (certificates rotated many times over), the
+/// cache starts again.
+const MAX_IDENTITY_CONNECTORS: usize = 4096;
+
+impl TlsSetup {
+    fn new(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> Result<TlsSetup, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(
+            rustls_platform_verifier::Verifier::new_with_extra_roots(
+                extra_roots.to_vec(),
+                provider.clone(),
+            )
+            .map_err(|e| format!("tls error: setting up the verifier: {e}"))?,
+        );
+        Ok(TlsSetup {
+            anonymous: Self::build(&provider, &verifier, None)?,
+            provider,
+            verifier,
+            with_identity: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn build(
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+        verifier: &Arc<rustls_platform_verifier::Verifier>,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<tokio_rustls::TlsConnector, String> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls error: setting up the verifier: {e}"))?
+            // "dangerous" only in rustls' naming: the verifier is the platform's, with the extra roots.
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone());
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some(id) => builder
+                .with_client_auth_cert(id.chain.clone(), id.key())
+                .map_err(|e| format!("tls error: client certificate: {e}"))?,
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
+
+    fn connector(
+        &self,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<tokio_rustls::TlsConnector, String> {
+        let Some(id) = identity else {
+            return Ok(self.anonymous.clone());
+        };
+        let mut map = self.with_identity.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&id.fingerprint) {
+            return Ok(c.clone());
+        }
+        if map.len() >= MAX_IDENTITY_CONNECTORS {
+            map.clear();
+        }
+        let c = Self::build(&self.provider, &self.verifier, Some(id))?;
+        map.insert(id.fingerprint.clone(), c.clone());
+        Ok(c)
+    }
 }
 
 impl Stream {

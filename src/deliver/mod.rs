@@ -9,6 +9,7 @@ pub mod adaptive;
 pub mod breaker;
 pub mod endpoint;
 pub mod http;
+pub mod identity;
 pub mod outcome;
 pub mod policy;
 pub mod share;

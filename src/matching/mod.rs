@@ -181,6 +181,8 @@ mod tests {
             adaptive_concurrency: true,
             timeout_ms: None,
             headers: Default::default(),
+            tls_client_cert: None,
+            tls_client_key: None,
             created_at: None,
             updated_at: None,
         };

@@ -19,6 +19,7 @@ use crate::deliver::Recipient;
 use crate::deliver::breaker::BreakerConfig;
 use crate::deliver::endpoint::{Endpoint, EndpointLimits};
 use crate::deliver::http::Target;
+use crate::deliver::identity::ClientIdentity;
 use crate::deliver::share::GroupShare;
 use crate::model::{Pattern, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms};
 
@@ -182,7 +183,33 @@ impl Subscription {
             v.set_sensitive(true);
             headers.insert(n, v);
         }
-        let target = Target::from_url(&url).map_err(|m| SpecError::new("url", m))?;
+        let mut target = Target::from_url(&url).map_err(|m| SpecError::new("url", m))?;
+        let identity = match (&spec.tls_client_cert, &spec.tls_client_key) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(SpecError::new(
+                    "tls_client_key",
+                    "is required with tls_client_cert",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SpecError::new(
+                    "tls_client_cert",
+                    "is required with tls_client_key",
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                if url.scheme() != "https" {
+                    return Err(SpecError::new("tls_client_cert", "needs an https url"));
+                }
+                Some(Arc::new(
+                    ClientIdentity::from_pem(cert, key).map_err(|(f, m)| SpecError::new(f, m))?,
+                ))
+            }
+        };
+        if let Some(id) = &identity {
+            target = target.with_identity(id.clone());
+        }
         Ok(Subscription {
             id: spec.id,
             id_str: spec.id.to_string().into(),
@@ -266,6 +293,29 @@ mod tests {
                 "headers.bad header",
             ),
             (Box::new(|s| s.tenant = Some(String::new())), "tenant"),
+            (
+                Box::new(|s| s.tls_client_cert = Some("x".into())),
+                "tls_client_key",
+            ),
+            (
+                Box::new(|s| s.tls_client_key = Some("x".into())),
+                "tls_client_cert",
+            ),
+            (
+                Box::new(|s| {
+                    s.tls_client_cert = Some("x".into());
+                    s.tls_client_key = Some("x".into());
+                }),
+                "tls_client_cert",
+            ),
+            (
+                Box::new(|s| {
+                    s.url = "https://127.0.0.1:9/x".into();
+                    s.tls_client_cert = Some("x".into());
+                    s.tls_client_key = Some("x".into());
+                }),
+                "tls_client_cert",
+            ),
         ];
         for (mutate, field) in cases {
             let mut s = spec();
@@ -280,5 +330,10 @@ mod tests {
         let s = Subscription::prepare(spec(), &Defaults::default()).unwrap();
         let dbg = format!("{:?}", s);
         assert!(!dbg.contains("MfKQ9r8"), "{dbg}");
+        let mut with_cert = spec();
+        with_cert.tls_client_cert = Some("CERT-PEM-TEXT".into());
+        with_cert.tls_client_key = Some("KEY-PEM-TEXT".into());
+        let dbg = format!("{with_cert:?}");
+        assert!(!dbg.contains("PEM-TEXT"), "{dbg}");
     }
 }

@@ -20,6 +20,7 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
+use scylla::{DeserializeRow, SerializeRow};
 use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
@@ -32,28 +33,57 @@ pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
 
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
-    adaptive_concurrency";
+    adaptive_concurrency, tls_client_cert, tls_client_key";
 const ATTEMPT_COLUMNS: &str =
     "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
 
-type SpecRow = (
-    Uuid,
-    Option<String>,
-    Option<String>,
-    Option<Vec<String>>,
-    Option<String>,
-    Option<Vec<String>>,
-    Option<String>,
-    Option<bool>,
-    Option<i32>,
-    Option<i32>,
-    Option<i32>,
-    Option<i64>,
-    Option<BTreeMap<String, String>>,
-    Option<CqlTimestamp>,
-    Option<CqlTimestamp>,
-    Option<bool>,
-);
+/// A `subscriptions` row as read (columns by name; every column but the key may be null).
+#[derive(DeserializeRow)]
+#[scylla(crate = scylla)]
+struct SpecRow {
+    id: Uuid,
+    tenant: Option<String>,
+    url: Option<String>,
+    event_types: Option<Vec<String>>,
+    filter: Option<String>,
+    secrets: Option<Vec<String>>,
+    retired_secrets: Option<String>,
+    enabled: Option<bool>,
+    rate_limit_per_sec: Option<i32>,
+    burst: Option<i32>,
+    max_in_flight: Option<i32>,
+    timeout_ms: Option<i64>,
+    headers: Option<BTreeMap<String, String>>,
+    created_at: Option<CqlTimestamp>,
+    updated_at: Option<CqlTimestamp>,
+    adaptive_concurrency: Option<bool>,
+    tls_client_cert: Option<String>,
+    tls_client_key: Option<String>,
+}
+
+/// A `subscriptions` row as written (bound by column name).
+#[derive(SerializeRow)]
+#[scylla(crate = scylla)]
+struct SpecValues<'a> {
+    id: Uuid,
+    tenant: Option<&'a str>,
+    url: &'a str,
+    event_types: &'a [String],
+    filter: Option<String>,
+    secrets: &'a [String],
+    retired_secrets: Option<String>,
+    enabled: bool,
+    rate_limit_per_sec: Option<i32>,
+    burst: Option<i32>,
+    max_in_flight: Option<i32>,
+    timeout_ms: Option<i64>,
+    headers: &'a BTreeMap<String, String>,
+    created_at: Option<CqlTimestamp>,
+    updated_at: Option<CqlTimestamp>,
+    adaptive_concurrency: bool,
+    tls_client_cert: Option<&'a str>,
+    tls_client_key: Option<&'a str>,
+}
 
 type AttemptRow = (
     CqlTimestamp,
@@ -152,7 +182,7 @@ impl ScyllaStore {
             list,
             get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
             put: prep(format!(
-                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             delete: prep("DELETE FROM subscriptions WHERE id = ?".into()).await?,
@@ -217,36 +247,38 @@ fn ts(s: &Option<String>, field: &str, id: Uuid) -> Result<Option<CqlTimestamp>,
 }
 
 fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
-    let id = r.0;
+    let id = r.id;
     let invalid = |field: &str, e: serde_json::Error| StoreError::Invalid {
         at: format!("subscription {id}.{field}"),
         message: e.to_string(),
     };
-    let filter = match r.4 {
+    let filter = match r.filter {
         Some(f) => Some(serde_json::from_str(&f).map_err(|e| invalid("filter", e))?),
         None => None,
     };
-    let retired: Vec<RetiredSecret> = match r.6 {
+    let retired: Vec<RetiredSecret> = match r.retired_secrets {
         Some(s) => serde_json::from_str(&s).map_err(|e| invalid("retired_secrets", e))?,
         None => Vec::new(),
     };
     Ok(SubscriptionSpec {
         id,
-        tenant: r.1,
-        url: r.2.unwrap_or_default(),
-        event_types: r.3.unwrap_or_default(),
+        tenant: r.tenant,
+        url: r.url.unwrap_or_default(),
+        event_types: r.event_types.unwrap_or_default(),
         filter,
-        secrets: r.5.unwrap_or_default(),
+        secrets: r.secrets.unwrap_or_default(),
         retired_secrets: retired,
-        enabled: r.7.unwrap_or(false),
-        rate_limit_per_sec: r.8.map(|v| v.max(0) as u32),
-        burst: r.9.map(|v| v.max(0) as u32),
-        max_in_flight: r.10.map(|v| v.max(0) as u32),
-        timeout_ms: r.11.map(|v| v.max(0) as u64),
-        headers: r.12.unwrap_or_default(),
-        created_at: r.13.map(|t| rfc3339_ms(t.0.max(0) as u64)),
-        updated_at: r.14.map(|t| rfc3339_ms(t.0.max(0) as u64)),
-        adaptive_concurrency: r.15.unwrap_or(true),
+        enabled: r.enabled.unwrap_or(false),
+        rate_limit_per_sec: r.rate_limit_per_sec.map(|v| v.max(0) as u32),
+        burst: r.burst.map(|v| v.max(0) as u32),
+        max_in_flight: r.max_in_flight.map(|v| v.max(0) as u32),
+        timeout_ms: r.timeout_ms.map(|v| v.max(0) as u64),
+        headers: r.headers.unwrap_or_default(),
+        created_at: r.created_at.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+        updated_at: r.updated_at.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+        adaptive_concurrency: r.adaptive_concurrency.unwrap_or(true),
+        tls_client_cert: r.tls_client_cert,
+        tls_client_key: r.tls_client_key,
     })
 }
 
@@ -333,24 +365,26 @@ impl Store for ScyllaStore {
         } else {
             Some(serde_json::to_string(&s.retired_secrets).unwrap_or_default())
         };
-        let values = (
-            s.id,
-            s.tenant.as_deref(),
-            s.url.as_str(),
-            &s.event_types,
+        let values = SpecValues {
+            id: s.id,
+            tenant: s.tenant.as_deref(),
+            url: s.url.as_str(),
+            event_types: &s.event_types,
             filter,
-            &s.secrets,
-            retired,
-            s.enabled,
-            i32_of(s.rate_limit_per_sec),
-            i32_of(s.burst),
-            i32_of(s.max_in_flight),
-            s.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64),
-            &s.headers,
-            ts(&s.created_at, "created_at", s.id)?,
-            ts(&s.updated_at, "updated_at", s.id)?,
-            s.adaptive_concurrency,
-        );
+            secrets: &s.secrets,
+            retired_secrets: retired,
+            enabled: s.enabled,
+            rate_limit_per_sec: i32_of(s.rate_limit_per_sec),
+            burst: i32_of(s.burst),
+            max_in_flight: i32_of(s.max_in_flight),
+            timeout_ms: s.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64),
+            headers: &s.headers,
+            created_at: ts(&s.created_at, "created_at", s.id)?,
+            updated_at: ts(&s.updated_at, "updated_at", s.id)?,
+            adaptive_concurrency: s.adaptive_concurrency,
+            tls_client_cert: s.tls_client_cert.as_deref(),
+            tls_client_key: s.tls_client_key.as_deref(),
+        };
         self.session
             .execute_unpaged(&self.st.put, values)
             .await

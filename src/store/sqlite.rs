@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     headers TEXT NOT NULL DEFAULT '{}',
     created_at TEXT,
     updated_at TEXT,
-    adaptive_concurrency INTEGER NOT NULL DEFAULT 1
+    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,
+    tls_client_cert TEXT,
+    tls_client_key TEXT
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY,
@@ -59,10 +61,20 @@ INSERT OR IGNORE INTO revision (id, value) VALUES (0, 0);
 
 /// Columns added after the first release, for files created by an earlier version
 /// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is).
-const ADDED_COLUMNS: &[(&str, &str)] = &[(
-    "adaptive_concurrency",
-    "ALTER TABLE subscriptions ADD COLUMN adaptive_concurrency INTEGER NOT NULL DEFAULT 1",
-)];
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    (
+        "adaptive_concurrency",
+        "ALTER TABLE subscriptions ADD COLUMN adaptive_concurrency INTEGER NOT NULL DEFAULT 1",
+    ),
+    (
+        "tls_client_cert",
+        "ALTER TABLE subscriptions ADD COLUMN tls_client_cert TEXT",
+    ),
+    (
+        "tls_client_key",
+        "ALTER TABLE subscriptions ADD COLUMN tls_client_key TEXT",
+    ),
+];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
     let mut st = c.prepare("SELECT name FROM pragma_table_info('subscriptions')")?;
@@ -77,7 +89,7 @@ fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
 
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
-    adaptive_concurrency";
+    adaptive_concurrency, tls_client_cert, tls_client_key";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -196,6 +208,8 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         created_at: r.get(13).map_err(get)?,
         updated_at: r.get(14).map_err(get)?,
         adaptive_concurrency: r.get(15).map_err(get)?,
+        tls_client_cert: r.get(16).map_err(get)?,
+        tls_client_key: r.get(17).map_err(get)?,
     })
 }
 
@@ -286,7 +300,7 @@ impl Store for SqliteStore {
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
                 ),
                 params![
                     s.id.to_string(),
@@ -305,6 +319,8 @@ impl Store for SqliteStore {
                     s.created_at,
                     s.updated_at,
                     s.adaptive_concurrency,
+                    s.tls_client_cert,
+                    s.tls_client_key,
                 ],
             )
             .map_err(StoreError::unavailable)?;
@@ -470,7 +486,10 @@ mod tests {
         {
             // The subscriptions table as the first release created it.
             let c = Connection::open(&path).unwrap();
-            let old = SCHEMA.replace(",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1", "");
+            let old = SCHEMA.replace(
+                ",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,\n    tls_client_cert TEXT,\n    tls_client_key TEXT",
+                "",
+            );
             assert_ne!(old, SCHEMA, "the test removes the column");
             c.execute_batch(&old).unwrap();
             c.execute(
@@ -490,8 +509,11 @@ mod tests {
             all[0].adaptive_concurrency,
             "an old row reads as the default"
         );
+        assert!(all[0].tls_client_cert.is_none() && all[0].tls_client_key.is_none());
         let mut off = all[0].clone();
         off.adaptive_concurrency = false;
+        off.tls_client_cert = Some("-----BEGIN CERTIFICATE-----".into());
+        off.tls_client_key = Some("-----BEGIN PRIVATE KEY-----".into());
         s.put(&off).await.unwrap();
         assert_eq!(s.get(off.id).await.unwrap(), Some(off));
         // Opening again finds the column and adds nothing.
