@@ -262,6 +262,13 @@ pub struct DeliveryConfig {
     pub tcp_keepalive: Duration,
     #[serde(default)]
     pub tls: DeliveryTlsConfig,
+    /// Name servers for endpoint names (`"10.0.0.2"` or `"10.0.0.2:5353"`); empty: the system's
+    /// (/etc/resolv.conf). /etc/hosts is read first either way.
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub dns_servers: Vec<String>,
+    /// Bound of one DNS query; a name that does not answer in time fails the attempt (a retry).
+    #[serde(default = "default_dns_timeout", with = "humantime_serde_compat")]
+    pub dns_timeout: Duration,
     /// A delivery handed to a retry tier without an attempt (spilled from a blocked partition) this
     /// many times is counted as a failed attempt the next time, so deferrals cannot cycle forever.
     #[serde(default = "default_max_deferrals")]
@@ -505,6 +512,9 @@ fn default_pool_max_lifetime() -> Duration {
 fn default_tcp_keepalive() -> Duration {
     Duration::from_secs(30)
 }
+fn default_dns_timeout() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -570,6 +580,8 @@ impl Default for DeliveryConfig {
             pool_max_lifetime: default_pool_max_lifetime(),
             tcp_keepalive: default_tcp_keepalive(),
             tls: DeliveryTlsConfig::default(),
+            dns_servers: Vec::new(),
+            dns_timeout: default_dns_timeout(),
             max_deferrals: default_max_deferrals(),
             endpoint_queue: None,
             queue_wait: None,
@@ -838,6 +850,15 @@ impl Config {
         }
         self.allow_networks()?;
         self.extra_roots()?;
+        self.dns_servers()?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(30))
+            .contains(&self.delivery.dns_timeout)
+        {
+            return Err(ConfigError::new(
+                "delivery.dns_timeout",
+                "must be 100ms..=30s",
+            ));
+        }
         if self.delivery.pool_max_lifetime < Duration::from_secs(1) {
             return Err(ConfigError::new(
                 "delivery.pool_max_lifetime",
@@ -1109,6 +1130,25 @@ impl Config {
             c.set(*k, *v);
         }
         c
+    }
+
+    /// `delivery.dns_servers` as socket addresses (port 53 unless given).
+    pub fn dns_servers(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        self.delivery
+            .dns_servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<std::net::SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| {
+                        ConfigError::new(
+                            format!("delivery.dns_servers[{i}]"),
+                            format!("{s:?} is not an IP address or ip:port"),
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// The CA certificates of `delivery.tls.extra_ca_file` (none when unset).

@@ -110,11 +110,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tracing::info!(subscriptions = cache.index().len(), store = %store.describe(), "subscriptions loaded");
 
     let policy = AddressPolicy::new(config.allow_networks()?);
-    let deliverer = Arc::new(Deliverer::new(
-        &config.delivery,
-        policy.clone(),
-        config.extra_roots()?,
-    ));
+    let deliverer = Arc::new(Deliverer::new(&config, policy.clone())?);
     let registry = Arc::new(Registry::new(store.clone(), cache.clone(), metrics.clone()));
     // The attempt log outlives the consumers: it is stopped after their deliveries drained.
     let log_stop = CancellationToken::new();

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::phases::{CommitDelaySampler, offer_phase};
 use common::*;
 
 /// Must show 6: 10 subscriptions, one never answers (timeout 2 s). The other nine keep at least 90 % of
@@ -45,63 +44,16 @@ async fn one_hung_endpoint_does_not_slow_the_other_nine() {
     const RATE: usize = 200;
     const SECS: usize = 5;
     const N: usize = RATE * SECS;
-    let run_phase = |first: usize| {
-        let broker = &broker;
-        let rxs = &rxs;
-        async move {
-            let start = Instant::now();
-            for tick in 0..SECS * 10 {
-                let from = first + tick * RATE / 10;
-                let batch: Vec<Record> = (from..from + RATE / 10)
-                    .map(|i| Record::json((i % 4) as i32, plain_event(i, "order.created", None)))
-                    .collect();
-                broker.produce("events", &batch).await;
-                let next = start + Duration::from_millis(100 * (tick as u64 + 1));
-                tokio::time::sleep_until(next.into()).await;
-            }
-            let want = ids(first..first + N);
-            for r in &rxs[..9] {
-                r.wait_acked(&want, Duration::from_secs(60)).await;
-            }
-            start.elapsed()
-        }
-    };
     let tier = format!(
         "hookline_events_consumed_total{{topic=\"{}.retry.1s\"}}",
         prefix_of(&cfg)
     );
-    let healthy = run_phase(0).await;
+    let healthy = offer_phase(broker, "events", 4, 0, RATE, SECS, &rxs[..9]).await;
     rxs[9].set_behaviour(|_| Reply::Hang);
     // Meanwhile: the longest any partition's commit is held (hookline_commit_delay_seconds), sampled.
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (admin, sampling) = (h.admin, sampling.clone());
-        tokio::spawn(async move {
-            let mut max = 0.0f64;
-            while sampling.load(Ordering::Relaxed) {
-                if let Ok(r) = http().get(format!("http://{admin}/metrics")).send().await
-                    && let Ok(text) = r.text().await
-                {
-                    for l in text
-                        .lines()
-                        .filter(|l| l.starts_with("hookline_commit_delay_seconds{"))
-                    {
-                        let v: f64 = l
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0.0);
-                        max = max.max(v);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            max
-        })
-    };
-    let hung = run_phase(N).await;
-    sampling.store(false, Ordering::Relaxed);
-    let max_commit_delay = sampler.await.unwrap();
+    let sampler = CommitDelaySampler::start(h.admin);
+    let hung = offer_phase(broker, "events", 4, N, RATE, SECS, &rxs[..9]).await;
+    let max_commit_delay = sampler.stop().await;
     // Retry traffic inside the measured phase: records came back from the 1 s tier before it ended.
     let retried = h.metric(&tier).await;
     let tput = |d: Duration| (9 * N) as f64 / d.as_secs_f64();

@@ -396,15 +396,10 @@ impl ApiState {
             Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
             Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
             Some(url::Host::Domain(d)) => {
-                let port = sub.url.port_or_known_default().unwrap_or(443);
                 // A name that does not resolve (yet) is accepted; delivery will retry it.
-                match tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::net::lookup_host((d.to_string(), port)),
-                )
-                .await
+                match tokio::time::timeout(Duration::from_secs(1), self.deliverer.resolve(d)).await
                 {
-                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                    Ok(Ok(addrs)) => addrs.to_vec(),
                     _ => Vec::new(),
                 }
             }

@@ -30,6 +30,7 @@ use url::Url;
 
 use super::identity::ClientIdentity;
 use super::policy::AddressPolicy;
+use super::resolve::Resolver;
 
 /// Happy Eyeballs' connection attempt delay (RFC 8305 §5 recommends 250 ms).
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
@@ -167,6 +168,10 @@ pub struct ClientConfig {
     pub max_response_bytes: usize,
     /// Roots trusted beside the platform's (`[delivery.tls] extra_ca_file`).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Name servers (`delivery.dns_servers`); empty: the system's.
+    pub dns_servers: Vec<SocketAddr>,
+    /// Bound of one DNS query (`delivery.dns_timeout`).
+    pub dns_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -181,6 +186,8 @@ impl ClientConfig {
             tcp_keepalive: Some(Duration::from_secs(30)),
             max_response_bytes: 64 * 1024,
             extra_roots: Vec::new(),
+            dns_servers: Vec::new(),
+            dns_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -188,6 +195,7 @@ impl ClientConfig {
 pub struct Client {
     cfg: ClientConfig,
     tls: OnceLock<Result<TlsSetup, String>>,
+    resolver: OnceLock<Result<Resolver, String>>,
     pool: Mutex<Pool>,
 }
 
@@ -217,6 +225,7 @@ impl Client {
         Client {
             cfg,
             tls: OnceLock::new(),
+            resolver: OnceLock::new(),
             pool: Mutex::new(Pool::default()),
         }
     }
@@ -263,6 +272,15 @@ impl Client {
             Err(Exchange::Stale(e) | Exchange::Failed(e)) => Err(HttpError::Failed(e)),
             Err(Exchange::TimedOut) => Err(HttpError::TimedOut),
         }
+    }
+
+    /// The resolver, set up at its first use (or by [`Client::resolver`] at start, to report a bad
+    /// configuration early).
+    pub fn resolver(&self) -> Result<&Resolver, String> {
+        self.resolver
+            .get_or_init(|| Resolver::new(&self.cfg.dns_servers, self.cfg.dns_timeout))
+            .as_ref()
+            .map_err(|e| format!("dns error: {e}"))
     }
 
     /// [`Client::connect`] before `deadline`. Boxed: connecting is rare next to reuse, and its state
@@ -367,11 +385,16 @@ impl Client {
         let addrs: Vec<SocketAddr> = match target.ip {
             Some(ip) => vec![SocketAddr::new(ip, target.port)],
             None => {
-                let all = tokio::net::lookup_host((&*target.host, target.port))
+                let all = self
+                    .resolver()
+                    .map_err(HttpError::Failed)?
+                    .lookup(&target.host)
                     .await
                     .map_err(|e| HttpError::Failed(format!("dns error: {}: {e}", target.host)))?;
                 let mut refused = None;
                 let allowed: Vec<SocketAddr> = all
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, target.port))
                     .filter(|a| match self.cfg.policy.check(a.ip()) {
                         Ok(()) => true,
                         Err(e) => {

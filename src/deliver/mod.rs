@@ -12,6 +12,7 @@ pub mod http;
 pub mod identity;
 pub mod outcome;
 pub mod policy;
+pub mod resolve;
 pub mod share;
 pub mod sign;
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::http::header::{HeaderMap, HeaderName};
 
-use crate::config::DeliveryConfig;
+use crate::config::{Config, ConfigError};
 use crate::model::{Event, SigningKey};
 use outcome::{AttemptResult, parse_retry_after};
 use policy::AddressPolicy;
@@ -50,13 +51,11 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    /// `extra_roots`: CA certificates trusted beside the platform's (`Config::extra_roots`).
-    pub fn new(
-        cfg: &DeliveryConfig,
-        policy: AddressPolicy,
-        extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
-    ) -> Deliverer {
-        Deliverer {
+    /// The deliverer of `config.delivery`; its TLS roots and resolver are set up now, so a bad
+    /// `extra_ca_file` or DNS configuration fails the start, naming the setting.
+    pub fn new(config: &Config, policy: AddressPolicy) -> Result<Deliverer, ConfigError> {
+        let cfg = &config.delivery;
+        let d = Deliverer {
             client: self::http::Client::new(self::http::ClientConfig {
                 policy,
                 connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
@@ -65,9 +64,20 @@ impl Deliverer {
                 max_lifetime: cfg.pool_max_lifetime,
                 tcp_keepalive: (!cfg.tcp_keepalive.is_zero()).then_some(cfg.tcp_keepalive),
                 max_response_bytes: cfg.max_response_bytes,
-                extra_roots,
+                extra_roots: config.extra_roots()?,
+                dns_servers: config.dns_servers()?,
+                dns_timeout: cfg.dns_timeout,
             }),
-        }
+        };
+        d.client
+            .resolver()
+            .map_err(|e| ConfigError::new("delivery.dns_servers", e))?;
+        Ok(d)
+    }
+
+    /// The addresses of a host name (the delivery resolver: cached, bounded, coalesced).
+    pub async fn resolve(&self, host: &str) -> Result<std::sync::Arc<[std::net::IpAddr]>, String> {
+        self.client.resolver()?.lookup(host).await
     }
 
     /// Closes expired idle connections every little while until `stop` (see

@@ -20,6 +20,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub mod dns;
+pub mod phases;
 pub mod tls;
 
 /// An HTTP client for talking to hookline's admin server.
