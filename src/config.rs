@@ -266,6 +266,13 @@ pub struct DeliveryConfig {
     /// (/etc/resolv.conf). /etc/hosts is read first either way.
     #[serde(default, deserialize_with = "string_or_list")]
     pub dns_servers: Vec<String>,
+    /// Egress proxy `http://[user:password@]host:port`: HTTPS through CONNECT, HTTP in absolute form,
+    /// always to an address hookline resolved and the policy allowed.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// Destinations that go direct: host names (and their subdomains), `.suffix`, IPs, CIDRs, `*`.
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub no_proxy: Vec<String>,
     /// Bound of one DNS query; a name that does not answer in time fails the attempt (a retry).
     #[serde(default = "default_dns_timeout", with = "humantime_serde_compat")]
     pub dns_timeout: Duration,
@@ -582,6 +589,8 @@ impl Default for DeliveryConfig {
             tls: DeliveryTlsConfig::default(),
             dns_servers: Vec::new(),
             dns_timeout: default_dns_timeout(),
+            proxy: None,
+            no_proxy: Vec::new(),
             max_deferrals: default_max_deferrals(),
             endpoint_queue: None,
             queue_wait: None,
@@ -851,6 +860,7 @@ impl Config {
         self.allow_networks()?;
         self.extra_roots()?;
         self.dns_servers()?;
+        self.proxy()?;
         if !(Duration::from_millis(100)..=Duration::from_secs(30))
             .contains(&self.delivery.dns_timeout)
         {
@@ -1130,6 +1140,25 @@ impl Config {
             c.set(*k, *v);
         }
         c
+    }
+
+    /// `delivery.proxy` with its `no_proxy` list.
+    pub fn proxy(&self) -> Result<Option<crate::proxy::Proxy>, ConfigError> {
+        let Some(url) = &self.delivery.proxy else {
+            if !self.delivery.no_proxy.is_empty() {
+                return Err(ConfigError::new(
+                    "delivery.no_proxy",
+                    "is set without delivery.proxy",
+                ));
+            }
+            return Ok(None);
+        };
+        crate::proxy::Proxy::parse(url, &self.delivery.no_proxy)
+            .map(Some)
+            .map_err(|(i, m)| match i {
+                Some(i) => ConfigError::new(format!("delivery.no_proxy[{i}]"), m),
+                None => ConfigError::new("delivery.proxy", m),
+            })
     }
 
     /// `delivery.dns_servers` as socket addresses (port 53 unless given).

@@ -14,6 +14,7 @@ pub mod matching;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod proxy;
 pub mod registry;
 pub mod replay;
 pub mod retry;

@@ -31,6 +31,7 @@ use url::Url;
 use super::identity::ClientIdentity;
 use super::policy::AddressPolicy;
 use super::resolve::Resolver;
+use crate::proxy::Proxy;
 
 /// Happy Eyeballs' connection attempt delay (RFC 8305 §5 recommends 250 ms).
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
@@ -172,6 +173,8 @@ pub struct ClientConfig {
     pub dns_servers: Vec<SocketAddr>,
     /// Bound of one DNS query (`delivery.dns_timeout`).
     pub dns_timeout: Duration,
+    /// Egress proxy (`delivery.proxy`, `no_proxy`).
+    pub proxy: Option<Proxy>,
 }
 
 impl ClientConfig {
@@ -188,6 +191,7 @@ impl ClientConfig {
             extra_roots: Vec::new(),
             dns_servers: Vec::new(),
             dns_timeout: Duration::from_secs(2),
+            proxy: None,
         }
     }
 }
@@ -213,6 +217,8 @@ struct Conn {
     head: Vec<u8>,
     idle_since: Instant,
     born: Instant,
+    /// Through the proxy, plain HTTP: the request target is absolute (`http://ip:port` + path).
+    via_proxy: Option<Box<str>>,
 }
 
 enum Stream {
@@ -414,7 +420,24 @@ impl Client {
                 allowed
             }
         };
-        let tcp = self.connect_tcp(addrs).await.map_err(HttpError::Failed)?;
+        let proxy = self
+            .cfg
+            .proxy
+            .as_ref()
+            .filter(|p| !p.bypass(&target.host, target.ip));
+        let tcp = match proxy {
+            None => self
+                .connect_tcp(addrs.clone())
+                .await
+                .map_err(HttpError::Failed)?,
+            Some(p) => self.connect_proxy(p, target, addrs[0]).await?,
+        };
+        let via_proxy = match proxy {
+            Some(_) if !target.tls => {
+                Some(format!("http://{}", crate::proxy::authority(addrs[0])).into())
+            }
+            _ => None,
+        };
         let _ = tcp.set_nodelay(true);
         if let Some(idle) = self.cfg.tcp_keepalive {
             // A peer that vanished (host gone, NAT entry dropped) is noticed on an idle connection
@@ -448,7 +471,42 @@ impl Client {
             head: Vec::new(),
             idle_since: Instant::now(),
             born: Instant::now(),
+            via_proxy,
         })
+    }
+
+    /// A connection to the proxy, for `to` (an address the policy allowed): for HTTPS a CONNECT
+    /// tunnel to it, for HTTP the proxy connection itself (requests then name `to` in absolute form).
+    /// The proxy's own address is the operator's choice and is not judged by the policy.
+    async fn connect_proxy(
+        &self,
+        p: &Proxy,
+        target: &Target,
+        to: SocketAddr,
+    ) -> Result<TcpStream, HttpError> {
+        let addrs: Vec<SocketAddr> = match p.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, p.port)],
+            Err(_) => self
+                .resolver()
+                .map_err(HttpError::Failed)?
+                .lookup(&p.host)
+                .await
+                .map_err(|e| HttpError::Failed(format!("proxy error: dns: {}: {e}", p.host)))?
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, p.port))
+                .collect(),
+        };
+        let tcp = self
+            .connect_tcp(addrs)
+            .await
+            .map_err(|e| HttpError::Failed(format!("proxy error: {e}")))?;
+        if !target.tls {
+            return Ok(tcp);
+        }
+        tokio::time::timeout(self.cfg.connect_timeout, p.tunnel(tcp, to))
+            .await
+            .map_err(|_| HttpError::Failed("proxy error: CONNECT timed out".into()))?
+            .map_err(HttpError::Failed)
     }
 
     /// Connects to the first of `addrs` that answers, Happy Eyeballs style (RFC 8305): address
@@ -559,9 +617,18 @@ impl Client {
         let head = &mut conn.head;
         head.clear();
         head.extend_from_slice(b"POST ");
+        if let Some(origin) = &conn.via_proxy {
+            head.extend_from_slice(origin.as_bytes());
+        }
         head.extend_from_slice(target.path.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         head.extend_from_slice(target.host_header.as_bytes());
+        if conn.via_proxy.is_some()
+            && let Some(auth) = self.cfg.proxy.as_ref().and_then(Proxy::authorization)
+        {
+            head.extend_from_slice(b"\r\nproxy-authorization: ");
+            head.extend_from_slice(auth.as_bytes());
+        }
         head.extend_from_slice(b"\r\ncontent-length: ");
         head.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         head.extend_from_slice(b"\r\n");

@@ -67,6 +67,7 @@ impl Deliverer {
                 extra_roots: config.extra_roots()?,
                 dns_servers: config.dns_servers()?,
                 dns_timeout: cfg.dns_timeout,
+                proxy: config.proxy()?,
             }),
         };
         d.client

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod dns;
 pub mod phases;
+pub mod proxy;
 pub mod tls;
 
 /// An HTTP client for talking to hookline's admin server.

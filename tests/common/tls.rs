@@ -120,6 +120,8 @@ pub struct TlsStats {
     pub failures: Mutex<Vec<String>>,
     /// Handshakes in which the client presented a certificate.
     pub client_certs: AtomicUsize,
+    /// Peer addresses of the completed handshakes.
+    pub peers: Mutex<Vec<std::net::SocketAddr>>,
 }
 
 impl TlsStats {
@@ -151,6 +153,7 @@ impl axum::serve::Listener for TlsListener {
             match self.acceptor.accept(tcp).await {
                 Ok(tls) => {
                     self.stats.handshakes.fetch_add(1, Ordering::SeqCst);
+                    self.stats.peers.lock().unwrap().push(addr);
                     if tls.get_ref().1.peer_certificates().is_some() {
                         self.stats.client_certs.fetch_add(1, Ordering::SeqCst);
                     }
