@@ -15,6 +15,7 @@ pub mod policy;
 pub mod resolve;
 pub mod share;
 pub mod sign;
+pub mod wire;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
