@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench pipeline -- [--events N] [--subs M] [--matching K] [--partitions P]
 //!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
-//!                                   [--pairs N]
+//!                                   [--pairs N] [--compare-bin PATH]
 //!
 //! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
@@ -14,7 +14,9 @@
 //!   a correct Kafka-to-webhook service must do — rdkafka consumer → JSON parse of id/type →
 //!   HMAC-SHA256 signature → HTTP/1.1 keep-alive POST (reqwest), concurrent, committing only the lowest
 //!   unfinished offset of each partition. Its CPU is measured the same way; the ratio is hookline's
-//!   deliveries per CPU-second over the bare loop's (median of the pairs).
+//!   deliveries per CPU-second over the bare loop's (median of the pairs). With `--compare-bin PATH`,
+//!   each pair also runs that hookline build (A C B), and `ratio_to_compare_bin` is this build's
+//!   deliveries per CPU-second over it (median of the pairs): before/after figures from one run.
 //! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
 //!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
 //!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
@@ -43,6 +45,8 @@ struct Args {
     seconds: u64,
     mode: String,
     pairs: usize,
+    /// Another hookline build, run beside this one in each pair (before/after comparisons).
+    compare_bin: Option<String>,
 }
 
 fn args() -> Args {
@@ -55,6 +59,7 @@ fn args() -> Args {
         seconds: 10,
         mode: "both".into(),
         pairs: 2,
+        compare_bin: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -69,6 +74,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = val.parse().expect("--seconds"),
             "--mode" => a.mode = val,
             "--pairs" => a.pairs = val.parse().expect("--pairs"),
+            "--compare-bin" => a.compare_bin = Some(val),
             _ => {
                 i += 1;
                 continue;
@@ -239,27 +245,35 @@ async fn throughput(a: &Args) -> serde_json::Value {
         i += n;
     }
     let expected = (a.events * a.matching) as u64;
-    let (mut hook, mut bare) = (Vec::new(), Vec::new());
+    let (mut hook, mut bare, mut other) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 0..a.pairs {
-        // A: hookline, its own consumer group over the same events.
-        counter.n.store(0, Ordering::Relaxed);
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = base_config(&broker, &["bench"], &format!("bench-h{pair}"))
-            .replace("level = \"info\"", "level = \"warn\"")
-            // A pre-produced backlog for one endpoint: the benchmark measures straight delivery at a
-            // bound of 2 000 records in flight per partition (the bare loop gets the same bound).
-            .replace(
-                "[source]\n",
-                &format!("[source]\nmax_in_flight_per_partition = {BOUND_PER_PARTITION}\n"),
+        // A: hookline, its own consumer group over the same events; C: the build to compare with.
+        let builds = std::iter::once(None).chain(a.compare_bin.iter().map(Some));
+        for (k, bin) in builds.enumerate() {
+            counter.n.store(0, Ordering::Relaxed);
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = base_config(&broker, &["bench"], &format!("bench-h{pair}-{k}"))
+                .replace("level = \"info\"", "level = \"warn\"")
+                // A pre-produced backlog for one endpoint: the benchmark measures straight delivery
+                // at a bound of 2 000 records in flight per partition (the bare loop gets the same).
+                .replace(
+                    "[source]\n",
+                    &format!("[source]\nmax_in_flight_per_partition = {BOUND_PER_PARTITION}\n"),
+                );
+            assert!(
+                cfg.contains("max_in_flight_per_partition"),
+                "source bound not set"
             );
-        assert!(
-            cfg.contains("max_in_flight_per_partition"),
-            "source bound not set"
-        );
-        let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
-        let f = measure(h_pid(&h), &counter, expected, || h.log()).await;
-        h.kill9();
-        hook.push(f);
+            let env: Vec<(&str, &str)> = bin.iter().map(|b| ("HOOKLINE_BIN", b.as_str())).collect();
+            let mut h = Hookline::start_with_env(dir.path(), &cfg, &subscriptions(a, &url), &env);
+            let f = measure(h_pid(&h), &counter, expected, || h.log()).await;
+            h.kill9();
+            if bin.is_some() {
+                other.push(f);
+            } else {
+                hook.push(f);
+            }
+        }
         // B: the bare loop, one delivery per matching event to the same receiver.
         counter.n.store(0, Ordering::Relaxed);
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -295,8 +309,21 @@ async fn throughput(a: &Args) -> serde_json::Value {
     let runs: Vec<serde_json::Value> = hook
         .iter()
         .zip(&bare)
-        .map(|(h, b)| serde_json::json!({"hookline_per_cpu_s": h.per_cpu_s.round(), "bare_loop_per_cpu_s": b.per_cpu_s.round(), "hookline_per_s": h.per_s.round(), "bare_loop_per_s": b.per_s.round()}))
+        .enumerate()
+        .map(|(i, (h, b))| serde_json::json!({"hookline_per_cpu_s": h.per_cpu_s.round(), "bare_loop_per_cpu_s": b.per_cpu_s.round(), "hookline_per_s": h.per_s.round(), "bare_loop_per_s": b.per_s.round(), "compare_bin_per_cpu_s": other.get(i).map(|o| o.per_cpu_s.round())}))
         .collect();
+    let compare = (!other.is_empty()).then(|| {
+        let ratios: Vec<f64> = hook
+            .iter()
+            .zip(&other)
+            .map(|(h, o)| h.per_cpu_s / o.per_cpu_s)
+            .collect();
+        serde_json::json!({
+            "bin": a.compare_bin,
+            "deliveries_per_cpu_s": median(other.iter().map(|f| f.per_cpu_s).collect()).round(),
+            "ratio_to_compare_bin": (median(ratios) * 1000.0).round() / 1000.0,
+        })
+    });
     serde_json::json!({
         "mode": "throughput",
         "events": a.events, "subscriptions": a.subs, "matching_per_event": a.matching, "partitions": a.partitions,
@@ -309,6 +336,7 @@ async fn throughput(a: &Args) -> serde_json::Value {
         "peak_rss_mib": hook.iter().map(|f| f.rss_mib).fold(0.0, f64::max),
         "bare_loop_peak_rss_mib": bare.iter().map(|f| f.rss_mib).fold(0.0, f64::max),
         "runs": runs,
+        "compare": compare,
         "machine": machine(),
     })
 }

@@ -929,7 +929,15 @@ impl Hookline {
             argv.extend(["ip", "netns", "exec", ns.as_str()]);
         }
         argv.extend(wrapper.split_whitespace());
-        argv.push(env!("CARGO_BIN_EXE_hookline"));
+        // HOOKLINE_BIN (in this instance's env, or this process's) runs another build: the
+        // benchmark's before/after comparisons (`--compare-bin`).
+        let bin = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "HOOKLINE_BIN")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("HOOKLINE_BIN").ok());
+        argv.push(bin.as_deref().unwrap_or(env!("CARGO_BIN_EXE_hookline")));
         let child = Command::new(argv[0])
             .args(&argv[1..])
             .args(["run", "--config"])
