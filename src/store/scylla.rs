@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
 use crate::clock::now_ms;
-use crate::config::ScyllaConfig;
+use crate::config::{Consistency, ScyllaConfig};
 use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
 
 /// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.
@@ -148,7 +148,7 @@ impl ScyllaStore {
         };
         let mut list = prep(format!("SELECT {COLUMNS} FROM subscriptions")).await?;
         list.set_page_size(1000);
-        let st = Statements {
+        let mut st = Statements {
             list,
             get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
             put: prep(format!(
@@ -168,11 +168,34 @@ impl ScyllaStore {
             ))
             .await?,
         };
+        // Consistency per statement (README, "ScyllaDB consistency"): the subscriptions and the revision
+        // register at store.scylla.consistency for reads and writes alike, so that a poll that sees a
+        // new revision also lists the write behind it; the attempt log at attempt_consistency.
+        let subs = level(cfg.consistency);
+        for stmt in [
+            &mut st.list,
+            &mut st.get,
+            &mut st.put,
+            &mut st.delete,
+            &mut st.revision,
+            &mut st.bump,
+        ] {
+            stmt.set_consistency(subs);
+        }
+        let attempts = level(cfg.attempt_consistency);
+        st.insert_attempt.set_consistency(attempts);
+        st.attempts.set_consistency(attempts);
         Ok(ScyllaStore {
             session,
             st,
             ttl,
-            describe: format!("scylla {} keyspace {}", cfg.nodes.join(","), cfg.keyspace),
+            describe: format!(
+                "scylla {} keyspace {} (consistency {}, attempts {})",
+                cfg.nodes.join(","),
+                cfg.keyspace,
+                cfg.consistency,
+                cfg.attempt_consistency
+            ),
         })
     }
 
@@ -201,6 +224,20 @@ impl ScyllaStore {
             out.push(from_row(r.map_err(StoreError::unavailable)?)?);
         }
         Ok((out, more))
+    }
+}
+
+/// The driver's consistency level for a configured one.
+fn level(c: Consistency) -> scylla::statement::Consistency {
+    use scylla::statement::Consistency as C;
+    match c {
+        Consistency::One => C::One,
+        Consistency::Two => C::Two,
+        Consistency::Three => C::Three,
+        Consistency::Quorum => C::Quorum,
+        Consistency::All => C::All,
+        Consistency::LocalQuorum => C::LocalQuorum,
+        Consistency::LocalOne => C::LocalOne,
     }
 }
 
