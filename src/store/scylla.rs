@@ -118,21 +118,64 @@ async fn session(cfg: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session, 
         .map_err(|e| StoreError::unavailable(format!("cannot connect to {:?}: {e}", cfg.nodes)))
 }
 
-/// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements run.
+/// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements
+/// applied (a column that is already there counts as applied).
 pub async fn migrate(cfg: &ScyllaConfig) -> Result<usize, StoreError> {
     let s = session(cfg, None).await?;
     let stmts = schema_statements(&cfg.keyspace, &cfg.replication);
     for stmt in &stmts {
+        // CQL has no portable `ADD IF NOT EXISTS`: a column added by a later version is looked up in
+        // system_schema (the same on ScyllaDB and Cassandra) and only added when missing.
+        if let Some((ks, table, column)) = added_column(stmt)
+            && column_exists(&s, ks, table, column).await?
+        {
+            continue;
+        }
         if let Err(e) = s.query_unpaged(stmt.as_str(), ()).await {
-            // A column added by a later version that this database already has.
-            let added = stmt.to_ascii_lowercase().starts_with("alter table")
-                && e.to_string().contains("conflicts with an existing column");
-            if !added {
+            // Another migrate added it meanwhile (ScyllaDB and Cassandra word this differently).
+            let text = e.to_string();
+            let raced = added_column(stmt).is_some()
+                && (text.contains("conflicts with an existing column")
+                    || text.contains("already exists"));
+            if !raced {
                 return Err(StoreError::unavailable(format!("{e} in: {stmt}")));
             }
         }
     }
     Ok(stmts.len())
+}
+
+/// `(keyspace, table, column)` of an `ALTER TABLE ks.table ADD column type` statement.
+fn added_column(stmt: &str) -> Option<(&str, &str, &str)> {
+    let mut words = stmt.split_whitespace();
+    let is = |w: Option<&str>, want: &str| w.is_some_and(|w| w.eq_ignore_ascii_case(want));
+    if !(is(words.next(), "alter") && is(words.next(), "table")) {
+        return None;
+    }
+    let (ks, table) = words.next()?.split_once('.')?;
+    if !is(words.next(), "add") {
+        return None;
+    }
+    Some((ks, table, words.next()?))
+}
+
+async fn column_exists(
+    s: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    let res = s
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .map_err(StoreError::unavailable)?
+        .into_rows_result()
+        .map_err(StoreError::unavailable)?;
+    Ok(res.rows_num() > 0)
 }
 
 impl ScyllaStore {
@@ -527,5 +570,19 @@ impl Store for ScyllaStore {
     async fn expire_attempts(&self) -> Result<u64, StoreError> {
         // Rows carry their own TTL.
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_columns_are_found_in_the_schema() {
+        let stmts = schema_statements("hl", "{'class': 'NetworkTopologyStrategy'}");
+        let added: Vec<_> = stmts.iter().filter_map(|s| added_column(s)).collect();
+        assert_eq!(added, [("hl", "subscriptions", "adaptive_concurrency")]);
+        assert_eq!(added_column("alter table a.b drop c"), None);
+        assert_eq!(added_column("CREATE TABLE a.b (c int PRIMARY KEY)"), None);
     }
 }

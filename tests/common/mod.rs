@@ -20,6 +20,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub mod cassandra;
+
 /// An HTTP client for talking to hookline's admin server.
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
