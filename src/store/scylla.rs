@@ -7,6 +7,12 @@
 //! poll for changes with one single-partition read instead of reloading everything. Attempts live in
 //! `delivery_attempts`, one partition per subscription and day, newest first, each row written with the
 //! remaining part of its time-to-live.
+//!
+//! Consistency per statement: the subscription statements and the revision register (writes, polls,
+//! loads, API reads) at `store.scylla.consistency` (LOCAL_QUORUM by default: read and write quorums
+//! overlap), the attempt rows and their reads at `store.scylla.attempt_consistency` (LOCAL_ONE). The CQL
+//! is plain and valid on ScyllaDB and Cassandra alike (no `USING TIMEOUT`, no `ALTER TABLE … IF NOT
+//! EXISTS`); the tests run it against Apache Cassandra 5.0.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
