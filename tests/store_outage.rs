@@ -113,6 +113,7 @@ async fn cassandra_stopped_under_load_keeps_delivering_and_recovers() {
     .await;
 
     // Outage: Cassandra stopped (SIGTERM: it drains and exits) under load.
+    let rss = node.rss_mib();
     let stopped_in = node.stop();
     let down = Instant::now();
     let seen = wait_readyz(&h, 503, Duration::from_secs(10)).await;
@@ -120,7 +121,10 @@ async fn cassandra_stopped_under_load_keeps_delivering_and_recovers() {
     assert_eq!(body["store_reachable"], false, "{body}");
     assert_eq!(body["cache_loaded"], true);
     assert_eq!(h.metric("hookline_store_reachable").await, 0.0);
-    println!("Cassandra stopped in {stopped_in:?}: /readyz 503 after {seen:?}");
+    println!(
+        "{}: {rss:.0} MiB resident under load; stopped in {stopped_in:?}: /readyz 503 after {seen:?}",
+        node.label()
+    );
     // Deliveries go on from the cache (3 s of load).
     let at_stop = rx.count();
     rx.wait_for(

@@ -104,11 +104,6 @@ impl CqlNode {
         }
     }
 
-    /// Whether this is a Cassandra process of the tests' own (false for HOOKLINE_TEST_SCYLLA).
-    pub fn is_cassandra(&self) -> bool {
-        self.process.is_some()
-    }
-
     fn process(&self) -> &Process {
         self.process
             .as_ref()
