@@ -222,6 +222,88 @@ pub struct ScyllaConfig {
         with = "humantime_serde_compat"
     )]
     pub connect_timeout: Duration,
+    /// Consistency level of every subscription statement: the writes (insert, delete), the revision
+    /// register's overwrite and poll, the full load, the API's listing and single reads. Reads and
+    /// writes at the same level: LOCAL_QUORUM on both sides overlap, so an instance that sees a new
+    /// revision also reads the write behind it.
+    #[serde(default = "default_consistency")]
+    pub consistency: Consistency,
+    /// Consistency level of the attempt log's inserts and reads (best effort, off the delivery path).
+    #[serde(default = "default_attempt_consistency")]
+    pub attempt_consistency: Consistency,
+}
+
+/// A CQL consistency level that is valid for reads and writes alike (hookline's statements do both at
+/// one level). Configured by name, case-insensitive: `ONE`, `TWO`, `THREE`, `QUORUM`, `ALL`,
+/// `LOCAL_QUORUM`, `LOCAL_ONE`. Refused: `ANY` and `EACH_QUORUM` (not for reads on every database),
+/// `SERIAL` and `LOCAL_SERIAL` (lightweight transactions only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Two,
+    Three,
+    Quorum,
+    All,
+    LocalQuorum,
+    LocalOne,
+}
+
+impl Consistency {
+    const ALL_LEVELS: [Consistency; 7] = [
+        Consistency::One,
+        Consistency::Two,
+        Consistency::Three,
+        Consistency::Quorum,
+        Consistency::All,
+        Consistency::LocalQuorum,
+        Consistency::LocalOne,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::One => "ONE",
+            Consistency::Two => "TWO",
+            Consistency::Three => "THREE",
+            Consistency::Quorum => "QUORUM",
+            Consistency::All => "ALL",
+            Consistency::LocalQuorum => "LOCAL_QUORUM",
+            Consistency::LocalOne => "LOCAL_ONE",
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name = s.trim().to_ascii_uppercase();
+        if let Some(c) = Consistency::ALL_LEVELS.iter().find(|c| c.as_str() == name) {
+            return Ok(*c);
+        }
+        let why = match name.as_str() {
+            "ANY" | "EACH_QUORUM" => "is for writes only, and these statements also read",
+            "SERIAL" | "LOCAL_SERIAL" => {
+                "is for lightweight transactions, which hookline does not use"
+            }
+            _ => "is not a consistency level",
+        };
+        Err(format!(
+            "{s:?} {why}: use ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM or LOCAL_ONE"
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for Consistency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -492,6 +574,12 @@ fn default_replication_map() -> String {
 fn default_scylla_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_consistency() -> Consistency {
+    Consistency::LocalQuorum
+}
+fn default_attempt_consistency() -> Consistency {
+    Consistency::LocalOne
+}
 fn default_rotation_grace() -> Duration {
     Duration::from_secs(86_400)
 }
@@ -571,6 +659,8 @@ impl Default for ScyllaConfig {
             username: None,
             password: None,
             connect_timeout: default_scylla_connect_timeout(),
+            consistency: default_consistency(),
+            attempt_consistency: default_attempt_consistency(),
         }
     }
 }
@@ -1612,6 +1702,35 @@ topics = ["orders"]
         assert_eq!(c.store.attempt_ttl, Duration::from_secs(7 * 86_400));
         assert_eq!(c.store.refresh_interval, Duration::from_secs(1));
         assert_eq!(c.admin.rotation_grace, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn scylla_consistency_levels_are_validated() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.store.scylla.consistency, Consistency::LocalQuorum);
+        assert_eq!(c.store.scylla.attempt_consistency, Consistency::LocalOne);
+        let c = load(
+            &format!("{MIN}\n[store.scylla]\nconsistency = \"quorum\"\n"),
+            &[(
+                "HOOKLINE_STORE__SCYLLA__ATTEMPT_CONSISTENCY",
+                "LOCAL_QUORUM",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.store.scylla.consistency, Consistency::Quorum);
+        assert_eq!(c.store.scylla.attempt_consistency, Consistency::LocalQuorum);
+        for (var, value, why) in [
+            ("CONSISTENCY", "EACH_QUORUM", "for writes only"),
+            ("CONSISTENCY", "any", "for writes only"),
+            ("CONSISTENCY", "LOCAL_SERIAL", "lightweight transactions"),
+            ("ATTEMPT_CONSISTENCY", "strong", "not a consistency level"),
+        ] {
+            let var = format!("HOOKLINE_STORE__SCYLLA__{var}");
+            let e = err_of(MIN, &[(var.as_str(), value)]);
+            let setting = format!("store.scylla.{}:", var[24..].to_ascii_lowercase());
+            assert!(e.starts_with(&setting), "{var}={value}: {e}");
+            assert!(e.contains(why) && e.contains("LOCAL_QUORUM"), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The admin API end to end (issue 4): real broker (tansu), real receivers, hookline processes on a
-//! writable store (SQLite; the ScyllaDB adapter against the CQL test server in `store_outage.rs`).
+//! The admin API end to end (issue 4): a real Apache Kafka broker, real receivers, hookline processes on
+//! a writable store: SQLite, and for the change propagation between two instances also the ScyllaDB
+//! adapter on a real Apache Cassandra 5.0 node (not ScyllaDB).
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cassandra::{CqlNode, keyspace};
 use common::*;
 use hookline::deliver::sign;
 use hookline::model::SigningKey;
@@ -85,8 +87,39 @@ fn verifies(secret: &str, r: &Received) -> bool {
 async fn api_changes_reach_every_instance_within_5s() {
     // Two instances in one group, sharing one SQLite file.
     let env = SqliteEnv::new(2);
-    let (broker, topic) = (env.broker, env.topic.clone());
     let (h1, h2) = tokio::join!(env.hookline(TOKEN), env.hookline(TOKEN));
+    changes_reach_both_instances(env.broker, env.topic.clone(), h1, h2, "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_changes_reach_every_instance_within_5s_on_cassandra() {
+    // The same with store.kind = "scylla": two instances on one keyspace of a real Apache Cassandra 5.0
+    // node (or the database HOOKLINE_TEST_SCYLLA names), created by `hookline migrate`.
+    let node = CqlNode::shared();
+    let broker = Broker::shared();
+    let topic = broker.topic("api", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(broker, &[&topic], &format!("g-{}", rand_suffix()));
+    let store = node.store_section(&keyspace("api"), "");
+    let cli = dir.path().join("cli.toml");
+    std::fs::write(&cli, format!("{cfg}\n{store}")).unwrap();
+    node.migrate(&cli);
+    let mut h1 = Hookline::start_with_store(dir.path(), &cfg, &store, Some(TOKEN), &[]);
+    let mut h2 = Hookline::start_with_store(dir.path(), &cfg, &store, Some(TOKEN), &[]);
+    h1.wait_ready(Duration::from_secs(60)).await;
+    h2.wait_ready(Duration::from_secs(60)).await;
+    changes_reach_both_instances(broker, topic, h1, h2, &node.label()).await;
+}
+
+/// Create, patch, disable, enable and rotate through either instance of two in one group, under a
+/// steady load: each change shows in the deliveries of both instances (one partition each) within 5 s.
+async fn changes_reach_both_instances(
+    broker: &'static Broker,
+    topic: String,
+    h1: Hookline,
+    h2: Hookline,
+    store: &str,
+) {
     let (api1, api2) = (Api::new(&h1, TOKEN), Api::new(&h2, TOKEN));
     let rx = Receiver::ok().await;
 
@@ -108,7 +141,7 @@ async fn api_changes_reach_every_instance_within_5s() {
     let t0 = Instant::now();
     let p0 = first_after(&rx, t0, Duration::from_secs(5), |r| partition_of(r) == '0').await;
     let p1 = first_after(&rx, t0, Duration::from_secs(5), |r| partition_of(r) == '1').await;
-    println!("create → first delivery: partition 0 {p0:?}, partition 1 {p1:?}");
+    println!("{store}: create → first delivery: partition 0 {p0:?}, partition 1 {p1:?}");
     assert!(
         rx.received()
             .iter()
@@ -130,7 +163,7 @@ async fn api_changes_reach_every_instance_within_5s() {
             partition_of(r) == p && r.event_type() == "order.updated"
         })
         .await;
-        println!("patch → first order.updated on partition {p}: {d:?}");
+        println!("{store}: patch → first order.updated on partition {p}: {d:?}");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let late_created: Vec<_> = rx
@@ -157,7 +190,7 @@ async fn api_changes_reach_every_instance_within_5s() {
     let after: Vec<_> = rx.received().into_iter().filter(|r| r.at >= t2).collect();
     let last = after.iter().map(|r| r.at - t2).max().unwrap_or_default();
     println!(
-        "disable → last delivery after {last:?} ({} deliveries after the disable)",
+        "{store}: disable → last delivery after {last:?} ({} deliveries after the disable)",
         after.len()
     );
     assert!(
@@ -231,7 +264,7 @@ async fn api_changes_reach_every_instance_within_5s() {
         );
     }
     println!(
-        "rotation: {} deliveries with both signatures in the grace period, {} with only the new one after",
+        "{store}: rotation: {} deliveries with both signatures in the grace period, {} with only the new one after",
         during.len(),
         after.len()
     );

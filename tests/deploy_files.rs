@@ -2,11 +2,10 @@
 //! without one is: the compose file parses and names the services of DESIGN §12; every file it mounts or
 //! builds from exists; the Dockerfile's stages, copies and user are coherent; the hookline config and
 //! subscriptions it ships are accepted by this binary — `hookline migrate`, `subscriptions import` and
-//! `run --check-config`, exactly as the compose services run them, against the CQL test server (not
-//! ScyllaDB); Prometheus and Alertmanager configs pass promtool and amtool; names agree across files.
+//! `run --check-config`, exactly as the compose services run them, against a real Apache Cassandra 5.0
+//! node (not ScyllaDB; `HOOKLINE_TEST_SCYLLA` names another database); Prometheus and Alertmanager configs pass promtool and amtool; names agree across files.
 
 mod common;
-mod cql_server;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -169,12 +168,11 @@ async fn shipped_config_and_subscriptions_are_accepted_by_the_binary() {
         "{migrate}"
     );
     assert!(migrate.contains("hookline subscriptions import /etc/hookline/subscriptions.yaml --config /etc/hookline/hookline.toml"), "{migrate}");
-    // The same commands, with the container paths mapped to the repository and ScyllaDB to the CQL test
-    // server.
-    let server = cql_server::CqlServer::start().await;
-    let addr = server.addr.to_string();
+    // The same commands, with the container paths mapped to the repository and ScyllaDB to this test
+    // binary's Cassandra node (the shipped keyspace and its single-node replication as they are).
+    let node = common::cassandra::CqlNode::shared();
     let env = [
-        ("HOOKLINE_STORE__SCYLLA__NODES", addr.as_str()),
+        ("HOOKLINE_STORE__SCYLLA__NODES", node.addr.as_str()),
         ("HOOKLINE_ADMIN__TOKEN", "compose-token-0123456789"),
     ];
     let cfg = "docker/hookline.toml";
@@ -215,7 +213,11 @@ async fn shipped_config_and_subscriptions_are_accepted_by_the_binary() {
         "{}",
         outs[2]
     );
-    println!("docker/hookline.toml: {}", outs[2].trim());
+    println!(
+        "docker/hookline.toml on {}: {}",
+        node.label(),
+        outs[2].trim()
+    );
 
     // Names agree across files: scrape targets are the hookline services on admin.listen's port; the
     // demo receiver verifies with the secret of the shipped subscriptions; the producer writes the

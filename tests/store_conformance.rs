@@ -1,20 +1,28 @@
 //! One conformance suite for every subscription store (DESIGN §3): SQLite always; the ScyllaDB adapter
-//! through the real `scylla` driver against the narrow CQL test server in `tests/cql_server` (which is not
-//! ScyllaDB); a real ScyllaDB when `HOOKLINE_TEST_SCYLLA=host:port` is set; and the read paths of the
-//! YAML store.
+//! through the real `scylla` driver against a real CQL database — a single-node Apache Cassandra 5.0
+//! started by the tests (not ScyllaDB), or the database that `HOOKLINE_TEST_SCYLLA=host:port` names (a
+//! real ScyllaDB) — with `hookline migrate` creating its keyspace and tables; and the read paths of the
+//! YAML store. Beyond the suite, on the CQL database: a listing longer than three driver pages, attempt
+//! rows expiring by their TTL, the configured consistency levels reaching the database, and two hookline
+//! instances converging after 20 concurrent writers.
 
-mod cql_server;
+mod common;
 
-use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
+use common::cassandra::{CqlNode, keyspace};
+use common::{Api, Broker, Hookline, base_config, rand_suffix};
+use futures_util::StreamExt;
 use hookline::clock::now_ms;
-use hookline::config::ScyllaConfig;
+use hookline::config::{Consistency, ScyllaConfig};
 use hookline::model::{RetiredSecret, SubscriptionSpec, rfc3339_ms};
-use hookline::store::scylla::{ScyllaStore, migrate};
+use hookline::store::scylla::ScyllaStore;
 use hookline::store::sqlite::SqliteStore;
 use hookline::store::yaml::YamlStore;
-use hookline::store::{AttemptRecord, Store, StoreError};
+use hookline::store::{AttemptRecord, Store, StoreError, day_of};
+use scylla::client::session::Session;
+use serde_json::json;
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -91,7 +99,8 @@ fn attempt(sub: Uuid, at_ms: u64, n: u32) -> AttemptRecord {
 }
 
 /// Everything a writable store must do.
-async fn writable_suite(store: &dyn Store) {
+/// Returns the subscription whose 30 attempts it wrote (6 of them two days old).
+async fn writable_suite(store: &dyn Store) -> Uuid {
     assert!(store.writable());
     let rev0 = store.revision().await.unwrap();
     assert_eq!(
@@ -281,6 +290,7 @@ async fn writable_suite(store: &dyn Store) {
     // Expiry: afterwards the live attempts are all still there.
     store.expire_attempts().await.unwrap();
     assert_eq!(store.attempts(a, None, 1000).await.unwrap().items.len(), 30);
+    a
 }
 
 #[tokio::test]
@@ -299,50 +309,474 @@ async fn sqlite_store_conforms() {
     println!("sqlite: conformance suite passed");
 }
 
-#[tokio::test]
-async fn scylla_adapter_conforms_against_the_cql_test_server() {
-    let server = cql_server::CqlServer::start().await;
-    let cfg = ScyllaConfig {
-        nodes: vec![server.addr.to_string()],
-        keyspace: "hookline_test".into(),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        ..ScyllaConfig::default()
-    };
-    let n = migrate(&cfg).await.unwrap();
-    assert_eq!(
-        n, 7,
-        "schema statements (CREATE KEYSPACE, 3 tables, 3 columns added later)"
+/// A config file for the CLI with a scylla `[store]` on `keyspace` of `node` (Kafka is not contacted by
+/// `hookline migrate`).
+fn cli_config(dir: &std::path::Path, node: &CqlNode, keyspace: &str) -> std::path::PathBuf {
+    let path = dir.join("cli.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[source]\ntopics = [\"unused\"]\n{}",
+            node.store_section(keyspace, "")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A fresh keyspace on the shared node, created by `hookline migrate` (run twice: idempotent).
+fn migrated(node: &CqlNode, base: &str) -> (ScyllaConfig, tempfile::TempDir) {
+    let ks = keyspace(base);
+    let dir = tempfile::tempdir().unwrap();
+    let cli = cli_config(dir.path(), node, &ks);
+    for _ in 0..2 {
+        let out = node.migrate(&cli);
+        assert!(
+            out.contains("7 schema statements applied"),
+            "CREATE KEYSPACE, 3 tables, 3 columns added later: {out}"
+        );
+    }
+    (node.scylla_config(&ks), dir)
+}
+
+/// Rows of `delivery_attempts` for `sub` in the day partitions `days`, read with the driver directly
+/// (not through the store, which also hides rows older than its TTL): event id and remaining TTL.
+async fn raw_attempts(
+    session: &Session,
+    keyspace: &str,
+    sub: Uuid,
+    days: std::ops::RangeInclusive<i64>,
+) -> Vec<(String, Option<i32>)> {
+    let q = format!(
+        "SELECT event_id, TTL(event_id) FROM {keyspace}.delivery_attempts WHERE subscription_id = ? AND day = ?"
     );
-    // Idempotent.
-    migrate(&cfg).await.unwrap();
+    let mut out = Vec::new();
+    for day in days {
+        let rows = session
+            .query_unpaged(q.as_str(), (sub, day as i32))
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap();
+        for r in rows.rows::<(String, Option<i32>)>().unwrap() {
+            out.push(r.unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn scylla_store_conforms() {
+    let node = CqlNode::shared();
+    let (cfg, _dir) = migrated(node, "conform");
     let store = ScyllaStore::connect(&cfg, TTL).await.unwrap();
-    writable_suite(&store).await;
-    assert!(server.executed("prepare") >= 8);
+    let a = writable_suite(&store).await;
+    // Every attempt row carries the remaining part of the TTL: 30 days for the fresh ones, 28 for the
+    // two-day-old ones (read back from the database).
+    let session = node.session().await;
+    let today = day_of(now_ms());
+    let rows = raw_attempts(&session, &cfg.keyspace, a, today - 3..=today).await;
+    assert_eq!(rows.len(), 30, "{rows:?}");
+    let day = 86_400;
+    let (old, fresh): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .map(|(id, ttl)| (id, ttl.expect("attempt row without a TTL")))
+        .partition(|(id, _)| id[4..].parse::<u32>().unwrap() < 6);
+    assert_eq!(old.len(), 6);
+    assert!(
+        old.iter()
+            .all(|(_, t)| (28 * day - 120..=28 * day).contains(t)),
+        "two-day-old rows: {old:?}"
+    );
+    assert!(
+        fresh
+            .iter()
+            .all(|(_, t)| (30 * day - 120..=30 * day).contains(t)),
+        "fresh rows: {fresh:?}"
+    );
+    println!("{}: conformance suite passed", node.label());
+}
+
+#[tokio::test]
+async fn scylla_listing_spans_more_than_three_driver_pages() {
+    let node = CqlNode::shared();
+    let (cfg, _dir) = migrated(node, "pages");
+    let store = ScyllaStore::connect(&cfg, TTL).await.unwrap();
+    // The full load pages 1 000 rows at a time: 3 500 subscriptions are four driver pages.
+    const N: u32 = 3_500;
+    let t = Instant::now();
+    let specs: Vec<SubscriptionSpec> = (0..N).map(spec).collect();
+    let mut puts =
+        futures_util::stream::iter(specs.iter().map(|s| store.put(s))).buffer_unordered(64);
+    while let Some(r) = puts.next().await {
+        r.unwrap();
+    }
+    drop(puts);
+    let written = t.elapsed();
+    let want: HashSet<Uuid> = specs.iter().map(|s| s.id).collect();
+
+    let t = Instant::now();
+    let all = store.list().await.unwrap();
+    let listed = t.elapsed();
+    assert_eq!(all.len(), N as usize, "the full load");
+    assert_eq!(all.iter().map(|s| s.id).collect::<HashSet<_>>(), want);
+    let by_id: HashMap<Uuid, &SubscriptionSpec> = specs.iter().map(|s| (s.id, s)).collect();
+    assert!(
+        all.iter().all(|s| by_id[&s.id] == s),
+        "a row changed in the listing"
+    );
+
+    // The API's listing: pages of 1 000 (the largest a client may ask for), cursor = paging state.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.page(cursor.as_deref(), 1000).await.unwrap();
+        pages += 1;
+        seen.extend(page.items.iter().map(|s| s.id));
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    assert_eq!(
+        seen.len(),
+        N as usize,
+        "API pages returned {} items",
+        seen.len()
+    );
+    assert_eq!(seen.into_iter().collect::<HashSet<_>>(), want);
+    assert!((4..=5).contains(&pages), "{pages} pages of 1 000 for {N}");
     println!(
-        "scylla adapter vs CQL test server (not ScyllaDB): conformance suite passed ({} selects, {} inserts)",
-        server.executed("select"),
-        server.executed("insert")
+        "{}: {N} subscriptions written in {written:?}, listed in {listed:?} (4 driver pages of 1 000); \
+         API listing in {pages} pages of 1 000",
+        node.label()
     );
 }
 
 #[tokio::test]
-async fn scylla_store_conforms_on_a_real_scylladb() {
-    let Ok(node) = std::env::var("HOOKLINE_TEST_SCYLLA") else {
-        println!(
-            "skipped: no ScyllaDB (set HOOKLINE_TEST_SCYLLA=host:port to run this suite on one)"
+async fn scylla_attempt_rows_expire_by_their_ttl() {
+    let node = CqlNode::shared();
+    let (cfg, _dir) = migrated(node, "ttl");
+    // A TTL of seconds (store.attempt_ttl is at least a minute in a config file; the store takes any).
+    let ttl = Duration::from_secs(4);
+    let store = ScyllaStore::connect(&cfg, ttl).await.unwrap();
+    let sub = Uuid::new_v4();
+    let now = now_ms();
+    // Ten fresh attempts, and ten written 2 s after they were made: those keep only the 2 s left.
+    let batch: Vec<AttemptRecord> = (0..20)
+        .map(|n| attempt(sub, if n < 10 { now } else { now - 2_000 }, n))
+        .collect();
+    store.write_attempts(&batch).await.unwrap();
+    let written = Instant::now();
+    let session = node.session().await;
+    let today = day_of(now);
+    let rows = raw_attempts(&session, &cfg.keyspace, sub, today - 1..=today).await;
+    assert_eq!(rows.len(), 20, "{rows:?}");
+    for (id, t) in &rows {
+        let n: u32 = id[4..].parse().unwrap();
+        let max = if n < 10 { 4 } else { 2 };
+        assert!(
+            t.is_some_and(|t| (1..=max).contains(&t)),
+            "{id}: TTL {t:?}, expected 1..={max} s"
         );
-        return;
+    }
+    assert_eq!(
+        store.attempts(sub, None, 100).await.unwrap().items.len(),
+        20
+    );
+
+    // Read back until the database has dropped them: the older ten first, then the rest.
+    let mut half = None;
+    let gone = loop {
+        let rows = raw_attempts(&session, &cfg.keyspace, sub, today - 1..=today).await;
+        if rows.len() <= 10 && half.is_none() {
+            assert!(
+                rows.iter()
+                    .all(|(id, _)| id[4..].parse::<u32>().unwrap() < 10),
+                "the fresh rows expired first: {rows:?}"
+            );
+            half = Some(written.elapsed());
+        }
+        if rows.is_empty() {
+            break written.elapsed();
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "attempt rows still in the database 10 s after a 4 s TTL: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let cfg = ScyllaConfig {
-        nodes: vec![node],
-        keyspace: format!("hookline_test_{}", Uuid::new_v4().simple()),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        ..ScyllaConfig::default()
+    let half = half.unwrap_or(gone);
+    assert!(
+        half >= Duration::from_millis(900),
+        "rows with 2 s left gone after {half:?}"
+    );
+    assert!(
+        gone >= Duration::from_millis(2_900),
+        "rows with a 4 s TTL gone after {gone:?}"
+    );
+    assert!(
+        store
+            .attempts(sub, None, 100)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    println!(
+        "{}: attempt rows with 2 s of TTL left gone from the database after {half:?}, with 4 s after {gone:?}",
+        node.label()
+    );
+}
+
+#[tokio::test]
+async fn scylla_consistency_levels_reach_the_database() {
+    let node = CqlNode::shared();
+    let (cfg, _dir) = migrated(node, "consistency");
+    // The keyspace has one replica: TWO cannot be met, ALL can (all = 1).
+    let with = |subs: Consistency, attempts: Consistency| ScyllaConfig {
+        consistency: subs,
+        attempt_consistency: attempts,
+        ..cfg.clone()
     };
-    migrate(&cfg).await.unwrap();
-    let store = ScyllaStore::connect(&cfg, TTL).await.unwrap();
-    writable_suite(&store).await;
-    println!("scylladb {}: conformance suite passed", cfg.nodes[0]);
+    let s = spec(1);
+    let a = attempt(s.id, now_ms(), 1);
+
+    let two = ScyllaStore::connect(&with(Consistency::Two, Consistency::LocalOne), TTL)
+        .await
+        .unwrap();
+    let e = two.put(&s).await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    let msg = e.to_string().to_ascii_lowercase();
+    assert!(msg.contains("consistency") && msg.contains("two"), "{e}");
+    assert!(
+        two.revision().await.is_err(),
+        "the revision read is at TWO too"
+    );
+    assert!(two.list().await.is_err(), "the full load is at TWO too");
+    // The attempt log has its own level.
+    two.write_attempts(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(two.attempts(s.id, None, 10).await.unwrap().items.len(), 1);
+
+    let attempts_two = ScyllaStore::connect(&with(Consistency::All, Consistency::Two), TTL)
+        .await
+        .unwrap();
+    attempts_two.put(&s).await.unwrap();
+    assert_eq!(attempts_two.get(s.id).await.unwrap().as_ref(), Some(&s));
+    assert!(attempts_two.write_attempts(&[a]).await.is_err());
+    assert!(attempts_two.attempts(s.id, None, 10).await.is_err());
+    println!(
+        "{}: subscription statements at TWO refused on one replica ({e}); attempt rows at LOCAL_ONE \
+         written; ALL accepted, attempt rows at TWO refused",
+        node.label()
+    );
+}
+
+const API_TOKEN: &str = "conformance-admin-token-0123456789";
+
+/// One instance's cached view of the subscriptions as far as its API shows it: for each id, whether the
+/// cache holds it (health's breaker is "disabled" otherwise) and its cached `adaptive_concurrency`;
+/// plus the cache's size (`hookline_subscriptions_cached`).
+async fn cached_view(
+    h: &Hookline,
+    api: &Api,
+    ids: &[String],
+) -> (usize, HashMap<String, Option<bool>>) {
+    let n = h.metric("hookline_subscriptions_cached").await as usize;
+    let healths = ids.iter().map(|id| async move {
+        let (st, health) = api.get(&format!("/v1/subscriptions/{id}/health")).await;
+        let cached = match st {
+            200 if health["breaker"] == "disabled" => None,
+            200 => Some(health["concurrency"]["adaptive"].as_bool().unwrap()),
+            404 => None,
+            _ => panic!("health of {id}: {st} {health}"),
+        };
+        (id.clone(), cached)
+    });
+    (
+        n,
+        futures_util::future::join_all(healths)
+            .await
+            .into_iter()
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_converge_after_20_concurrent_writers() {
+    let node = CqlNode::shared();
+    let broker = Broker::shared();
+    let topic = broker.topic("conv", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspace("converge");
+    let cfg = base_config(broker, &[&topic], &format!("g-{}", rand_suffix()));
+    let store = node.store_section(&ks, "");
+    let cli = dir.path().join("cli.toml");
+    std::fs::write(&cli, format!("{cfg}\n{store}")).unwrap();
+    node.migrate(&cli);
+    let mut h1 = Hookline::start_with_store(dir.path(), &cfg, &store, Some(API_TOKEN), &[]);
+    let mut h2 = Hookline::start_with_store(dir.path(), &cfg, &store, Some(API_TOKEN), &[]);
+    h1.wait_ready(Duration::from_secs(60)).await;
+    h2.wait_ready(Duration::from_secs(60)).await;
+    let apis = [Api::new(&h1, API_TOKEN), Api::new(&h2, API_TOKEN)];
+
+    // 20 subscriptions, then 20 writers, each through one instance or the other at random, each making
+    // 10 writes: PATCHes of enabled and adaptive_concurrency on subscriptions picked at random (so
+    // writers collide on the same rows through different instances), one create, and for half of the
+    // writers a delete of what they created.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (st, s) = apis[i % 2]
+            .post(
+                "/v1/subscriptions",
+                json!({"url": "https://hooks.example.com/conv", "event_types": [format!("conv.{i}")]}),
+            )
+            .await;
+        assert_eq!(st, 201, "{s}");
+        ids.push(s["id"].as_str().unwrap().to_string());
+    }
+    let t = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..20 {
+        let apis = [Api::new(&h1, API_TOKEN), Api::new(&h2, API_TOKEN)];
+        let ids = ids.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::new();
+            let mut created = None;
+            for round in 0..10 {
+                let api = &apis[rng.usize(..2)];
+                if round == 3 {
+                    let (st, s) = api
+                        .post(
+                            "/v1/subscriptions",
+                            json!({"url": "https://hooks.example.com/new", "event_types": ["conv.new"]}),
+                        )
+                        .await;
+                    assert_eq!(st, 201, "{s}");
+                    created = Some(s["id"].as_str().unwrap().to_string());
+                } else if round == 7 && w % 2 == 0 {
+                    let id = created.as_ref().unwrap();
+                    let (st, e) = api.delete(&format!("/v1/subscriptions/{id}")).await;
+                    assert_eq!(st, 204, "{e}");
+                } else {
+                    let id = &ids[rng.usize(..ids.len())];
+                    let (st, e) = api
+                        .patch(
+                            &format!("/v1/subscriptions/{id}"),
+                            json!({"enabled": rng.bool(), "adaptive_concurrency": rng.bool()}),
+                        )
+                        .await;
+                    assert_eq!(st, 200, "{e}");
+                }
+            }
+            created.unwrap()
+        }));
+    }
+    let mut all_ids = ids.clone();
+    for w in writers {
+        all_ids.push(w.await.unwrap());
+    }
+    let t0 = Instant::now();
+    let wrote = t0 - t;
+
+    // The final state, read from the store (the API's listing reads the store, not a cache).
+    let (st, page) = apis[0].get("/v1/subscriptions?limit=1000").await;
+    assert_eq!(st, 200, "{page}");
+    let listed = page["items"].as_array().unwrap();
+    assert_eq!(listed.len(), 30, "20 + 20 created − 10 deleted: {page}");
+    let mut want: HashMap<String, Option<bool>> = listed
+        .iter()
+        .map(|s| {
+            let id = s["id"].as_str().unwrap().to_string();
+            let cached = s["enabled"]
+                .as_bool()
+                .unwrap()
+                .then(|| s["adaptive_concurrency"].as_bool().unwrap());
+            (id, cached)
+        })
+        .collect();
+    let enabled = want.values().filter(|v| v.is_some()).count();
+    let disabled = ids.iter().filter(|id| want[*id].is_none()).count();
+    assert!(
+        disabled >= 3,
+        "the writers left only {disabled} of the first 20 disabled: too few to tell a stale cache"
+    );
+    // Deleted ones must be gone from every cache.
+    let deleted: Vec<String> = all_ids
+        .iter()
+        .filter(|id| !want.contains_key(*id))
+        .cloned()
+        .collect();
+    assert_eq!(deleted.len(), 10);
+    for id in &deleted {
+        want.insert(id.clone(), None);
+    }
+    let check: Vec<String> = want.keys().cloned().collect();
+
+    // Converged = a whole view matches (each view asks for all 30 at once, both instances in
+    // parallel); the time is when that view was complete, an upper bound: a view takes ~1 s here.
+    let views = || async {
+        let (a, b) = tokio::join!(
+            cached_view(&h1, &apis[0], &check),
+            cached_view(&h2, &apis[1], &check)
+        );
+        [a, b]
+    };
+    let mut converged: [Option<Duration>; 2] = [None, None];
+    let mut slowest_view = Duration::ZERO;
+    while converged.iter().any(Option::is_none) {
+        let v0 = Instant::now();
+        let got = views().await;
+        slowest_view = slowest_view.max(v0.elapsed());
+        for (i, (n, view)) in got.iter().enumerate() {
+            if converged[i].is_none() && *n == enabled && *view == want {
+                converged[i] = Some(t0.elapsed());
+            }
+        }
+        if converged.iter().any(Option::is_none) && t0.elapsed() > Duration::from_secs(5) {
+            let diff: Vec<String> = got
+                .iter()
+                .enumerate()
+                .map(|(i, (n, view))| {
+                    let wrong = view.iter().filter(|(k, v)| want[*k] != **v).count();
+                    format!(
+                        "instance {}: {n} cached (want {enabled}), {wrong} subscriptions differ",
+                        i + 1
+                    )
+                })
+                .collect();
+            panic!("caches did not converge within 5 s: {diff:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, t) in converged.iter().enumerate() {
+        let t = t.unwrap();
+        assert!(
+            t <= Duration::from_secs(5),
+            "instance {} converged only after {t:?}",
+            i + 1
+        );
+    }
+    // And stay converged (no later reload brings an older state back).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (i, (n, view)) in views().await.iter().enumerate() {
+        assert!(
+            *n == enabled && *view == want,
+            "instance {} diverged again",
+            i + 1
+        );
+    }
+    println!(
+        "{}: 20 writers × 10 writes through 2 instances in {wrote:?}; final state {enabled} of 30 \
+         enabled, 10 deleted; caches converged by {:?} (instance 1) and {:?} (instance 2) after the \
+         last write (upper bounds: one view of both caches took up to {slowest_view:?})",
+        node.label(),
+        converged[0].unwrap(),
+        converged[1].unwrap()
+    );
+    drop((h1, h2));
 }
 
 #[tokio::test]

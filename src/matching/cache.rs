@@ -156,8 +156,14 @@ impl Cache {
 
     /// Applies a write made through this instance at once (the other instances see it at their next
     /// revision poll). A disabled spec leaves the index.
+    ///
+    /// The write reached the store before this call, so a load that ran in between may already hold a
+    /// later write of another instance to the same subscription, under a revision that the next poll
+    /// would take as current. So a direct update also forgets the revision: the next poll reloads, and
+    /// this instance converges on the store's final state whatever the order of concurrent writers.
     pub async fn upsert(&self, spec: SubscriptionSpec) -> Result<(), LoadError> {
         let _swap = self.swap.lock().await;
+        *lock(&self.revision) = None;
         let old = self.index.load();
         let prev = old.get(&spec.id);
         let id = spec.id;
@@ -176,9 +182,10 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes a deleted subscription at once.
+    /// Removes a deleted subscription at once (and, as [`Cache::upsert`], reloads at the next poll).
     pub async fn remove(&self, id: uuid::Uuid) {
         let _swap = self.swap.lock().await;
+        *lock(&self.revision) = None;
         let old = self.index.load();
         if old.get(&id).is_none() {
             return;
@@ -286,5 +293,51 @@ mod tests {
         assert_eq!(backoff(i, 40), MAX_BACKOFF);
         // An interval longer than the cap is never shortened.
         assert_eq!(backoff(Duration::from_secs(30), 3), Duration::from_secs(30));
+    }
+
+    /// Two instances write the same subscription; this one's direct update arrives after a poll that
+    /// already loaded the other's later write. The next poll must reload (the revision alone would say
+    /// the cache is current), or the stale version would stay until the next full refresh.
+    #[tokio::test]
+    async fn a_late_direct_update_never_outlives_a_later_write_of_another_instance() {
+        use crate::store::sqlite::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("h.db"), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let cache = Cache::new(Defaults::default(), Arc::new(Metrics::new()));
+        let spec = |types: &str| {
+            let mut s = SubscriptionSpec::new(
+                "http://127.0.0.1:1/".into(),
+                vec![types.into()],
+                vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
+                now_ms(),
+            );
+            s.id = uuid::Uuid::from_u128(7);
+            s
+        };
+        let types = |c: &Cache| c.index().subscriptions()[0].spec.event_types[0].clone();
+        let full = Duration::from_secs(3600);
+        store.put(&spec("v0")).await.unwrap();
+        cache.refresh(&store).await.unwrap();
+        // This instance writes v1 to the store; before it applies v1 to its cache, another instance
+        // writes v2 and this instance's poll loads it.
+        store.put(&spec("v1")).await.unwrap();
+        store.put(&spec("v2")).await.unwrap();
+        assert!(cache.poll(&store, full).await.unwrap());
+        assert_eq!(types(&cache), "v2");
+        cache.upsert(spec("v1")).await.unwrap();
+        assert_eq!(types(&cache), "v1", "the direct update applies at once");
+        assert!(
+            cache.poll(&store, full).await.unwrap(),
+            "no reload after a direct update"
+        );
+        assert_eq!(types(&cache), "v2", "the cache kept a stale version");
+        assert!(!cache.poll(&store, full).await.unwrap(), "current again");
+        // The same for a delete that arrives late.
+        cache.remove(uuid::Uuid::from_u128(7)).await;
+        assert!(cache.index().subscriptions().is_empty());
+        assert!(cache.poll(&store, full).await.unwrap());
+        assert_eq!(types(&cache), "v2");
     }
 }

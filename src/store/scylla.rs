@@ -7,6 +7,12 @@
 //! poll for changes with one single-partition read instead of reloading everything. Attempts live in
 //! `delivery_attempts`, one partition per subscription and day, newest first, each row written with the
 //! remaining part of its time-to-live.
+//!
+//! Consistency per statement: the subscription statements and the revision register (writes, polls,
+//! loads, API reads) at `store.scylla.consistency` (LOCAL_QUORUM by default: read and write quorums
+//! overlap), the attempt rows and their reads at `store.scylla.attempt_consistency` (LOCAL_ONE). The CQL
+//! is plain and valid on ScyllaDB and Cassandra alike (no `USING TIMEOUT`, no `ALTER TABLE … IF NOT
+//! EXISTS`); the tests run it against Apache Cassandra 5.0.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,7 +31,7 @@ use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
 use crate::clock::now_ms;
-use crate::config::ScyllaConfig;
+use crate::config::{Consistency, ScyllaConfig};
 use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
 
 /// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.
@@ -148,21 +154,64 @@ async fn session(cfg: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session, 
         .map_err(|e| StoreError::unavailable(format!("cannot connect to {:?}: {e}", cfg.nodes)))
 }
 
-/// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements run.
+/// `hookline migrate`: creates the keyspace and tables if missing (idempotent). Returns the statements
+/// applied (a column that is already there counts as applied).
 pub async fn migrate(cfg: &ScyllaConfig) -> Result<usize, StoreError> {
     let s = session(cfg, None).await?;
     let stmts = schema_statements(&cfg.keyspace, &cfg.replication);
     for stmt in &stmts {
+        // CQL has no portable `ADD IF NOT EXISTS`: a column added by a later version is looked up in
+        // system_schema (the same on ScyllaDB and Cassandra) and only added when missing.
+        if let Some((ks, table, column)) = added_column(stmt)
+            && column_exists(&s, ks, table, column).await?
+        {
+            continue;
+        }
         if let Err(e) = s.query_unpaged(stmt.as_str(), ()).await {
-            // A column added by a later version that this database already has.
-            let added = stmt.to_ascii_lowercase().starts_with("alter table")
-                && e.to_string().contains("conflicts with an existing column");
-            if !added {
+            // Another migrate added it meanwhile (ScyllaDB and Cassandra word this differently).
+            let text = e.to_string();
+            let raced = added_column(stmt).is_some()
+                && (text.contains("conflicts with an existing column")
+                    || text.contains("already exists"));
+            if !raced {
                 return Err(StoreError::unavailable(format!("{e} in: {stmt}")));
             }
         }
     }
     Ok(stmts.len())
+}
+
+/// `(keyspace, table, column)` of an `ALTER TABLE ks.table ADD column type` statement.
+fn added_column(stmt: &str) -> Option<(&str, &str, &str)> {
+    let mut words = stmt.split_whitespace();
+    let is = |w: Option<&str>, want: &str| w.is_some_and(|w| w.eq_ignore_ascii_case(want));
+    if !(is(words.next(), "alter") && is(words.next(), "table")) {
+        return None;
+    }
+    let (ks, table) = words.next()?.split_once('.')?;
+    if !is(words.next(), "add") {
+        return None;
+    }
+    Some((ks, table, words.next()?))
+}
+
+async fn column_exists(
+    s: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    let res = s
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .map_err(StoreError::unavailable)?
+        .into_rows_result()
+        .map_err(StoreError::unavailable)?;
+    Ok(res.rows_num() > 0)
 }
 
 impl ScyllaStore {
@@ -178,7 +227,7 @@ impl ScyllaStore {
         };
         let mut list = prep(format!("SELECT {COLUMNS} FROM subscriptions")).await?;
         list.set_page_size(1000);
-        let st = Statements {
+        let mut st = Statements {
             list,
             get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
             put: prep(format!(
@@ -198,11 +247,34 @@ impl ScyllaStore {
             ))
             .await?,
         };
+        // Consistency per statement (README, "ScyllaDB consistency"): the subscriptions and the revision
+        // register at store.scylla.consistency for reads and writes alike, so that a poll that sees a
+        // new revision also lists the write behind it; the attempt log at attempt_consistency.
+        let subs = level(cfg.consistency);
+        for stmt in [
+            &mut st.list,
+            &mut st.get,
+            &mut st.put,
+            &mut st.delete,
+            &mut st.revision,
+            &mut st.bump,
+        ] {
+            stmt.set_consistency(subs);
+        }
+        let attempts = level(cfg.attempt_consistency);
+        st.insert_attempt.set_consistency(attempts);
+        st.attempts.set_consistency(attempts);
         Ok(ScyllaStore {
             session,
             st,
             ttl,
-            describe: format!("scylla {} keyspace {}", cfg.nodes.join(","), cfg.keyspace),
+            describe: format!(
+                "scylla {} keyspace {} (consistency {}, attempts {})",
+                cfg.nodes.join(","),
+                cfg.keyspace,
+                cfg.consistency,
+                cfg.attempt_consistency
+            ),
         })
     }
 
@@ -231,6 +303,20 @@ impl ScyllaStore {
             out.push(from_row(r.map_err(StoreError::unavailable)?)?);
         }
         Ok((out, more))
+    }
+}
+
+/// The driver's consistency level for a configured one.
+fn level(c: Consistency) -> scylla::statement::Consistency {
+    use scylla::statement::Consistency as C;
+    match c {
+        Consistency::One => C::One,
+        Consistency::Two => C::Two,
+        Consistency::Three => C::Three,
+        Consistency::Quorum => C::Quorum,
+        Consistency::All => C::All,
+        Consistency::LocalQuorum => C::LocalQuorum,
+        Consistency::LocalOne => C::LocalOne,
     }
 }
 
@@ -524,5 +610,19 @@ impl Store for ScyllaStore {
     async fn expire_attempts(&self) -> Result<u64, StoreError> {
         // Rows carry their own TTL.
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_columns_are_found_in_the_schema() {
+        let stmts = schema_statements("hl", "{'class': 'NetworkTopologyStrategy'}");
+        let added: Vec<_> = stmts.iter().filter_map(|s| added_column(s)).collect();
+        assert_eq!(added, [("hl", "subscriptions", "adaptive_concurrency")]);
+        assert_eq!(added_column("alter table a.b drop c"), None);
+        assert_eq!(added_column("CREATE TABLE a.b (c int PRIMARY KEY)"), None);
     }
 }

@@ -20,6 +20,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub mod cassandra;
 pub mod dns;
 pub mod phases;
 pub mod proxy;
