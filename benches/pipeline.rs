@@ -12,7 +12,7 @@
 //!   pairs, each run its own consumer group over the same pre-produced events, same broker, same
 //!   receiver), a **bare loop**: this binary re-run as a child process (`--bare-loop`) that does the least
 //!   a correct Kafka-to-webhook service must do — rdkafka consumer → JSON parse of id/type →
-//!   HMAC-SHA256 signature → HTTP/1.1 keep-alive POST (reqwest), concurrent, committing only the lowest
+//!   HMAC-SHA256 signature → HTTP/1.1 keep-alive POST (hyper's connection API, no pooling layer), concurrent, committing only the lowest
 //!   unfinished offset of each partition. Its CPU is measured the same way; the ratio is hookline's
 //!   deliveries per CPU-second over the bare loop's (median of the pairs). With `--compare-bin PATH`,
 //!   each pair also runs that hookline build (A C B), and `ratio_to_compare_bin` is this build's
@@ -417,7 +417,6 @@ async fn bare_loop(
         #[serde(rename = "type", borrow)]
         _ty: &'a str,
     }
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
@@ -430,10 +429,7 @@ async fn bare_loop(
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let consumer = Arc::new(consumer);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(ENDPOINT_MAX_IN_FLIGHT)
-        .build()
-        .unwrap();
+    let pool = Arc::new(Pool::new(url));
     let key = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).unwrap();
     // Per partition: offsets not yet finished, and the next offset after the highest seen.
     type Offsets = Arc<std::sync::Mutex<HashMap<i32, (BTreeSet<i64>, i64)>>>;
@@ -476,26 +472,24 @@ async fn bare_loop(
             e.1 = e.1.max(o + 1);
         }
         let permit = permits.clone().acquire_owned().await.unwrap();
-        let (client, key, offsets, done, url, requests) = (
-            client.clone(),
+        let (pool, key, offsets, done, requests) = (
+            pool.clone(),
             key.clone(),
             offsets.clone(),
             done.clone(),
-            url.to_string(),
             requests.clone(),
         );
         tokio::spawn(async move {
             let _permit = permit;
             let _request = requests.acquire().await;
             if let Ok(ev) = serde_json::from_slice::<Ev>(&body) {
-                let id = ev.id.to_string();
                 let ts = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap()
                     .as_secs()
                     .to_string();
                 let mut mac = key;
-                mac.update(id.as_bytes());
+                mac.update(ev.id.as_bytes());
                 mac.update(b".");
                 mac.update(ts.as_bytes());
                 mac.update(b".");
@@ -504,20 +498,72 @@ async fn bare_loop(
                     "v1,{}",
                     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
                 );
-                let _ = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("webhook-id", id)
+                let req = Request::post(pool.path.as_str())
+                    .header(hyper::header::HOST, pool.host.as_str())
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .header("webhook-id", ev.id)
                     .header("webhook-timestamp", ts)
                     .header("webhook-signature", sig)
-                    .body(body)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status());
+                    .body(http_body_util::Full::new(body.clone()))
+                    .unwrap();
+                let _ = pool.send(req).await;
             }
             offsets.lock().unwrap().get_mut(&p).map(|e| e.0.remove(&o));
             done.fetch_add(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// The bare loop's HTTP/1.1 keep-alive client: hyper's connection API directly (no pooling layer), a
+/// stack of idle connections, a new one when none is idle (at most `ENDPOINT_MAX_IN_FLIGHT`, bounded by
+/// the caller's semaphore). A connection is returned after its response body is read; one that fails is
+/// dropped.
+struct Pool {
+    addr: String,
+    host: String,
+    path: String,
+    idle: std::sync::Mutex<
+        Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+    >,
+}
+
+impl Pool {
+    fn new(url: &str) -> Pool {
+        let rest = url.strip_prefix("http://").expect("http:// URL");
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        Pool {
+            addr: host.to_string(),
+            host: host.to_string(),
+            path: format!("/{path}"),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn send(
+        &self,
+        req: Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
+        let idle = self.idle.lock().unwrap().pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => {
+                let tcp = tokio::net::TcpStream::connect(&self.addr).await?;
+                tcp.set_nodelay(true)?;
+                let (send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                        .await?;
+                tokio::spawn(conn);
+                send
+            }
+        };
+        conn.ready().await?;
+        let resp = conn.send_request(req).await?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        if (200..300).contains(&status) {
+            self.idle.lock().unwrap().push(conn);
+        }
+        Ok(status)
     }
 }
 
