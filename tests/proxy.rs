@@ -18,8 +18,7 @@ async fn deliveries_go_through_the_proxy_and_private_destinations_stay_refused()
     let topic = broker.topic("proxy", 1);
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("hookline test CA");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ca_file = ca.write_pem(dir.path());
     // user "hook", password "s3cr:t" → Basic aG9vazpzM2NyOnQ=
     let proxy = TestProxy::start(Some("Basic aG9vazpzM2NyOnQ=")).await;
     let (tls_recv, tls_stats) = Receiver::start_tls(

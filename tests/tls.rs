@@ -27,8 +27,7 @@ async fn https_deliveries_are_verified_reused_and_accept_ip_san_certificates() {
     let topic = broker.topic("tls", 1);
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("hookline test CA");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ca_file = ca.write_pem(dir.path());
 
     // One receiver by DNS name (localhost), one by IP literal with an IP SAN certificate.
     let (by_name, name_tls) = Receiver::start_tls(
@@ -70,23 +69,8 @@ async fn https_deliveries_are_verified_reused_and_accept_ip_san_certificates() {
     assert!(name_tls.failures().is_empty(), "{:?}", name_tls.failures());
 
     // The reference verifier checks every request that crossed TLS.
-    use base64::Engine;
     let reqs = by_name.received();
-    let dump: Vec<serde_json::Value> = reqs
-        .iter()
-        .map(|q| json!({"headers": q.headers, "body_b64": base64::engine::general_purpose::STANDARD.encode(&q.body)}))
-        .collect();
-    let path = dir.path().join("requests.json");
-    std::fs::write(&path, serde_json::to_vec(&dump).unwrap()).unwrap();
-    let out = std::process::Command::new(verifier_python())
-        .arg(repo_root().join("tests/support/verify_standardwebhooks.py"))
-        .arg(&path)
-        .arg(SECRET_A)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "verifier failed: {stdout}");
-    let counts: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (stdout, counts) = verify_standardwebhooks(dir.path(), &reqs, &[SECRET_A]);
     assert_eq!(counts[SECRET_A]["valid"], reqs.len() as u64, "{stdout}");
     assert!(!h.log().contains(SECRET_A), "secret in the log");
 }
@@ -98,8 +82,7 @@ async fn certificate_failures_are_attempt_failures_that_go_to_the_retry_tier() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("hookline test CA");
     let stranger = TestCa::new("someone else's CA");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ca_file = ca.write_pem(dir.path());
 
     // Wrong name: a certificate for localhost, reached as 127.0.0.1.
     let (wrong_name, _) = Receiver::start_tls(
@@ -186,8 +169,7 @@ async fn mutual_tls_client_certificates_set_through_the_api() {
     let mut env = SqliteEnv::new(1);
     let server_ca = TestCa::new("server CA");
     let client_ca = TestCa::new("client CA");
-    let ca_file = env.dir.path().join("ca.pem");
-    std::fs::write(&ca_file, server_ca.pem()).unwrap();
+    let ca_file = server_ca.write_pem(env.dir.path());
     env.cfg.push_str(&format!(
         "[delivery.tls]\nextra_ca_file = \"{}\"\n",
         ca_file.display()

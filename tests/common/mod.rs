@@ -1152,6 +1152,37 @@ pub fn verifier_python() -> PathBuf {
     p
 }
 
+/// Hands `reqs` to the reference Standard Webhooks verifier (tests/support/verify_standardwebhooks.py,
+/// a separate Python process), once per secret; asserts it ran and returns its stdout and its counts
+/// per secret (`counts[secret]["valid"]`).
+pub fn verify_standardwebhooks(
+    dir: &Path,
+    reqs: &[Received],
+    secrets: &[&str],
+) -> (String, serde_json::Value) {
+    use base64::Engine;
+    let dump: Vec<serde_json::Value> = reqs
+        .iter()
+        .map(|q| serde_json::json!({"headers": q.headers, "body_b64": base64::engine::general_purpose::STANDARD.encode(&q.body)}))
+        .collect();
+    let path = dir.join("requests.json");
+    std::fs::write(&path, serde_json::to_vec(&dump).unwrap()).unwrap();
+    let out = Command::new(verifier_python())
+        .arg(repo_root().join("tests/support/verify_standardwebhooks.py"))
+        .arg(&path)
+        .args(secrets)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "verifier failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    (stdout, counts)
+}
+
 pub fn plain_event(i: usize, ty: &str, tenant: Option<&str>) -> serde_json::Value {
     let mut v = serde_json::json!({"id": format!("evt-{i:05}"), "type": ty, "data": {"n": i}});
     if let Some(t) = tenant {

@@ -50,6 +50,13 @@ impl TestCa {
         self.issuer.pem()
     }
 
+    /// Writes the CA certificate to `dir/ca.pem` (for `[delivery.tls] extra_ca_file`) and returns the path.
+    pub fn write_pem(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
     pub fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
     }
