@@ -26,8 +26,8 @@ async fn fault_for_30s(name: &str, percent: u32) {
     let rx = Receiver::start_on(&ns.outer, |_| Reply::Status(200)).await;
     let group = format!("net-{}", rand_suffix());
     let cfg = fast_failover(&base_config(&broker, &[topic], &group), "classic").replace(
-        r#"allow_networks = ["127.0.0.0/8"]"#,
-        r#"allow_networks = ["127.0.0.0/8", "10.0.0.0/8"]"#,
+        r#"allow_networks = ["127.0.0.0/8", "::1/128"]"#,
+        r#"allow_networks = ["127.0.0.0/8", "::1/128", "10.0.0.0/8"]"#,
     );
     assert!(cfg.contains("10.0.0.0/8"));
     let subs = [sub(1, &rx.url(), &["order.*"])];

@@ -62,8 +62,10 @@ async fn private_destinations_get_no_request_without_an_allow_list() {
         .map(|(i, url, _)| sub(*i, url, &["*"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(broker, &["events"], "ssrf")
-        .replace("allow_networks = [\"127.0.0.0/8\"]", "allow_networks = []");
+    let cfg = base_config(broker, &["events"], "ssrf").replace(
+        "allow_networks = [\"127.0.0.0/8\", \"::1/128\"]",
+        "allow_networks = []",
+    );
     assert!(cfg.contains("allow_networks = []"));
     let mut h = Hookline::start(dir.path(), &cfg, &subs);
     h.wait_ready(Duration::from_secs(30)).await;

@@ -1086,7 +1086,7 @@ topic_prefix = "hl{}"
 tiers = ["1s", "2s", "3s"]
 partitions = 2
 [delivery]
-allow_networks = ["127.0.0.0/8"]
+allow_networks = ["127.0.0.0/8", "::1/128"]
 [log]
 level = "info"
 "#,
