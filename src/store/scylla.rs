@@ -621,7 +621,14 @@ mod tests {
     fn added_columns_are_found_in_the_schema() {
         let stmts = schema_statements("hl", "{'class': 'NetworkTopologyStrategy'}");
         let added: Vec<_> = stmts.iter().filter_map(|s| added_column(s)).collect();
-        assert_eq!(added, [("hl", "subscriptions", "adaptive_concurrency")]);
+        assert_eq!(
+            added,
+            [
+                ("hl", "subscriptions", "adaptive_concurrency"),
+                ("hl", "subscriptions", "tls_client_cert"),
+                ("hl", "subscriptions", "tls_client_key"),
+            ]
+        );
         assert_eq!(added_column("alter table a.b drop c"), None);
         assert_eq!(added_column("CREATE TABLE a.b (c int PRIMARY KEY)"), None);
     }
