@@ -614,7 +614,7 @@ async fn auth_validation_and_documented_routes() {
             "url",
         ),
         (
-            json!({"url": "http://[::1]:9/x", "event_types": ["a.b"]}),
+            json!({"url": "http://[fd00::1]:9/x", "event_types": ["a.b"]}),
             422,
             "url",
         ),
