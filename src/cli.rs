@@ -31,6 +31,8 @@ pub enum Command {
     Sign(SignArgs),
     /// Check a `webhook-signature` value against a body read from stdin (exit 0 valid, 1 invalid).
     Verify(VerifyArgs),
+    /// Make a new Ed25519 signing key; prints `{"signing_key": "whsk_…", "public_key": "whpk_…"}`.
+    Keygen,
 }
 
 #[derive(Debug, Args)]
@@ -156,7 +158,8 @@ pub enum DlqCommand {
 
 #[derive(Debug, Args)]
 pub struct SignArgs {
-    /// Signing secret, `whsec_<base64>`.
+    /// Signing secret `whsec_<base64>` (prints `v1,…`) or Ed25519 signing key `whsk_<base64>`
+    /// (prints `v1a,…`).
     #[arg(long)]
     pub secret: String,
     /// The `webhook-id` value.
@@ -169,13 +172,15 @@ pub struct SignArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    /// Signing secret `whsec_…` (checks `v1,` signatures), or Ed25519 public key `whpk_…` or signing
+    /// key `whsk_…` (checks `v1a,` signatures).
     #[arg(long)]
     pub secret: String,
     #[arg(long)]
     pub id: String,
     #[arg(long)]
     pub timestamp: u64,
-    /// The `webhook-signature` header value (one or more space-separated `v1,…`).
+    /// The `webhook-signature` header value (one or more space-separated `v1,…` / `v1a,…`).
     #[arg(long)]
     pub signature: String,
     /// Also reject timestamps further than this many seconds from now (Standard Webhooks uses 300).

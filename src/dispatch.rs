@@ -158,7 +158,7 @@ impl Dispatcher {
                 self.to_tier(&failure, tier, true).await
             }
             Outcome::Retry { retry_after } => {
-                match next_tier(failure.attempts, retry_after, &self.tier_delays) {
+                match next_tier(failure.attempts, retry_after, &self.tier_delays, &sub.retry) {
                     Next::Tier(t) => self.to_tier(&failure, t, false).await,
                     Next::DeadLetter => {
                         self.publisher
@@ -230,6 +230,7 @@ pub fn log_result(r: &AttemptResult, outcome: Outcome) -> &'static str {
         (_, Outcome::Rejected) => "rejected",
         (AttemptResult::Timeout, _) => "timeout",
         (AttemptResult::Connect(_), _) => "connect_error",
+        (AttemptResult::Auth(_), _) => "auth_error",
         (AttemptResult::CircuitOpen, _) => "circuit_open",
         (AttemptResult::Deferred(_), _) => "deferred",
         (AttemptResult::Status { .. }, Outcome::Retry { .. }) => "failed",

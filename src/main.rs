@@ -15,7 +15,7 @@ use hookline::config::{Config, LogFormat};
 use hookline::deliver::sign;
 use hookline::manage;
 use hookline::model::Pattern;
-use hookline::model::SigningKey;
+use hookline::model::{Ed25519Key, SigningKey, generate_signing_key, parse_public_key};
 use hookline::pipeline::{self, RunError};
 use hookline::replay;
 
@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         }
         Command::Sign(args) => sign_cmd(args),
         Command::Verify(args) => verify_cmd(args),
+        Command::Keygen => keygen_cmd(),
     }
 }
 
@@ -195,12 +196,32 @@ fn read_stdin() -> Result<Vec<u8>, ExitCode> {
     Ok(body)
 }
 
-fn key(secret: &str) -> Result<SigningKey, ExitCode> {
-    SigningKey::parse(secret).map_err(|m| fail(2, format!("--secret: {m}")))
+/// What `--secret` holds: an HMAC secret, an Ed25519 signing key, or (verify only) a public key.
+enum Key {
+    Hmac(SigningKey),
+    Ed25519(Ed25519Key),
+    Public([u8; 32]),
+}
+
+fn key(secret: &str, public_ok: bool) -> Result<Key, ExitCode> {
+    let parsed = if secret.starts_with("whsk_") {
+        Ed25519Key::parse(secret).map(Key::Ed25519)
+    } else if secret.starts_with("whpk_") {
+        if !public_ok {
+            return Err(fail(
+                2,
+                "--secret: a public key (whpk_) verifies but cannot sign; give the whsk_ key",
+            ));
+        }
+        parse_public_key(secret).map(Key::Public)
+    } else {
+        SigningKey::parse(secret).map(Key::Hmac)
+    };
+    parsed.map_err(|m| fail(2, format!("--secret: {m}")))
 }
 
 fn sign_cmd(a: SignArgs) -> ExitCode {
-    let k = match key(&a.secret) {
+    let k = match key(&a.secret, false) {
         Ok(k) => k,
         Err(c) => return c,
     };
@@ -214,13 +235,35 @@ fn sign_cmd(a: SignArgs) -> ExitCode {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     });
-    let sig = sign::signature_header(std::slice::from_ref(&k), a.id.as_bytes(), ts, &body);
+    let sig = match &k {
+        Key::Hmac(k) => {
+            sign::signature_header(std::slice::from_ref(k), [], a.id.as_bytes(), ts, &body)
+        }
+        Key::Ed25519(k) => {
+            sign::signature_header([], std::slice::from_ref(k), a.id.as_bytes(), ts, &body)
+        }
+        Key::Public(_) => return fail(2, "--secret: a public key cannot sign"),
+    };
     println!("{}", String::from_utf8_lossy(sig.as_bytes()));
     ExitCode::SUCCESS
 }
 
+fn keygen_cmd() -> ExitCode {
+    let made = generate_signing_key().and_then(|k| Ed25519Key::parse(&k).map(|p| (k, p)));
+    match made {
+        Ok((secret, pair)) => {
+            println!(
+                "{}",
+                serde_json::json!({"signing_key": secret, "public_key": pair.public_key()})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
 fn verify_cmd(a: VerifyArgs) -> ExitCode {
-    let k = match key(&a.secret) {
+    let k = match key(&a.secret, true) {
         Ok(k) => k,
         Err(c) => return c,
     };
@@ -238,7 +281,16 @@ fn verify_cmd(a: VerifyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    if sign::verify(&k, a.id.as_bytes(), a.timestamp, &a.signature, &body) {
+    let (id, ts, sig) = (a.id.as_bytes(), a.timestamp, a.signature.as_str());
+    let valid = match &k {
+        Key::Hmac(k) => sign::verify(k, id, ts, sig, &body),
+        Key::Ed25519(k) => match parse_public_key(&k.public_key()) {
+            Ok(p) => sign::verify_v1a(&p, id, ts, sig, &body),
+            Err(_) => false,
+        },
+        Key::Public(p) => sign::verify_v1a(p, id, ts, sig, &body),
+    };
+    if valid {
         println!("valid");
         ExitCode::SUCCESS
     } else {

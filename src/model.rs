@@ -78,10 +78,19 @@ pub struct SubscriptionSpec {
     pub event_types: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<BTreeMap<String, serde_json::Value>>,
+    /// HMAC secrets (`whsec_…`), each signing `v1,`; may be empty when `signing_keys` sign instead.
+    #[serde(default)]
     pub secrets: Vec<String>,
     /// Secrets replaced by a rotation that still sign until their expiry (the grace period).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_secrets: Vec<RetiredSecret>,
+    /// Ed25519 secret keys (`whsk_…`), each signing `v1a,` (Standard Webhooks asymmetric signatures);
+    /// kept like secrets. Receivers verify with the public keys (`whpk_…`) the API shows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_keys: Vec<String>,
+    /// Signing keys replaced by a rotation that still sign until their expiry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_signing_keys: Vec<RetiredSecret>,
     #[serde(default = "yes")]
     pub enabled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +106,19 @@ pub struct SubscriptionSpec {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Extra headers whose values are secrets (an API key): sent like `headers`, write-only in the
+    /// API (reads show the names), redacted in debug output.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_headers: BTreeMap<String, String>,
+    /// OAuth2 client credentials: each request carries a bearer token fetched from `token_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Spec>,
+    /// The retry tiers this subscription uses, a subset of `retry.tiers` in their order (default all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_tiers: Option<Vec<String>>,
+    /// Attempts in all (1 = no retry): the first `max_attempts - 1` tiers. Not with `retry_tiers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     /// Client certificate chain (PEM) for mutual TLS; with `tls_client_key`. Write-only in the API
     /// (which shows `tls_client_cert_expires_at`), redacted in debug output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +153,8 @@ impl SubscriptionSpec {
             filter: None,
             secrets,
             retired_secrets: Vec::new(),
+            signing_keys: Vec::new(),
+            retired_signing_keys: Vec::new(),
             enabled: true,
             rate_limit_per_sec: None,
             burst: None,
@@ -138,11 +162,46 @@ impl SubscriptionSpec {
             adaptive_concurrency: true,
             timeout_ms: None,
             headers: BTreeMap::new(),
+            secret_headers: BTreeMap::new(),
+            oauth2: None,
+            retry_tiers: None,
+            max_attempts: None,
             tls_client_cert: None,
             tls_client_key: None,
             created_at: Some(now.clone()),
             updated_at: Some(now),
         }
+    }
+}
+
+/// OAuth2 client credentials (RFC 6749 §4.4) of a subscription: the token endpoint, the client, and
+/// what to ask for. The client authenticates with HTTP Basic (`client_secret_basic`) unless
+/// `client_auth` is `"post"` (`client_secret_post`, the credentials in the form).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Spec {
+    pub token_url: String,
+    pub client_id: String,
+    /// Write-only in the API, redacted in debug output.
+    pub client_secret: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<String>,
+}
+
+impl std::fmt::Debug for OAuth2Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth2Spec")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .field("audience", &self.audience)
+            .field("client_auth", &self.client_auth)
+            .finish()
     }
 }
 
@@ -202,6 +261,11 @@ impl std::fmt::Debug for SubscriptionSpec {
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
             .field("retired_secrets", &self.retired_secrets)
+            .field(
+                "signing_keys",
+                &format_args!("<{} redacted>", self.signing_keys.len()),
+            )
+            .field("retired_signing_keys", &self.retired_signing_keys)
             .field("enabled", &self.enabled)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("burst", &self.burst)
@@ -209,6 +273,13 @@ impl std::fmt::Debug for SubscriptionSpec {
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("timeout_ms", &self.timeout_ms)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "secret_headers",
+                &self.secret_headers.keys().collect::<Vec<_>>(),
+            )
+            .field("oauth2", &self.oauth2)
+            .field("retry_tiers", &self.retry_tiers)
+            .field("max_attempts", &self.max_attempts)
             .field(
                 "tls_client_cert",
                 &self.tls_client_cert.as_ref().map(|_| "<redacted>"),
@@ -302,6 +373,75 @@ impl SigningKey {
         let mac = HmacSha256::new_from_slice(&key).map_err(|e| e.to_string())?;
         Ok(SigningKey(mac))
     }
+}
+
+/// An Ed25519 signing key `whsk_<base64>` (the 32-byte seed; the 64-byte seed‖public form of
+/// libsodium is accepted too), prepared once. Its public key is `whpk_<base64 of 32 bytes>`.
+#[derive(Clone)]
+pub struct Ed25519Key(pub Arc<ring::signature::Ed25519KeyPair>);
+
+impl std::fmt::Debug for Ed25519Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ed25519Key(<redacted>)")
+    }
+}
+
+impl Ed25519Key {
+    pub fn parse(key: &str) -> Result<Ed25519Key, String> {
+        use base64::Engine;
+        use ring::signature::Ed25519KeyPair;
+        let b64 = key
+            .strip_prefix("whsk_")
+            .ok_or_else(|| "must start with \"whsk_\"".to_string())?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "the part after \"whsk_\" is not valid base64".to_string())?;
+        let pair = match raw.len() {
+            32 => Ed25519KeyPair::from_seed_unchecked(&raw),
+            64 => Ed25519KeyPair::from_seed_and_public_key(&raw[..32], &raw[32..]),
+            n => {
+                return Err(format!(
+                    "an Ed25519 key is 32 bytes (or 64: seed and public key), got {n}"
+                ));
+            }
+        }
+        .map_err(|_| "not a valid Ed25519 key (the public half does not match)".to_string())?;
+        Ok(Ed25519Key(Arc::new(pair)))
+    }
+
+    /// `whpk_<base64>` of the public key.
+    pub fn public_key(&self) -> String {
+        use base64::Engine;
+        use ring::signature::KeyPair;
+        format!(
+            "whpk_{}",
+            base64::engine::general_purpose::STANDARD.encode(self.0.public_key().as_ref())
+        )
+    }
+}
+
+/// A new Ed25519 signing key: `whsk_` + base64 of a random 32-byte seed.
+pub fn generate_signing_key() -> Result<String, String> {
+    use base64::Engine;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| format!("no randomness available: {e}"))?;
+    Ok(format!(
+        "whsk_{}",
+        base64::engine::general_purpose::STANDARD.encode(seed)
+    ))
+}
+
+/// The 32 bytes of a public key `whpk_<base64>`.
+pub fn parse_public_key(key: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let b64 = key
+        .strip_prefix("whpk_")
+        .ok_or_else(|| "must start with \"whpk_\"".to_string())?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| "the part after \"whpk_\" is not valid base64".to_string())?;
+    raw.try_into()
+        .map_err(|r: Vec<u8>| format!("an Ed25519 public key is 32 bytes, got {}", r.len()))
 }
 
 /// What happened to a delivery before this attempt (all zero/`None` for a record from the source).

@@ -51,6 +51,12 @@ pub fn defaults(config: &Config) -> Defaults {
             half_open_probes: b.half_open_probes,
         },
         share: Default::default(),
+        tiers: config
+            .tiers()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| (t.name.into_boxed_str(), t.delay))
+            .collect(),
     }
 }
 

@@ -546,7 +546,7 @@ async fn auth_validation_and_documented_routes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 12);
+    assert_eq!(checked, 13);
 
     // Bad input: 4xx naming the field, nothing written.
     let rx = Receiver::ok().await;
@@ -680,6 +680,82 @@ async fn auth_validation_and_documented_routes() {
             400,
             "tenant",
         ),
+        // Issue 22: signing keys, secret headers, OAuth2, retry schedules.
+        (
+            json!({"url": url, "event_types": ["a.b"], "secrets": []}),
+            422,
+            "secrets",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "signing_keys": ["whsk_AAAA"]}),
+            422,
+            "signing_keys[0]",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "generate_signing_key": "yes"}),
+            400,
+            "generate_signing_key",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "secret_headers": {"host": "x"}}),
+            422,
+            "secret_headers.host",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "headers": {"x-k": "a"}, "secret_headers": {"X-K": "b"}}),
+            422,
+            "secret_headers.X-K",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "oauth2": {"token_url": "http://127.0.0.1:9/t", "client_id": "c"}}),
+            400,
+            "oauth2.client_secret",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "oauth2": {"token_url": "http://127.0.0.1:9/t", "client_id": "c", "client_secret": "s", "grant": "x"}}),
+            400,
+            "oauth2.grant",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "oauth2": {"token_url": "http://10.0.0.1/t", "client_id": "c", "client_secret": "s"}}),
+            422,
+            "oauth2.token_url",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "oauth2": {"token_url": "http://127.0.0.1:9/t", "client_id": "c", "client_secret": "s", "scopes": ["a b"]}}),
+            422,
+            "oauth2.scopes[0]",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "headers": {"authorization": "Basic x"}, "oauth2": {"token_url": "http://127.0.0.1:9/t", "client_id": "c", "client_secret": "s"}}),
+            422,
+            "headers.authorization",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "retry_tiers": ["7s"]}),
+            422,
+            "retry_tiers[0]",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "retry_tiers": ["2s", "1s"]}),
+            422,
+            "retry_tiers[1]",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "retry_tiers": []}),
+            422,
+            "retry_tiers",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "max_attempts": 5}),
+            422,
+            "max_attempts",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "max_attempts": 2, "retry_tiers": ["1s"]}),
+            422,
+            "max_attempts",
+        ),
     ];
     for (body, status, field) in &cases {
         let (st, e) = api.post("/v1/subscriptions", body.clone()).await;
@@ -755,6 +831,76 @@ async fn auth_validation_and_documented_routes() {
         )
         .await;
     assert_eq!((st, e["field"].as_str()), (422, Some("secret")));
+    let (st, e) = api
+        .post(
+            &format!("/v1/subscriptions/{id}/rotate-signing-key"),
+            json!({"signing_key": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}),
+        )
+        .await;
+    assert_eq!((st, e["field"].as_str()), (422, Some("signing_key")));
+    for (body, field) in [
+        (json!({"signing_keys": []}), "signing_keys"),
+        (
+            json!({"generate_signing_key": true}),
+            "generate_signing_key",
+        ),
+    ] {
+        let (st, e) = api.patch(&format!("/v1/subscriptions/{id}"), body).await;
+        assert_eq!((st, e["field"].as_str()), (400, Some(field)), "{e}");
+    }
+
+    // Write-only values never come back; the schedule and the OAuth2 settings do.
+    let (st, w) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({
+                "secret_headers": {"x-api-key": "api-key-value-1"},
+                "oauth2": {"token_url": "http://127.0.0.1:9/token", "client_id": "cid", "client_secret": "client-secret-1", "scopes": ["a"]},
+                "retry_tiers": ["1s", "3s"],
+            }),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    let (_, read) = api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(read["secret_header_names"], json!(["x-api-key"]));
+    assert_eq!(
+        read["oauth2"],
+        json!({"token_url": "http://127.0.0.1:9/token", "client_id": "cid", "scopes": ["a"], "audience": null, "client_auth": "basic"})
+    );
+    assert_eq!(read["retry_tiers"], json!(["1s", "3s"]));
+    assert_eq!(read["retry_schedule"], json!(["1s", "3s"]));
+    for text in [w.to_string(), read.to_string()] {
+        assert!(
+            !text.contains("api-key-value-1") && !text.contains("client-secret-1"),
+            "{text}"
+        );
+    }
+    // A PATCH of the OAuth2 settings without client_secret keeps the stored one (still valid), and
+    // max_attempts replaces retry_tiers once that is cleared.
+    let (st, w) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({"oauth2": {"token_url": "http://127.0.0.1:9/token2", "client_id": "cid"}, "retry_tiers": null, "max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    assert_eq!(w["oauth2"]["token_url"], "http://127.0.0.1:9/token2");
+    assert_eq!(w["retry_schedule"], json!(["1s"]));
+    let (st, w) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({"oauth2": null, "secret_headers": null, "max_attempts": null}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    assert_eq!(
+        (
+            &w["oauth2"],
+            &w["secret_header_names"],
+            &w["retry_schedule"]
+        ),
+        (&json!(null), &json!([]), &json!(["1s", "2s", "3s"]))
+    );
     // Pagination of the listing.
     for i in 0..4 {
         let (st, _) = api

@@ -333,9 +333,10 @@ async fn exported_lag_equals_the_backlog_and_drains_to_zero() {
     h.wait_exit(Duration::from_secs(20));
 }
 
-/// Must show 5: with every log level on (trace, JSON) and a workload that signs with two secrets, sends
-/// a secret extra header, retries and dead-letters, no secret, signature or token value appears in any
-/// log line.
+/// Must show 5: with every log level on (trace, JSON) and a workload that signs with two secrets and an
+/// Ed25519 key, sends a secret extra header and a `secret_headers` value, fetches OAuth2 tokens,
+/// retries and dead-letters, no secret, private key, client secret, signature or token value appears
+/// in any log line (issue 22, must show 4, extends this test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
     let broker = Broker::shared();
@@ -346,6 +347,10 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
     let rejecting = Receiver::start(|_| Reply::Status(400)).await;
     const HEADER_SECRET: &str = "hdr-value-c2VjcmV0LWhlYWRlcg";
     const ADMIN_TOKEN: &str = "admin-token-dG9rZW4tc2VjcmV0";
+    const SECRET_HEADER: &str = "secret-hdr-c2VjcmV0X2hlYWRlcnM";
+    // RFC 8032 test 1's seed: any fixed key does.
+    const ED_KEY: &str = "whsk_nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=";
+    let tokens = common::oauth::TokenServer::start(3600).await;
     let cfg = base_config(broker, &["secrets"], "sec1").replace(
         "[log]\nlevel = \"info\"",
         "[log]\nlevel = \"trace\"\nformat = \"json\"",
@@ -359,7 +364,10 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
     ];
     for s in &mut subs {
         s["secrets"] = serde_json::json!([SECRET_A, SECRET_B]);
+        s["signing_keys"] = serde_json::json!([ED_KEY]);
         s["headers"] = serde_json::json!({"x-api-key": HEADER_SECRET});
+        s["secret_headers"] = serde_json::json!({"x-secret": SECRET_HEADER});
+        s["oauth2"] = tokens.subscription_settings();
     }
     let mut h = Hookline::start_with_env(
         dir.path(),
@@ -413,7 +421,14 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
         SECRET_B.trim_start_matches("whsec_").into(),
         HEADER_SECRET.into(),
         ADMIN_TOKEN.into(),
+        SECRET_HEADER.into(),
+        ED_KEY.into(),
+        ED_KEY.trim_start_matches("whsk_").into(),
+        common::oauth::CLIENT_SECRET.into(),
     ];
+    let issued = tokens.issued();
+    assert!(!issued.is_empty(), "tokens were fetched");
+    forbidden.extend(issued);
     let mut signatures = 0;
     for r in ok
         .received()
@@ -422,14 +437,20 @@ async fn no_secret_or_signature_in_any_log_line_at_trace_level() {
         .chain(rejecting.received().iter())
     {
         assert_eq!(r.headers["x-api-key"], HEADER_SECRET, "the header was sent");
+        assert_eq!(
+            r.headers["x-secret"], SECRET_HEADER,
+            "the secret header was sent"
+        );
+        assert!(r.headers["authorization"].starts_with("Bearer tok"));
+        assert_eq!(r.headers["webhook-signature"].matches("v1a,").count(), 1);
         for sig in r.headers["webhook-signature"].split(' ') {
-            let value = sig.trim_start_matches("v1,");
+            let value = sig.trim_start_matches("v1,").trim_start_matches("v1a,");
             assert!(value.len() >= 40, "{sig}");
             forbidden.push(value.to_string());
             signatures += 1;
         }
     }
-    assert!(signatures >= 2 * 12, "two signatures per request");
+    assert!(signatures >= 3 * 12, "three signatures per request");
     for (n, line) in log.lines().enumerate() {
         for f in &forbidden {
             assert!(

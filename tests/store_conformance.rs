@@ -16,7 +16,7 @@ use common::{Api, Broker, Hookline, base_config, rand_suffix};
 use futures_util::StreamExt;
 use hookline::clock::now_ms;
 use hookline::config::{Consistency, ScyllaConfig};
-use hookline::model::{RetiredSecret, SubscriptionSpec, rfc3339_ms};
+use hookline::model::{OAuth2Spec, RetiredSecret, SubscriptionSpec, rfc3339_ms};
 use hookline::store::scylla::ScyllaStore;
 use hookline::store::sqlite::SqliteStore;
 use hookline::store::yaml::YamlStore;
@@ -70,6 +70,40 @@ fn spec(i: u32) -> SubscriptionSpec {
             .then(|| format!("-----BEGIN CERTIFICATE-----\ncert-{i}\n-----END CERTIFICATE-----\n")),
         tls_client_key: (i % 4 == 1)
             .then(|| format!("-----BEGIN PRIVATE KEY-----\nkey-{i}\n-----END PRIVATE KEY-----\n")),
+        signing_keys: if i % 4 == 2 {
+            vec![format!("whsk_key{i}")]
+        } else {
+            vec![]
+        },
+        retired_signing_keys: if i % 8 == 2 {
+            vec![RetiredSecret {
+                secret: format!("whsk_old{i}"),
+                expires_at: rfc3339_ms(t + 3_600_000),
+            }]
+        } else {
+            vec![]
+        },
+        secret_headers: if i.is_multiple_of(3) {
+            [("x-api-key".to_string(), format!("key-{i}"))].into()
+        } else {
+            BTreeMap::new()
+        },
+        oauth2: (i % 5 == 1).then(|| OAuth2Spec {
+            token_url: format!("https://auth.example.com/{i}/token"),
+            client_id: format!("client-{i}"),
+            client_secret: format!("secret-{i}"),
+            scopes: if i.is_multiple_of(2) {
+                vec![]
+            } else {
+                vec!["a".into(), "b:c".into()]
+            },
+            audience: i
+                .is_multiple_of(3)
+                .then(|| "https://api.example.com".to_string()),
+            client_auth: i.is_multiple_of(4).then(|| "post".to_string()),
+        }),
+        retry_tiers: (i % 6 == 1).then(|| vec!["1m".to_string(), "30m".to_string()]),
+        max_attempts: (i % 6 == 3).then_some(2),
         created_at: Some(rfc3339_ms(t)),
         updated_at: Some(rfc3339_ms(t + u64::from(i))),
     }
@@ -332,8 +366,8 @@ fn migrated(node: &CqlNode, base: &str) -> (ScyllaConfig, tempfile::TempDir) {
     for _ in 0..2 {
         let out = node.migrate(&cli);
         assert!(
-            out.contains("7 schema statements applied"),
-            "CREATE KEYSPACE, 3 tables, 3 columns added later: {out}"
+            out.contains("13 schema statements applied"),
+            "CREATE KEYSPACE, 3 tables, 9 columns added later: {out}"
         );
     }
     (node.scylla_config(&ks), dir)

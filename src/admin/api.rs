@@ -7,7 +7,10 @@
 //! Syntax and type errors are 400, values that parse but are not acceptable are 422, and nothing is
 //! written unless the whole request is valid.
 //!
-//! Secrets are returned only when they are created (POST, rotate-secret); reads show how many there are.
+//! Secrets and signing keys are returned only when they are created (POST, rotate-secret,
+//! rotate-signing-key); reads show how many secrets there are and the signing keys' public halves
+//! (`whpk_…`). The OAuth2 client secret, the client certificate's key and `secret_headers` values are
+//! write-only: reads show the OAuth2 settings without the secret and the secret headers' names.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -32,9 +35,10 @@ use crate::deliver::outcome::{AttemptResult, classify};
 use crate::deliver::policy::AddressPolicy;
 use crate::dispatch::log_result;
 use crate::matching::Subscription;
+use crate::matching::subscription::retry_schedule;
 use crate::model::{
-    Encoding, Event, Origin, RetiredSecret, SigningKey, SubscriptionSpec, generate_secret,
-    parse_rfc3339_ms, rfc3339_ms, webhook_id,
+    Ed25519Key, Encoding, Event, OAuth2Spec, Origin, RetiredSecret, SigningKey, SubscriptionSpec,
+    generate_secret, generate_signing_key, parse_rfc3339_ms, rfc3339_ms, webhook_id,
 };
 use crate::registry::{Registry, WriteError};
 use crate::store::{AttemptRecord, StoreError};
@@ -79,6 +83,11 @@ pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             Method::POST,
             "/v1/subscriptions/{id}/rotate-secret",
             post(rotate),
+        ),
+        (
+            Method::POST,
+            "/v1/subscriptions/{id}/rotate-signing-key",
+            post(rotate_signing_key),
         ),
         (Method::POST, "/v1/subscriptions/{id}/test", post(test)),
         (Method::GET, "/v1/subscriptions/{id}/health", get(health)),
@@ -324,6 +333,33 @@ fn apply(
                     "cannot be changed by PATCH; use POST /v1/subscriptions/{id}/rotate-secret",
                 ));
             }
+            "signing_keys" if creating => spec.signing_keys = want_strings(v, f)?,
+            "generate_signing_key" if creating => {
+                if v.as_bool()
+                    .ok_or_else(|| ApiError::bad(f, "must be true or false"))?
+                {
+                    spec.signing_keys.push(
+                        generate_signing_key().map_err(|m| {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m)
+                        })?,
+                    );
+                }
+            }
+            "signing_keys" | "generate_signing_key" => {
+                return Err(ApiError::bad(
+                    f,
+                    "cannot be changed by PATCH; use POST /v1/subscriptions/{id}/rotate-signing-key",
+                ));
+            }
+            "oauth2" if null => spec.oauth2 = None,
+            "oauth2" => spec.oauth2 = Some(oauth2_of(v, spec.oauth2.take())?),
+            "retry_tiers" if null => spec.retry_tiers = None,
+            "retry_tiers" => spec.retry_tiers = Some(want_strings(v, f)?),
+            "max_attempts" if null => spec.max_attempts = None,
+            "max_attempts" => spec.max_attempts = Some(want_uint(&v, f, u32::MAX as u64)? as u32),
+            // Write-only: replaced as a whole, cleared with null.
+            "secret_headers" if null => spec.secret_headers.clear(),
+            "secret_headers" => spec.secret_headers = string_map(v, f)?,
             "enabled" => {
                 spec.enabled = v
                     .as_bool()
@@ -356,27 +392,16 @@ fn apply(
             "tls_client_key" if null => spec.tls_client_key = None,
             "tls_client_key" => spec.tls_client_key = Some(want_string(v, f)?),
             "headers" if null => spec.headers.clear(),
-            "headers" => match v {
-                Value::Object(m) => {
-                    let mut h = BTreeMap::new();
-                    for (name, val) in m {
-                        let field = format!("headers.{name}");
-                        h.insert(name, want_string(val, &field)?);
-                    }
-                    spec.headers = h;
-                }
-                other => {
-                    return Err(ApiError::bad(
-                        f,
-                        format!("must be an object of strings, got {}", json_type(&other)),
-                    ));
-                }
-            },
+            "headers" => spec.headers = string_map(v, f)?,
             "id"
             | "created_at"
             | "updated_at"
             | "retired_secrets"
             | "secret_count"
+            | "public_keys"
+            | "retired_signing_keys"
+            | "secret_header_names"
+            | "retry_schedule"
             | "tls_client_cert_expires_at" => {
                 return Err(ApiError::bad(f, "is read-only"));
             }
@@ -386,13 +411,81 @@ fn apply(
     Ok(())
 }
 
+/// An object of strings (`headers`, `secret_headers`); errors name `field.name`.
+fn string_map(v: Value, field: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    match v {
+        Value::Object(m) => m
+            .into_iter()
+            .map(|(name, val)| {
+                let f = format!("{field}.{name}");
+                want_string(val, &f).map(|s| (name, s))
+            })
+            .collect(),
+        other => Err(ApiError::bad(
+            field,
+            format!("must be an object of strings, got {}", json_type(&other)),
+        )),
+    }
+}
+
+/// The `oauth2` object. `client_secret` is write-only: a PATCH that leaves it out keeps the stored one.
+fn oauth2_of(v: Value, old: Option<OAuth2Spec>) -> Result<OAuth2Spec, ApiError> {
+    let Value::Object(m) = v else {
+        return Err(ApiError::bad(
+            "oauth2",
+            format!("must be an object or null, got {}", json_type(&v)),
+        ));
+    };
+    let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
+    let mut scopes = Vec::new();
+    let (mut audience, mut client_auth) = (None, None);
+    for (k, v) in m {
+        let f = format!("oauth2.{k}");
+        let null = v.is_null();
+        match k.as_str() {
+            "token_url" => token_url = Some(want_string(v, &f)?),
+            "client_id" => client_id = Some(want_string(v, &f)?),
+            "client_secret" => client_secret = Some(want_string(v, &f)?),
+            "scopes" if null => {}
+            "scopes" => scopes = want_strings(v, &f)?,
+            "audience" if null => {}
+            "audience" => audience = Some(want_string(v, &f)?),
+            "client_auth" if null => {}
+            "client_auth" => client_auth = Some(want_string(v, &f)?),
+            _ => return Err(ApiError::bad(&f, "unknown field")),
+        }
+    }
+    let client_secret = client_secret
+        .or(old.map(|o| o.client_secret))
+        .ok_or_else(|| ApiError::bad("oauth2.client_secret", "is required"))?;
+    Ok(OAuth2Spec {
+        token_url: token_url.ok_or_else(|| ApiError::bad("oauth2.token_url", "is required"))?,
+        client_id: client_id.ok_or_else(|| ApiError::bad("oauth2.client_id", "is required"))?,
+        client_secret,
+        scopes,
+        audience,
+        client_auth,
+    })
+}
+
 impl ApiState {
     /// Checks a spec the way the cache will prepare it, plus the address policy for literal and
     /// resolvable hosts (delivery checks every connection again; this is early feedback).
     async fn validate(&self, spec: &SubscriptionSpec) -> Result<(), ApiError> {
         let sub = Subscription::prepare(spec.clone(), self.registry.cache.defaults())
             .map_err(|e| ApiError::invalid(&e.field, e.message))?;
-        let host = match sub.url.host() {
+        self.check_host(&sub.url, "url").await?;
+        if let Some(o) = &sub.recipient.oauth
+            && let Ok(u) = url::Url::parse(o.token_url())
+        {
+            self.check_host(&u, "oauth2.token_url").await?;
+        }
+        Ok(())
+    }
+
+    /// The address policy for a URL's literal or resolvable host.
+    async fn check_host(&self, url: &url::Url, field: &str) -> Result<(), ApiError> {
+        let host = match url.host() {
             Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
             Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
             Some(url::Host::Domain(d)) => {
@@ -408,7 +501,7 @@ impl ApiState {
         for ip in host {
             self.policy
                 .check(ip)
-                .map_err(|e| ApiError::invalid("url", e.to_string()))?;
+                .map_err(|e| ApiError::invalid(field, e.to_string()))?;
         }
         Ok(())
     }
@@ -433,15 +526,34 @@ fn cert_expiry(spec: &SubscriptionSpec) -> Option<i64> {
     crate::deliver::identity::not_after(&leaf)
 }
 
-/// A subscription as the API shows it: everything but the secrets.
-fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
+/// `whpk_…` of a `whsk_…` key (`None` for a key that does not parse, which prepare refuses anyway).
+fn public_key(key: &str) -> Option<String> {
+    Ed25519Key::parse(key).ok().map(|k| k.public_key())
+}
+
+/// A subscription as the API shows it: everything but the secrets. `tiers` are `retry.tiers`, for the
+/// effective retry schedule.
+fn view(spec: &SubscriptionSpec, tiers: &[(Box<str>, Duration)]) -> Map<String, Value> {
     let now = now_ms();
+    let live = |r: &&RetiredSecret| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now);
     let retired: Vec<Value> = spec
         .retired_secrets
         .iter()
-        .filter(|r| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now))
+        .filter(live)
         .map(|r| json!({"expires_at": r.expires_at}))
         .collect();
+    let retired_signing: Vec<Value> = spec
+        .retired_signing_keys
+        .iter()
+        .filter(live)
+        .map(|r| json!({"public_key": public_key(&r.secret), "expires_at": r.expires_at}))
+        .collect();
+    let schedule: Option<Vec<&str>> = retry_schedule(spec, tiers).ok().map(|s| {
+        s.iter()
+            .filter_map(|&i| tiers.get(i))
+            .map(|(n, _)| n.as_ref())
+            .collect()
+    });
     let v = json!({
         "id": spec.id,
         "tenant": spec.tenant,
@@ -457,6 +569,21 @@ fn view(spec: &SubscriptionSpec) -> Map<String, Value> {
         "headers": spec.headers,
         "secret_count": spec.secrets.len(),
         "retired_secrets": retired,
+        // Receivers verify `v1a` signatures with these; the secret halves are never shown.
+        "public_keys": spec.signing_keys.iter().filter_map(|k| public_key(k)).collect::<Vec<_>>(),
+        "retired_signing_keys": retired_signing,
+        "secret_header_names": spec.secret_headers.keys().collect::<Vec<_>>(),
+        "oauth2": spec.oauth2.as_ref().map(|o| json!({
+            "token_url": o.token_url,
+            "client_id": o.client_id,
+            "scopes": o.scopes,
+            "audience": o.audience,
+            "client_auth": o.client_auth.as_deref().unwrap_or("basic"),
+        })),
+        "retry_tiers": spec.retry_tiers,
+        "max_attempts": spec.max_attempts,
+        // The tiers a failed delivery goes through, in order (null if retry.tiers no longer has them).
+        "retry_schedule": schedule,
         // The certificate and key are never shown; when the certificate expires is.
         "tls_client_cert_expires_at": cert_expiry(spec).map(|s| rfc3339_ms(s.max(0) as u64 * 1000)),
         "created_at": spec.created_at,
@@ -475,7 +602,8 @@ fn ok(status: StatusCode, body: impl serde::Serialize) -> Response {
 async fn list(State(s): State<ApiState>, Query(q): Query<BTreeMap<String, String>>) -> ApiResult {
     let (limit, cursor) = query_params(&q, 100)?;
     let page = s.registry.store.page(cursor.as_deref(), limit).await?;
-    let items: Vec<_> = page.items.iter().map(view).collect();
+    let tiers = &s.registry.cache.defaults().tiers;
+    let items: Vec<_> = page.items.iter().map(|x| view(x, tiers)).collect();
     Ok(ok(
         StatusCode::OK,
         json!({"items": items, "next_cursor": page.next}),
@@ -492,7 +620,8 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
     let mut spec = SubscriptionSpec::new(String::new(), Vec::new(), Vec::new(), now_ms());
     let given_secrets = fields.contains_key("secrets");
     apply(&mut spec, fields, true)?;
-    if !given_secrets {
+    // One HMAC secret is made unless the request gave secrets or asked for Ed25519 keys instead.
+    if !given_secrets && spec.signing_keys.is_empty() {
         spec.secrets = vec![
             generate_secret()
                 .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
@@ -501,8 +630,9 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
     s.validate(&spec).await?;
     s.registry.put(spec.clone()).await?;
     tracing::info!(subscription = %spec.id, "subscription created");
-    let mut body = view(&spec);
+    let mut body = view(&spec, &s.registry.cache.defaults().tiers);
     body.insert("secrets".into(), json!(spec.secrets));
+    body.insert("signing_keys".into(), json!(spec.signing_keys));
     let mut resp = ok(StatusCode::CREATED, body);
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/subscriptions/{}", spec.id)) {
         resp.headers_mut().insert(header::LOCATION, loc);
@@ -512,7 +642,10 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
 
 async fn read(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
     let spec = s.existing(parse_id(&id)?).await?;
-    Ok(ok(StatusCode::OK, view(&spec)))
+    Ok(ok(
+        StatusCode::OK,
+        view(&spec, &s.registry.cache.defaults().tiers),
+    ))
 }
 
 async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
@@ -524,7 +657,10 @@ async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
     spec.updated_at = Some(rfc3339_ms(now_ms()));
     s.registry.put(spec.clone()).await?;
     tracing::info!(subscription = %id, "subscription updated");
-    Ok(ok(StatusCode::OK, view(&spec)))
+    Ok(ok(
+        StatusCode::OK,
+        view(&spec, &s.registry.cache.defaults().tiers),
+    ))
 }
 
 async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
@@ -539,42 +675,48 @@ async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult 
 /// Retired secrets kept at most (the oldest beyond this are dropped at the next rotation).
 const MAX_RETIRED: usize = 10;
 
-async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let id = parse_id(&id)?;
-    let fields = body_object(&body, true)?;
+/// The `grace_seconds` and new value of a rotation request; `check` validates a given value.
+fn rotation_request(
+    s: &ApiState,
+    body: &Bytes,
+    value_field: &str,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<(Duration, Option<String>), ApiError> {
+    let fields = body_object(body, true)?;
     let mut grace = s.rotation_grace;
-    let mut new_secret = None;
+    let mut new_value = None;
     for (k, v) in fields {
         match k.as_str() {
             "grace_seconds" => {
                 grace = Duration::from_secs(want_uint(&v, &k, 30 * 86_400)?);
             }
-            "secret" => {
-                let secret = want_string(v, &k)?;
-                SigningKey::parse(&secret).map_err(|m| ApiError::invalid("secret", m))?;
-                new_secret = Some(secret);
+            f if f == value_field => {
+                let value = want_string(v, &k)?;
+                check(&value).map_err(|m| ApiError::invalid(value_field, m))?;
+                new_value = Some(value);
             }
             _ => return Err(ApiError::bad(&k, "unknown field")),
         }
     }
-    let mut spec = s.existing(id).await?;
-    let secret = match new_secret {
-        Some(x) => x,
-        None => generate_secret()
-            .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
-    };
-    let now = now_ms();
+    Ok((grace, new_value))
+}
+
+/// Makes `new` the only current value of `current`; the old ones keep signing for `grace` in
+/// `retired` (expired ones are dropped, and the oldest beyond [`MAX_RETIRED`]).
+fn rotate_into(
+    current: &mut Vec<String>,
+    retired: &mut Vec<RetiredSecret>,
+    new: &str,
+    grace: Duration,
+    now: u64,
+) {
     let until = rfc3339_ms(now + grace.as_millis() as u64);
-    let mut retired: Vec<RetiredSecret> = spec
-        .retired_secrets
-        .drain(..)
-        .filter(|r| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now))
-        .collect();
+    retired.retain(|r| parse_rfc3339_ms(&r.expires_at).is_ok_and(|t| t > now));
     if !grace.is_zero() {
         retired.extend(
-            spec.secrets
+            current
                 .drain(..)
-                .filter(|old| *old != secret)
+                .filter(|old| old != new)
                 .map(|old| RetiredSecret {
                     secret: old,
                     expires_at: until.clone(),
@@ -583,13 +725,66 @@ async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
     }
     let excess = retired.len().saturating_sub(MAX_RETIRED);
     retired.drain(..excess);
-    spec.retired_secrets = retired;
-    spec.secrets = vec![secret.clone()];
+    *current = vec![new.to_string()];
+}
+
+async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let id = parse_id(&id)?;
+    let (grace, given) =
+        rotation_request(&s, &body, "secret", |v| SigningKey::parse(v).map(|_| ()))?;
+    let mut spec = s.existing(id).await?;
+    let secret = match given {
+        Some(x) => x,
+        None => generate_secret()
+            .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
+    };
+    let now = now_ms();
+    rotate_into(
+        &mut spec.secrets,
+        &mut spec.retired_secrets,
+        &secret,
+        grace,
+        now,
+    );
     spec.updated_at = Some(rfc3339_ms(now));
     s.registry.put(spec.clone()).await?;
     tracing::info!(subscription = %id, grace_seconds = grace.as_secs(), "signing secret rotated");
-    let mut body = view(&spec);
+    let mut body = view(&spec, &s.registry.cache.defaults().tiers);
     body.insert("secret".into(), json!(secret));
+    Ok(ok(StatusCode::OK, body))
+}
+
+/// Replaces the Ed25519 signing key (or adds the first one); the old one keeps signing `v1a` for the
+/// grace period, so receivers can add the new public key before the old one stops.
+async fn rotate_signing_key(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    let (grace, given) = rotation_request(&s, &body, "signing_key", |v| {
+        Ed25519Key::parse(v).map(|_| ())
+    })?;
+    let mut spec = s.existing(id).await?;
+    let key = match given {
+        Some(x) => x,
+        None => generate_signing_key()
+            .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?,
+    };
+    let now = now_ms();
+    rotate_into(
+        &mut spec.signing_keys,
+        &mut spec.retired_signing_keys,
+        &key,
+        grace,
+        now,
+    );
+    spec.updated_at = Some(rfc3339_ms(now));
+    s.registry.put(spec.clone()).await?;
+    tracing::info!(subscription = %id, grace_seconds = grace.as_secs(), "signing key rotated");
+    let mut body = view(&spec, &s.registry.cache.defaults().tiers);
+    body.insert("public_key".into(), json!(public_key(&key)));
+    body.insert("signing_key".into(), json!(key));
     Ok(ok(StatusCode::OK, body))
 }
 

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod endpoint;
 pub mod http;
 pub mod identity;
+pub mod oauth;
 pub mod outcome;
 pub mod policy;
 pub mod resolve;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::http::header::{HeaderMap, HeaderName};
 
 use crate::config::{Config, ConfigError};
-use crate::model::{Event, SigningKey};
+use crate::model::{Ed25519Key, Event, SigningKey};
 use outcome::{AttemptResult, parse_retry_after};
 use policy::AddressPolicy;
 
@@ -41,10 +42,24 @@ pub struct Recipient {
     pub keys: Vec<SigningKey>,
     /// Keys of retired secrets with their expiry (unix seconds): they sign requests timestamped before it.
     pub retiring: Vec<(SigningKey, u64)>,
+    /// Ed25519 keys signing `v1a,`, and the retired ones with their expiry (unix seconds).
+    pub ed_keys: Vec<Ed25519Key>,
+    pub ed_retiring: Vec<(Ed25519Key, u64)>,
+    /// Where bearer tokens come from, for an endpoint that wants OAuth2 client credentials.
+    pub oauth: Option<std::sync::Arc<oauth::TokenSource>>,
     /// Bounds the request up to the response head.
     pub timeout: Duration,
-    /// Extra headers (marked sensitive, so redacted in debug output).
+    /// Extra headers, `secret_headers` included (marked sensitive, so redacted in debug output).
     pub headers: HeaderMap,
+}
+
+impl Recipient {
+    /// Keeps what `prev` learned that is still valid for this one (the OAuth2 token).
+    pub fn inherit(&self, prev: &Recipient) {
+        if let (Some(a), Some(b)) = (&self.oauth, &prev.oauth) {
+            a.inherit(b);
+        }
+    }
 }
 
 pub struct Deliverer {
@@ -110,45 +125,93 @@ impl Deliverer {
         capture: usize,
     ) -> (AttemptResult, Duration, Vec<u8>) {
         let started = Instant::now();
+        // The subscription's timeout bounds the attempt up to the response head (a token fetch
+        // included); the body then has its own short bound (http::BODY_READ_BOUND) and decides only
+        // whether the connection is reused.
+        let deadline = tokio::time::Instant::from_std(started) + to.timeout;
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        // Secrets retired by a rotation keep signing during their grace period.
+        // Secrets and keys retired by a rotation keep signing during their grace period.
         let keys = to.keys.iter().chain(
             to.retiring
                 .iter()
                 .filter(move |(_, until)| ts < *until)
                 .map(|(k, _)| k),
         );
-        let signature = sign::signature_header(keys, event.webhook_id.as_bytes(), ts, &event.body);
+        let ed_keys = to.ed_keys.iter().chain(
+            to.ed_retiring
+                .iter()
+                .filter(move |(_, until)| ts < *until)
+                .map(|(k, _)| k),
+        );
+        let signature =
+            sign::signature_header(keys, ed_keys, event.webhook_id.as_bytes(), ts, &event.body);
+        let signed = Signed {
+            event,
+            to,
+            ts,
+            signature: signature.as_bytes(),
+        };
+        let Some(oauth) = &to.oauth else {
+            let (result, excerpt) = self.send(&signed, None, capture, deadline).await;
+            return (result, started.elapsed(), excerpt);
+        };
+        let token = match oauth.token(&self.client, deadline).await {
+            Ok(t) => t,
+            Err(e) => return (AttemptResult::Auth(e), started.elapsed(), Vec::new()),
+        };
+        let (mut result, mut excerpt) = self
+            .send(&signed, Some(&token.authorization), capture, deadline)
+            .await;
+        if matches!(result, AttemptResult::Status { code: 401, .. }) {
+            // The endpoint refused the token (revoked, or expired early): one fresh token and one
+            // resend, within the same attempt and deadline.
+            oauth.invalidate(&token);
+            match oauth.token(&self.client, deadline).await {
+                Ok(fresh) => {
+                    (result, excerpt) = self
+                        .send(&signed, Some(&fresh.authorization), capture, deadline)
+                        .await;
+                }
+                Err(e) => (result, excerpt) = (AttemptResult::Auth(e), Vec::new()),
+            }
+        }
+        (result, started.elapsed(), excerpt)
+    }
+
+    /// One request of an attempt, with the bearer token when there is one.
+    async fn send(
+        &self,
+        s: &Signed<'_>,
+        bearer: Option<&[u8]>,
+        capture: usize,
+        deadline: tokio::time::Instant,
+    ) -> (AttemptResult, Vec<u8>) {
         let mut ts_buf = itoa::Buffer::new();
-        let ts_text = ts_buf.format(ts).as_bytes();
+        let ts_text = ts_buf.format(s.ts).as_bytes();
         let headers = |h: &mut Vec<u8>| {
-            line(h, b"content-type", event.content_type.as_bytes());
+            line(h, b"content-type", s.event.content_type.as_bytes());
             line(h, b"user-agent", USER_AGENT.as_bytes());
             line(
                 h,
                 WEBHOOK_ID.as_str().as_bytes(),
-                event.webhook_id.as_bytes(),
+                s.event.webhook_id.as_bytes(),
             );
             line(h, WEBHOOK_TIMESTAMP.as_str().as_bytes(), ts_text);
-            line(
-                h,
-                WEBHOOK_SIGNATURE.as_str().as_bytes(),
-                signature.as_bytes(),
-            );
-            for (name, value) in &to.headers {
+            line(h, WEBHOOK_SIGNATURE.as_str().as_bytes(), s.signature);
+            if let Some(b) = bearer {
+                line(h, b"authorization", b);
+            }
+            for (name, value) in &s.to.headers {
                 line(h, name.as_str().as_bytes(), value.as_bytes());
             }
         };
-        // The subscription's timeout bounds the request up to the response head; the body then has
-        // its own short bound (http::BODY_READ_BOUND) and decides only whether the connection is reused.
-        let deadline = tokio::time::Instant::from_std(started) + to.timeout;
         let sent = self
             .client
-            .post(&to.target, headers, &event.body, capture, deadline);
-        let (result, excerpt) = match sent.await {
+            .post(&s.to.target, headers, &s.event.body, capture, deadline);
+        match sent.await {
             Err(self::http::HttpError::TimedOut) => (AttemptResult::Timeout, Vec::new()),
             Err(self::http::HttpError::Refused(m)) => (AttemptResult::Refused(m), Vec::new()),
             Err(self::http::HttpError::Failed(m)) => (AttemptResult::Connect(m), Vec::new()),
@@ -164,9 +227,16 @@ impl Deliverer {
                 },
                 resp.excerpt,
             ),
-        };
-        (result, started.elapsed(), excerpt)
+        }
     }
+}
+
+/// What every request of one attempt shares.
+struct Signed<'a> {
+    event: &'a Event,
+    to: &'a Recipient,
+    ts: u64,
+    signature: &'a [u8],
 }
 
 /// Appends one header line.

@@ -18,6 +18,9 @@ pub enum AttemptResult {
     Connect(String),
     /// The outbound address policy refused the destination; no request was sent.
     Refused(String),
+    /// No OAuth2 token could be had (token endpoint down, refusing the client, bad answer); no request
+    /// to the endpoint was sent.
+    Auth(String),
     /// The breaker is open; no request was sent.
     CircuitOpen,
     /// Not sent: it waited for its endpoint while that blocked its partition (see `spill.rs`); handed
@@ -36,7 +39,9 @@ impl AttemptResult {
                 _ => "5xx",
             },
             AttemptResult::Timeout => "timeout",
-            AttemptResult::Connect(_) | AttemptResult::Refused(_) => "connect",
+            AttemptResult::Connect(_) | AttemptResult::Refused(_) | AttemptResult::Auth(_) => {
+                "connect"
+            }
             AttemptResult::CircuitOpen => "circuit_open",
             AttemptResult::Deferred(_) => "rate_limited",
         }
@@ -49,6 +54,7 @@ impl AttemptResult {
             AttemptResult::Timeout => "timeout".into(),
             AttemptResult::Connect(_) => "connect".into(),
             AttemptResult::Refused(_) => "refused".into(),
+            AttemptResult::Auth(_) => "auth".into(),
             AttemptResult::CircuitOpen => "circuit_open".into(),
             AttemptResult::Deferred(_) => "deferred".into(),
         }
@@ -59,7 +65,9 @@ impl AttemptResult {
         let s = match self {
             AttemptResult::Status { code, .. } => format!("HTTP {code}"),
             AttemptResult::Timeout => "request timed out".into(),
-            AttemptResult::Connect(e) | AttemptResult::Refused(e) => e.clone(),
+            AttemptResult::Connect(e) | AttemptResult::Refused(e) | AttemptResult::Auth(e) => {
+                e.clone()
+            }
             AttemptResult::CircuitOpen => "circuit breaker open".into(),
             AttemptResult::Deferred(r) => format!(
                 "waited for the endpoint while blocking its partition ({}); deferred",
@@ -108,6 +116,7 @@ pub fn classify(r: &AttemptResult) -> Outcome {
         },
         AttemptResult::Timeout
         | AttemptResult::Connect(_)
+        | AttemptResult::Auth(_)
         | AttemptResult::CircuitOpen
         | AttemptResult::Deferred(_) => Outcome::Retry { retry_after: None },
         AttemptResult::Refused(_) => Outcome::Rejected,
@@ -138,22 +147,34 @@ pub enum Next {
 }
 
 /// Picks the next tier after a retryable failure, from the number of attempts made so far (including
-/// the one that just failed). Attempt 1 comes from the source topic and attempt `k + 2` from tier `k`, so
-/// the next tier is normally `attempts - 1`; `retry_after` may push it later: the first tier from there
-/// whose delay is at least `retry_after` (the last tier when none is that long). When every tier has been
-/// used (`attempts > tiers`), the delivery is exhausted. Tier choice depends on attempts only, never on
-/// which topic the record sat in, so a deferral (which spends no attempt) cannot add attempts.
-pub fn next_tier(attempts: u32, retry_after: Option<Duration>, delays: &[Duration]) -> Next {
+/// the one that just failed) and the subscription's `schedule` (indices into `delays`, in order; all
+/// tiers unless the subscription chose fewer). Attempt 1 comes from the source topic and attempt `k + 2`
+/// from tier `schedule[k]`, so the next tier is normally `schedule[attempts - 1]`; `retry_after` may push
+/// it later: the first scheduled tier from there whose delay is at least `retry_after` (the last one when
+/// none is that long). When the schedule is used up (`attempts > schedule.len()`), the delivery is
+/// exhausted. Tier choice depends on attempts only, never on which topic the record sat in, so a
+/// deferral (which spends no attempt) cannot add attempts.
+pub fn next_tier(
+    attempts: u32,
+    retry_after: Option<Duration>,
+    delays: &[Duration],
+    schedule: &[usize],
+) -> Next {
     let first = attempts.saturating_sub(1) as usize;
-    if first >= delays.len() {
+    let usable = &schedule[..schedule
+        .len()
+        .min(schedule.iter().take_while(|&&t| t < delays.len()).count())];
+    if first >= usable.len() {
         return Next::DeadLetter;
     }
     let Some(wish) = retry_after else {
-        return Next::Tier(first);
+        return Next::Tier(usable[first]);
     };
-    let pick = (first..delays.len())
+    let pick = usable[first..]
+        .iter()
+        .copied()
         .find(|&i| delays[i] >= wish)
-        .unwrap_or(delays.len() - 1);
+        .unwrap_or(usable[usable.len() - 1]);
     Next::Tier(pick)
 }
 
@@ -248,6 +269,31 @@ mod tests {
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    fn next_tier(attempts: u32, retry_after: Option<Duration>, delays: &[Duration]) -> Next {
+        let all: Vec<usize> = (0..delays.len()).collect();
+        super::next_tier(attempts, retry_after, delays, &all)
+    }
+
+    #[test]
+    fn a_subscription_schedule_picks_its_tiers_in_order() {
+        let d = [1, 2, 3].map(Duration::from_secs);
+        let secs = |s| Some(Duration::from_secs(s));
+        // retry_tiers: ["1s"]: one retry, then exhausted.
+        assert_eq!(super::next_tier(1, None, &d, &[0]), Next::Tier(0));
+        assert_eq!(super::next_tier(2, None, &d, &[0]), Next::DeadLetter);
+        // retry_tiers: ["1s", "3s"]: the second retry skips 2s.
+        assert_eq!(super::next_tier(2, None, &d, &[0, 2]), Next::Tier(2));
+        assert_eq!(super::next_tier(3, None, &d, &[0, 2]), Next::DeadLetter);
+        // Retry-After looks only at the scheduled tiers.
+        assert_eq!(super::next_tier(1, secs(2), &d, &[0, 2]), Next::Tier(2));
+        assert_eq!(super::next_tier(1, secs(9), &d, &[0, 1]), Next::Tier(1));
+        // max_attempts: 1: no retry at all.
+        assert_eq!(super::next_tier(1, None, &d, &[]), Next::DeadLetter);
+        // Defensive: an index past the configured tiers ends the schedule there.
+        assert_eq!(super::next_tier(1, None, &d, &[0, 7]), Next::Tier(0));
+        assert_eq!(super::next_tier(2, None, &d, &[0, 7]), Next::DeadLetter);
     }
 
     #[test]

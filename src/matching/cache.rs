@@ -127,7 +127,7 @@ impl Cache {
     }
 
     /// The prepared form of `spec`, reusing `prev` when nothing changed. An edited subscription keeps its
-    /// breaker state (its limits start afresh).
+    /// breaker state (its limits start afresh) and, while its `oauth2` settings are the same, its token.
     fn prepared(
         &self,
         spec: SubscriptionSpec,
@@ -143,6 +143,7 @@ impl Cache {
             .map_err(|err| LoadError::Spec { id, err })?;
         if let Some(p) = prev {
             sub.endpoint.inherit(&p.endpoint);
+            sub.recipient.inherit(&p.recipient);
         }
         Ok(Arc::new(sub))
     }

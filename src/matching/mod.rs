@@ -169,22 +169,15 @@ mod tests {
         let spec = SubscriptionSpec {
             id: uuid::Uuid::from_u128(name),
             tenant: tenant.map(String::from),
-            url: "http://127.0.0.1:1/".into(),
-            event_types: types.iter().map(|s| s.to_string()).collect(),
             filter: filter.map(|f| serde_yaml_ng::from_str(f).unwrap()),
-            secrets: vec![SECRET.into()],
-            retired_secrets: vec![],
-            enabled: true,
-            rate_limit_per_sec: None,
-            burst: None,
-            max_in_flight: None,
-            adaptive_concurrency: true,
-            timeout_ms: None,
-            headers: Default::default(),
-            tls_client_cert: None,
-            tls_client_key: None,
             created_at: None,
             updated_at: None,
+            ..SubscriptionSpec::new(
+                "http://127.0.0.1:1/".into(),
+                types.iter().map(|s| s.to_string()).collect(),
+                vec![SECRET.into()],
+                0,
+            )
         };
         Arc::new(Subscription::prepare(spec, &Defaults::default()).unwrap())
     }

@@ -20,8 +20,11 @@ use crate::deliver::breaker::BreakerConfig;
 use crate::deliver::endpoint::{Endpoint, EndpointLimits};
 use crate::deliver::http::Target;
 use crate::deliver::identity::ClientIdentity;
+use crate::deliver::oauth::TokenSource;
 use crate::deliver::share::GroupShare;
-use crate::model::{Pattern, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms};
+use crate::model::{
+    Ed25519Key, Pattern, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms,
+};
 
 /// A subscription prepared for the hot path: URL parsed, keys derived, headers built, once per load.
 #[derive(Debug)]
@@ -37,6 +40,9 @@ pub struct Subscription {
     pub recipient: Recipient,
     /// Runtime state of the endpoint: concurrency cap, rate limit, breaker.
     pub endpoint: Arc<Endpoint>,
+    /// The retry tiers this subscription uses, as indices into `retry.tiers`, in order: attempt `k + 2`
+    /// comes from tier `retry[k]`, and a failure after the last is exhausted.
+    pub retry: Box<[usize]>,
     pub spec: SubscriptionSpec,
 }
 
@@ -49,6 +55,8 @@ pub struct Defaults {
     pub breaker: BreakerConfig,
     /// This instance's share of each subscription's limits (DESIGN §6), updated on rebalance.
     pub share: Arc<GroupShare>,
+    /// `retry.tiers`: names and delays, in order (what `retry_tiers` and `max_attempts` choose from).
+    pub tiers: Arc<[(Box<str>, Duration)]>,
 }
 
 impl Default for Defaults {
@@ -58,6 +66,80 @@ impl Default for Defaults {
             max_in_flight: 64,
             breaker: BreakerConfig::default(),
             share: Arc::default(),
+            tiers: [
+                ("1m", 60),
+                ("5m", 300),
+                ("30m", 1800),
+                ("2h", 7200),
+                ("24h", 86_400),
+            ]
+            .map(|(n, s)| (n.into(), Duration::from_secs(s)))
+            .into(),
+        }
+    }
+}
+
+/// The tier indices of a subscription's retry schedule: `retry_tiers` (each named as in `retry.tiers`
+/// or by an equal delay, in increasing order), or the first `max_attempts - 1` tiers, or all of them.
+pub fn retry_schedule(
+    spec: &SubscriptionSpec,
+    tiers: &[(Box<str>, Duration)],
+) -> Result<Box<[usize]>, SpecError> {
+    let configured = || {
+        tiers
+            .iter()
+            .map(|(n, _)| n.as_ref())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (&spec.retry_tiers, spec.max_attempts) {
+        (Some(_), Some(_)) => Err(SpecError::new(
+            "max_attempts",
+            "set retry_tiers or max_attempts, not both",
+        )),
+        (None, None) => Ok((0..tiers.len()).collect()),
+        (None, Some(m)) => {
+            if m == 0 || m as usize > tiers.len() + 1 {
+                return Err(SpecError::new(
+                    "max_attempts",
+                    format!(
+                        "must be 1..={} (the first attempt and one per configured tier: {})",
+                        tiers.len() + 1,
+                        configured()
+                    ),
+                ));
+            }
+            Ok((0..m as usize - 1).collect())
+        }
+        (Some(names), None) => {
+            if names.is_empty() {
+                return Err(SpecError::new(
+                    "retry_tiers",
+                    "must name at least one tier (max_attempts: 1 means no retries)",
+                ));
+            }
+            let mut out: Vec<usize> = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let field = format!("retry_tiers[{i}]");
+                let wanted = humantime::parse_duration(name.trim()).ok();
+                let Some(idx) = tiers
+                    .iter()
+                    .position(|(n, d)| n.as_ref() == name.trim() || Some(*d) == wanted)
+                else {
+                    return Err(SpecError::new(
+                        field,
+                        format!("{name:?} is not a configured retry tier ({})", configured()),
+                    ));
+                };
+                if out.last().is_some_and(|&prev| prev >= idx) {
+                    return Err(SpecError::new(
+                        field,
+                        "tiers must be listed once each, in the order of retry.tiers",
+                    ));
+                }
+                out.push(idx);
+            }
+            Ok(out.into())
         }
     }
 }
@@ -118,8 +200,11 @@ impl Subscription {
         {
             return Err(SpecError::new("tenant", "must not be empty when present"));
         }
-        if spec.secrets.is_empty() {
-            return Err(SpecError::new("secrets", "must list at least one secret"));
+        if spec.secrets.is_empty() && spec.signing_keys.is_empty() {
+            return Err(SpecError::new(
+                "secrets",
+                "must list at least one secret (or give signing_keys)",
+            ));
         }
         let keys = spec
             .secrets
@@ -137,6 +222,23 @@ impl Subscription {
                 .map_err(|m| SpecError::new(format!("retired_secrets[{i}].expires_at"), m))?;
             retiring.push((key, until / 1000));
         }
+        let ed_keys = spec
+            .signing_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Ed25519Key::parse(k).map_err(|m| SpecError::new(format!("signing_keys[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ed_retiring = Vec::with_capacity(spec.retired_signing_keys.len());
+        for (i, r) in spec.retired_signing_keys.iter().enumerate() {
+            let key = Ed25519Key::parse(&r.secret)
+                .map_err(|m| SpecError::new(format!("retired_signing_keys[{i}].secret"), m))?;
+            let until = parse_rfc3339_ms(&r.expires_at)
+                .map_err(|m| SpecError::new(format!("retired_signing_keys[{i}].expires_at"), m))?;
+            ed_retiring.push((key, until / 1000));
+        }
+        let retry = retry_schedule(&spec, &defaults.tiers)?;
         let filter = match &spec.filter {
             Some(f) => Some(
                 Filter::compile(f)
@@ -166,9 +268,20 @@ impl Subscription {
         if !(1..=600_000).contains(&timeout_ms) {
             return Err(SpecError::new("timeout_ms", "must be 1..=600000"));
         }
+        let oauth = match &spec.oauth2 {
+            Some(o) => Some(Arc::new(
+                TokenSource::new(o).map_err(|(f, m)| SpecError::new(f, m))?,
+            )),
+            None => None,
+        };
         let mut headers = HeaderMap::new();
-        for (name, value) in &spec.headers {
-            let field = format!("headers.{name}");
+        let all = spec
+            .headers
+            .iter()
+            .map(|h| ("headers", h))
+            .chain(spec.secret_headers.iter().map(|h| ("secret_headers", h)));
+        for (map, (name, value)) in all {
+            let field = format!("{map}.{name}");
             let n = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| SpecError::new(&field, "is not a valid header name"))?;
             if FORBIDDEN_HEADERS.contains(&n.as_str()) {
@@ -179,9 +292,20 @@ impl Subscription {
             }
             let mut v = HeaderValue::from_str(value)
                 .map_err(|_| SpecError::new(&field, "is not a valid header value"))?;
+            if oauth.is_some() && n == http::header::AUTHORIZATION {
+                return Err(SpecError::new(
+                    &field,
+                    "is set from the oauth2 token; remove one of them",
+                ));
+            }
             // Extra headers often carry credentials; keep them out of debug output.
             v.set_sensitive(true);
-            headers.insert(n, v);
+            if headers.insert(n, v).is_some() {
+                return Err(SpecError::new(
+                    &field,
+                    "is given twice (in headers and secret_headers, or in two spellings)",
+                ));
+            }
         }
         let mut target = Target::from_url(&url).map_err(|m| SpecError::new("url", m))?;
         let identity = match (&spec.tls_client_cert, &spec.tls_client_key) {
@@ -221,6 +345,9 @@ impl Subscription {
                 target,
                 keys,
                 retiring,
+                ed_keys,
+                ed_retiring,
+                oauth,
                 timeout: Duration::from_millis(timeout_ms),
                 headers,
             },
@@ -234,6 +361,7 @@ impl Subscription {
                 defaults.breaker,
                 defaults.share.clone(),
             )),
+            retry,
             spec,
         })
     }

@@ -39,7 +39,8 @@ pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
 
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
-    adaptive_concurrency, tls_client_cert, tls_client_key";
+    adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
+    secret_headers, oauth2, retry_tiers, max_attempts";
 const ATTEMPT_COLUMNS: &str =
     "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
 
@@ -65,6 +66,12 @@ struct SpecRow {
     adaptive_concurrency: Option<bool>,
     tls_client_cert: Option<String>,
     tls_client_key: Option<String>,
+    signing_keys: Option<Vec<String>>,
+    retired_signing_keys: Option<String>,
+    secret_headers: Option<BTreeMap<String, String>>,
+    oauth2: Option<String>,
+    retry_tiers: Option<Vec<String>>,
+    max_attempts: Option<i32>,
 }
 
 /// A `subscriptions` row as written (bound by column name).
@@ -89,6 +96,12 @@ struct SpecValues<'a> {
     adaptive_concurrency: bool,
     tls_client_cert: Option<&'a str>,
     tls_client_key: Option<&'a str>,
+    signing_keys: &'a [String],
+    retired_signing_keys: Option<String>,
+    secret_headers: &'a BTreeMap<String, String>,
+    oauth2: Option<String>,
+    retry_tiers: Option<&'a [String]>,
+    max_attempts: Option<i32>,
 }
 
 type AttemptRow = (
@@ -231,7 +244,8 @@ impl ScyllaStore {
             list,
             get: prep(format!("SELECT {COLUMNS} FROM subscriptions WHERE id = ?")).await?,
             put: prep(format!(
-                "INSERT INTO subscriptions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO subscriptions ({COLUMNS}) VALUES ({})",
+                vec!["?"; COLUMNS.split(',').count()].join(", ")
             ))
             .await?,
             delete: prep("DELETE FROM subscriptions WHERE id = ?".into()).await?,
@@ -346,6 +360,14 @@ fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
         Some(s) => serde_json::from_str(&s).map_err(|e| invalid("retired_secrets", e))?,
         None => Vec::new(),
     };
+    let retired_signing_keys: Vec<RetiredSecret> = match r.retired_signing_keys {
+        Some(s) => serde_json::from_str(&s).map_err(|e| invalid("retired_signing_keys", e))?,
+        None => Vec::new(),
+    };
+    let oauth2 = match r.oauth2 {
+        Some(s) => Some(serde_json::from_str(&s).map_err(|e| invalid("oauth2", e))?),
+        None => None,
+    };
     Ok(SubscriptionSpec {
         id,
         tenant: r.tenant,
@@ -365,6 +387,13 @@ fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
         adaptive_concurrency: r.adaptive_concurrency.unwrap_or(true),
         tls_client_cert: r.tls_client_cert,
         tls_client_key: r.tls_client_key,
+        signing_keys: r.signing_keys.unwrap_or_default(),
+        retired_signing_keys,
+        secret_headers: r.secret_headers.unwrap_or_default(),
+        oauth2,
+        // An empty CQL list reads as null; an empty schedule is refused before it is stored.
+        retry_tiers: r.retry_tiers.filter(|t| !t.is_empty()),
+        max_attempts: r.max_attempts.map(|v| v.max(0) as u32),
     })
 }
 
@@ -470,6 +499,16 @@ impl Store for ScyllaStore {
             adaptive_concurrency: s.adaptive_concurrency,
             tls_client_cert: s.tls_client_cert.as_deref(),
             tls_client_key: s.tls_client_key.as_deref(),
+            signing_keys: &s.signing_keys,
+            retired_signing_keys: (!s.retired_signing_keys.is_empty())
+                .then(|| serde_json::to_string(&s.retired_signing_keys).unwrap_or_default()),
+            secret_headers: &s.secret_headers,
+            oauth2: s
+                .oauth2
+                .as_ref()
+                .map(|o| serde_json::to_string(o).unwrap_or_default()),
+            retry_tiers: s.retry_tiers.as_deref(),
+            max_attempts: i32_of(s.max_attempts),
         };
         self.session
             .execute_unpaged(&self.st.put, values)
@@ -627,6 +666,12 @@ mod tests {
                 ("hl", "subscriptions", "adaptive_concurrency"),
                 ("hl", "subscriptions", "tls_client_cert"),
                 ("hl", "subscriptions", "tls_client_key"),
+                ("hl", "subscriptions", "signing_keys"),
+                ("hl", "subscriptions", "retired_signing_keys"),
+                ("hl", "subscriptions", "secret_headers"),
+                ("hl", "subscriptions", "oauth2"),
+                ("hl", "subscriptions", "retry_tiers"),
+                ("hl", "subscriptions", "max_attempts"),
             ]
         );
         assert_eq!(added_column("alter table a.b drop c"), None);

@@ -38,7 +38,13 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     updated_at TEXT,
     adaptive_concurrency INTEGER NOT NULL DEFAULT 1,
     tls_client_cert TEXT,
-    tls_client_key TEXT
+    tls_client_key TEXT,
+    signing_keys TEXT NOT NULL DEFAULT '[]',
+    retired_signing_keys TEXT NOT NULL DEFAULT '[]',
+    secret_headers TEXT NOT NULL DEFAULT '{}',
+    oauth2 TEXT,
+    retry_tiers TEXT,
+    max_attempts INTEGER
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY,
@@ -74,6 +80,27 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
         "tls_client_key",
         "ALTER TABLE subscriptions ADD COLUMN tls_client_key TEXT",
     ),
+    (
+        "signing_keys",
+        "ALTER TABLE subscriptions ADD COLUMN signing_keys TEXT NOT NULL DEFAULT '[]'",
+    ),
+    (
+        "retired_signing_keys",
+        "ALTER TABLE subscriptions ADD COLUMN retired_signing_keys TEXT NOT NULL DEFAULT '[]'",
+    ),
+    (
+        "secret_headers",
+        "ALTER TABLE subscriptions ADD COLUMN secret_headers TEXT NOT NULL DEFAULT '{}'",
+    ),
+    ("oauth2", "ALTER TABLE subscriptions ADD COLUMN oauth2 TEXT"),
+    (
+        "retry_tiers",
+        "ALTER TABLE subscriptions ADD COLUMN retry_tiers TEXT",
+    ),
+    (
+        "max_attempts",
+        "ALTER TABLE subscriptions ADD COLUMN max_attempts INTEGER",
+    ),
 ];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
@@ -89,7 +116,8 @@ fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
 
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
-    adaptive_concurrency, tls_client_cert, tls_client_key";
+    adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
+    secret_headers, oauth2, retry_tiers, max_attempts";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -177,6 +205,22 @@ fn from_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A nullable JSON column.
+fn optional_json<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    id: &str,
+    i: usize,
+    field: &str,
+) -> Result<Option<T>, StoreError> {
+    match r
+        .get::<_, Option<String>>(i)
+        .map_err(StoreError::unavailable)?
+    {
+        Some(text) => from_json(id, field, &text).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
     let get = |e: rusqlite::Error| StoreError::unavailable(e);
     let id: String = r.get(0).map_err(get)?;
@@ -185,6 +229,8 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         message: e.to_string(),
     })?;
     let filter: Option<String> = r.get(4).map_err(get)?;
+    let oauth2 = optional_json(r, &id, 21, "oauth2")?;
+    let retry_tiers = optional_json(r, &id, 22, "retry_tiers")?;
     Ok(SubscriptionSpec {
         id: uuid,
         tenant: r.get(1).map_err(get)?,
@@ -210,6 +256,16 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         adaptive_concurrency: r.get(15).map_err(get)?,
         tls_client_cert: r.get(16).map_err(get)?,
         tls_client_key: r.get(17).map_err(get)?,
+        signing_keys: from_json(&id, "signing_keys", &r.get::<_, String>(18).map_err(get)?)?,
+        retired_signing_keys: from_json(
+            &id,
+            "retired_signing_keys",
+            &r.get::<_, String>(19).map_err(get)?,
+        )?,
+        secret_headers: from_json(&id, "secret_headers", &r.get::<_, String>(20).map_err(get)?)?,
+        oauth2,
+        retry_tiers,
+        max_attempts: r.get(23).map_err(get)?,
     })
 }
 
@@ -300,7 +356,8 @@ impl Store for SqliteStore {
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                     ?19, ?20, ?21, ?22, ?23, ?24)"
                 ),
                 params![
                     s.id.to_string(),
@@ -321,6 +378,12 @@ impl Store for SqliteStore {
                     s.adaptive_concurrency,
                     s.tls_client_cert,
                     s.tls_client_key,
+                    json(&s.signing_keys),
+                    json(&s.retired_signing_keys),
+                    json(&s.secret_headers),
+                    s.oauth2.as_ref().map(json),
+                    s.retry_tiers.as_ref().map(json),
+                    s.max_attempts,
                 ],
             )
             .map_err(StoreError::unavailable)?;
@@ -487,7 +550,7 @@ mod tests {
             // The subscriptions table as the first release created it.
             let c = Connection::open(&path).unwrap();
             let old = SCHEMA.replace(
-                ",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,\n    tls_client_cert TEXT,\n    tls_client_key TEXT",
+                ",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,\n    tls_client_cert TEXT,\n    tls_client_key TEXT,\n    signing_keys TEXT NOT NULL DEFAULT '[]',\n    retired_signing_keys TEXT NOT NULL DEFAULT '[]',\n    secret_headers TEXT NOT NULL DEFAULT '{}',\n    oauth2 TEXT,\n    retry_tiers TEXT,\n    max_attempts INTEGER",
                 "",
             );
             assert_ne!(old, SCHEMA, "the test removes the column");
@@ -510,10 +573,29 @@ mod tests {
             "an old row reads as the default"
         );
         assert!(all[0].tls_client_cert.is_none() && all[0].tls_client_key.is_none());
+        assert!(all[0].signing_keys.is_empty() && all[0].secret_headers.is_empty());
+        assert!(all[0].oauth2.is_none() && all[0].retry_tiers.is_none());
+        assert_eq!(all[0].max_attempts, None);
         let mut off = all[0].clone();
         off.adaptive_concurrency = false;
         off.tls_client_cert = Some("-----BEGIN CERTIFICATE-----".into());
         off.tls_client_key = Some("-----BEGIN PRIVATE KEY-----".into());
+        off.signing_keys = vec!["whsk_a".into()];
+        off.retired_signing_keys = vec![crate::model::RetiredSecret {
+            secret: "whsk_b".into(),
+            expires_at: "2030-01-01T00:00:00.000Z".into(),
+        }];
+        off.secret_headers.insert("x-api-key".into(), "k".into());
+        off.oauth2 = Some(crate::model::OAuth2Spec {
+            token_url: "https://auth.example/t".into(),
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            scopes: vec!["a".into()],
+            audience: None,
+            client_auth: Some("post".into()),
+        });
+        off.retry_tiers = Some(vec!["1m".into()]);
+        off.max_attempts = Some(3);
         s.put(&off).await.unwrap();
         assert_eq!(s.get(off.id).await.unwrap(), Some(off));
         // Opening again finds the column and adds nothing.

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod cassandra;
 pub mod dns;
+pub mod oauth;
 pub mod phases;
 pub mod proxy;
 pub mod tls;
