@@ -53,6 +53,18 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub receipts: ReceiptsConfig,
+}
+
+/// `[receipts]`: one record per terminal outcome of an (event, subscription) on `<prefix>.receipts`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// Off by default: a receipt is one more produce per delivery, acknowledged before the source
+    /// record counts as done.
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

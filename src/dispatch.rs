@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::{Event, Prior};
 use crate::registry::Registry;
 use crate::retry::publish::{DlqReason, Failure, Publisher};
+use crate::retry::receipt::{Receipt, Terminal};
 use crate::spill::Spill;
 use crate::store::AttemptRecord;
 use crate::store::attempts::AttemptLog;
@@ -69,7 +70,7 @@ impl Dispatcher {
 
     async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior, spill: &mut Spill) {
         let attempt_no = prior.attempts + 1;
-        let started_ms = if self.attempt_log.enabled() {
+        let started_ms = if self.attempt_log.enabled() || self.publisher.receipts() {
             now_ms()
         } else {
             0
@@ -133,6 +134,20 @@ impl Dispatcher {
                 took_ms = took.as_millis() as u64,
                 "delivered"
             );
+            if self.publisher.receipts() {
+                self.publisher
+                    .publish_receipt(&Receipt {
+                        event,
+                        subscription_id: &sub.id_str,
+                        tenant: sub.tenant.as_deref(),
+                        outcome: Terminal::Delivered,
+                        attempts: attempt_no,
+                        first_attempt_ms: prior.first_failure_ms.unwrap_or(started_ms),
+                        last_attempt_ms: now_ms(),
+                        last_status: result.last_status(),
+                    })
+                    .await;
+            }
             return;
         }
         // A delivery deferred `max_deferrals` times already counts this one as an attempt: deferrals
@@ -148,37 +163,56 @@ impl Dispatcher {
             last: &result,
         };
         tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
-        match outcome {
-            // A deferral goes to the first tier whatever the attempt count.
+        let dead = match outcome {
             // A deferral goes to the first tier whose delay covers the endpoint's expected wait (a
             // rate-limited backlog then comes back about when it can be sent, instead of cycling
             // through the first tier again and again).
             Outcome::Retry { .. } if deferred => {
                 let tier = deferral_tier(sub.endpoint.expected_wait(), &self.tier_delays);
-                self.to_tier(&failure, tier, true).await
+                self.to_tier(&failure, tier, true).await;
+                None
             }
             Outcome::Retry { retry_after } => {
                 match next_tier(failure.attempts, retry_after, &self.tier_delays, &sub.retry) {
-                    Next::Tier(t) => self.to_tier(&failure, t, false).await,
-                    Next::DeadLetter => {
-                        self.publisher
-                            .publish_dead(&failure, DlqReason::Exhausted)
-                            .await
+                    Next::Tier(t) => {
+                        self.to_tier(&failure, t, false).await;
+                        None
                     }
+                    Next::DeadLetter => Some(DlqReason::Exhausted),
                 }
             }
             Outcome::Gone => {
                 if let Some(r) = &self.registry {
                     r.disable_gone(sub.id);
                 }
-                self.publisher.publish_dead(&failure, DlqReason::Gone).await
+                Some(DlqReason::Gone)
             }
-            Outcome::Rejected | Outcome::Delivered => {
-                self.publisher
-                    .publish_dead(&failure, DlqReason::Rejected)
-                    .await
-            }
+            Outcome::Rejected | Outcome::Delivered => Some(DlqReason::Rejected),
+        };
+        if let Some(reason) = dead {
+            self.publisher.publish_dead(&failure, reason).await;
+            self.receipt_of_dead(&failure, sub.tenant.as_deref(), reason)
+                .await;
         }
+    }
+
+    /// The receipt of a dead-lettered delivery (when receipts are on), after its dead-letter record.
+    async fn receipt_of_dead(&self, f: &Failure<'_>, tenant: Option<&str>, reason: DlqReason) {
+        if !self.publisher.receipts() {
+            return;
+        }
+        self.publisher
+            .publish_receipt(&Receipt {
+                event: f.event,
+                subscription_id: f.subscription_id,
+                tenant,
+                outcome: Terminal::DeadLettered(reason),
+                attempts: f.attempts,
+                first_attempt_ms: f.first_failure_ms,
+                last_attempt_ms: now_ms(),
+                last_status: f.last.last_status(),
+            })
+            .await;
     }
 
     /// Dead-letters a due retry record whose subscription was deleted or disabled meanwhile (reason
@@ -207,6 +241,8 @@ impl Dispatcher {
             };
             this.publisher
                 .publish_dead(&failure, DlqReason::Rejected)
+                .await;
+            this.receipt_of_dead(&failure, None, DlqReason::Rejected)
                 .await;
             done.done();
         });

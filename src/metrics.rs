@@ -114,6 +114,8 @@ pub struct Metrics {
     pub attempt_log_dropped: Counter,
     /// Subscriptions disabled because their endpoint answered 410 Gone.
     pub subscriptions_disabled_gone: Counter,
+    /// Receipts acknowledged by Kafka (`[receipts] enabled`).
+    pub receipts: Counter,
     /// Deliveries handed to a tier without an attempt, by why (`partition_bound`, `commit_delay`).
     pub deferrals: Family<ReasonLabel, Counter>,
     /// Per assigned partition: how long its oldest unfinished record has held the commit (0 when none).
@@ -290,6 +292,12 @@ impl Metrics {
             "Delivery-attempt rows dropped because the buffer was full or the store failed the write",
             attempt_log_dropped.clone(),
         );
+        let receipts = Counter::default();
+        r.register(
+            "hookline_receipts_published",
+            "Delivery receipts (one per terminal outcome) acknowledged by Kafka",
+            receipts.clone(),
+        );
         let subscriptions_disabled_gone = Counter::default();
         r.register(
             "hookline_subscriptions_disabled_gone",
@@ -349,6 +357,7 @@ impl Metrics {
             attempt_log_written,
             attempt_log_dropped,
             subscriptions_disabled_gone,
+            receipts,
             events_consumed,
             events_invalid,
             events_matched,

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod resolve;
 pub mod share;
 pub mod sign;
+pub mod trace;
 pub mod wire;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -153,6 +154,7 @@ impl Deliverer {
             to,
             ts,
             signature: signature.as_bytes(),
+            trace: trace::forwarded(event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))),
         };
         let Some(oauth) = &to.oauth else {
             let (result, excerpt) = self.send(&signed, None, capture, deadline).await;
@@ -201,6 +203,12 @@ impl Deliverer {
             );
             line(h, WEBHOOK_TIMESTAMP.as_str().as_bytes(), ts_text);
             line(h, WEBHOOK_SIGNATURE.as_str().as_bytes(), s.signature);
+            if let Some((parent, state)) = s.trace {
+                line(h, b"traceparent", parent);
+                if let Some(state) = state {
+                    line(h, b"tracestate", state);
+                }
+            }
             if let Some(b) = bearer {
                 line(h, b"authorization", b);
             }
@@ -237,6 +245,8 @@ struct Signed<'a> {
     to: &'a Recipient,
     ts: u64,
     signature: &'a [u8],
+    /// The record's W3C trace context, forwarded as it came.
+    trace: Option<(&'a [u8], Option<&'a [u8]>)>,
 }
 
 /// Appends one header line.

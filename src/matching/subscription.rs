@@ -162,6 +162,8 @@ const FORBIDDEN_HEADERS: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "traceparent",
+    "tracestate",
 ];
 
 impl Subscription {

@@ -3,6 +3,7 @@
 
 pub mod headers;
 pub mod publish;
+pub mod receipt;
 pub mod tier;
 
 /// Topic names derived from the configured prefix and tiers.
@@ -10,6 +11,8 @@ pub mod tier;
 pub struct Topics {
     pub tiers: Vec<String>,
     pub dlq: String,
+    /// `<prefix>.receipts`, when `[receipts] enabled`.
+    pub receipts: Option<String>,
 }
 
 impl Topics {
@@ -20,14 +23,23 @@ impl Topics {
                 .map(|t| format!("{prefix}.retry.{t}"))
                 .collect(),
             dlq: format!("{prefix}.dlq"),
+            receipts: None,
         }
     }
 
+    /// The same, with the receipts topic `<prefix>.receipts` when `enabled`.
+    pub fn with_receipts(mut self, prefix: &str, enabled: bool) -> Topics {
+        self.receipts = enabled.then(|| format!("{prefix}.receipts"));
+        self
+    }
+
+    /// Every topic hookline writes (created at start when missing).
     pub fn all(&self) -> impl Iterator<Item = &str> {
         self.tiers
             .iter()
             .map(String::as_str)
             .chain(std::iter::once(self.dlq.as_str()))
+            .chain(self.receipts.as_deref())
     }
 }
 
@@ -39,5 +51,8 @@ mod tests {
         assert_eq!(t.tiers, vec!["hookline.retry.1m", "hookline.retry.5m"]);
         assert_eq!(t.dlq, "hookline.dlq");
         assert_eq!(t.all().count(), 3);
+        let t = t.with_receipts("hookline", true);
+        assert_eq!(t.receipts.as_deref(), Some("hookline.receipts"));
+        assert_eq!(t.all().last(), Some("hookline.receipts"));
     }
 }

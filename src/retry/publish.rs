@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::Topics;
 use super::headers as h;
+use super::receipt::Receipt;
 use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::kafka::topic_partitions;
@@ -87,7 +88,8 @@ impl Publisher {
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<Publisher, rdkafka::error::KafkaError> {
-        let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers);
+        let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers)
+            .with_receipts(&config.retry.topic_prefix, config.receipts.enabled);
         let producer: FutureProducer = producer_config(config).create()?;
         let tier_counters = config
             .retry
@@ -229,6 +231,28 @@ impl Publisher {
         .await;
         self.metrics.dlq_counter(reason.as_str()).inc();
         self.metrics.dead_lettered.inc();
+    }
+
+    /// Whether terminal outcomes get a receipt (`[receipts] enabled`).
+    pub fn receipts(&self) -> bool {
+        self.topics.receipts.is_some()
+    }
+
+    /// Publishes the receipt of a terminal outcome (see [`super::receipt`]); returns once Kafka
+    /// acknowledged it. A no-op when receipts are off.
+    pub async fn publish_receipt(&self, r: &Receipt<'_>) {
+        let Some(topic) = &self.topics.receipts else {
+            return;
+        };
+        let hs =
+            origin_headers(OwnedHeaders::new_with_capacity(5), &r.event.origin).insert(Header {
+                key: h::SUBSCRIPTION,
+                value: Some(r.subscription_id.as_bytes()),
+            });
+        let value = super::receipt::value(r);
+        self.send(topic, Some(r.subscription_id.as_bytes()), None, &value, hs)
+            .await;
+        self.metrics.receipts.inc();
     }
 
     /// Dead-letters a record that is not a valid event: original bytes and headers, reason `invalid_event`.
