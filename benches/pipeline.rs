@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench pipeline -- [--events N] [--subs M] [--matching K] [--partitions P]
 //!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
-//!                                   [--pairs N] [--compare-bin PATH]
+//!                                   [--pairs N] [--compare-bin PATH] [--compare-config TOML]
 //!
 //! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
@@ -16,7 +16,9 @@
 //!   unfinished offset of each partition. Its CPU is measured the same way; the ratio is hookline's
 //!   deliveries per CPU-second over the bare loop's (median of the pairs). With `--compare-bin PATH`,
 //!   each pair also runs that hookline build (A C B), and `ratio_to_compare_bin` is this build's
-//!   deliveries per CPU-second over it (median of the pairs): before/after figures from one run.
+//!   deliveries per CPU-second over it (median of the pairs): before/after figures from one run. With
+//!   `--compare-config TOML` (`\n` for newlines) and no `--compare-bin`, the compared run is this build
+//!   with that config appended, e.g. `'[receipts]\nenabled = true'`: the cost of a feature in one run.
 //! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
 //!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
 //!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
@@ -47,6 +49,9 @@ struct Args {
     pairs: usize,
     /// Another hookline build, run beside this one in each pair (before/after comparisons).
     compare_bin: Option<String>,
+    /// Extra config (TOML) for the compared run: with it and without `--compare-bin`, this build is
+    /// compared with itself under that config (e.g. `[receipts] enabled = true`).
+    compare_config: Option<String>,
 }
 
 fn args() -> Args {
@@ -60,6 +65,7 @@ fn args() -> Args {
         mode: "both".into(),
         pairs: 2,
         compare_bin: None,
+        compare_config: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -75,6 +81,7 @@ fn args() -> Args {
             "--mode" => a.mode = val,
             "--pairs" => a.pairs = val.parse().expect("--pairs"),
             "--compare-bin" => a.compare_bin = Some(val),
+            "--compare-config" => a.compare_config = Some(val.replace("\\n", "\n")),
             _ => {
                 i += 1;
                 continue;
@@ -248,8 +255,10 @@ async fn throughput(a: &Args) -> serde_json::Value {
     let (mut hook, mut bare, mut other) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 0..a.pairs {
         // A: hookline, its own consumer group over the same events; C: the build to compare with.
-        let builds = std::iter::once(None).chain(a.compare_bin.iter().map(Some));
-        for (k, bin) in builds.enumerate() {
+        let compared = a.compare_bin.is_some() || a.compare_config.is_some();
+        let builds = std::iter::once((None, false))
+            .chain(compared.then_some((a.compare_bin.as_ref(), true)));
+        for (k, (bin, is_compare)) in builds.enumerate() {
             counter.n.store(0, Ordering::Relaxed);
             let dir = tempfile::tempdir().unwrap();
             let cfg = base_config(&broker, &["bench"], &format!("bench-h{pair}-{k}"))
@@ -264,11 +273,15 @@ async fn throughput(a: &Args) -> serde_json::Value {
                 cfg.contains("max_in_flight_per_partition"),
                 "source bound not set"
             );
+            let cfg = match (&a.compare_config, is_compare) {
+                (Some(extra), true) => format!("{cfg}{extra}\n"),
+                _ => cfg,
+            };
             let env: Vec<(&str, &str)> = bin.iter().map(|b| ("HOOKLINE_BIN", b.as_str())).collect();
             let mut h = Hookline::start_with_env(dir.path(), &cfg, &subscriptions(a, &url), &env);
             let f = measure(h_pid(&h), &counter, expected, || h.log()).await;
             h.kill9();
-            if bin.is_some() {
+            if is_compare {
                 other.push(f);
             } else {
                 hook.push(f);
@@ -320,6 +333,7 @@ async fn throughput(a: &Args) -> serde_json::Value {
             .collect();
         serde_json::json!({
             "bin": a.compare_bin,
+            "config": a.compare_config,
             "deliveries_per_cpu_s": median(other.iter().map(|f| f.per_cpu_s).collect()).round(),
             "ratio_to_compare_bin": (median(ratios) * 1000.0).round() / 1000.0,
         })
