@@ -55,6 +55,50 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub receipts: ReceiptsConfig,
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// The OTLP exporter's settings, checked (see [`Config::otlp`]).
+#[derive(Debug, Clone)]
+pub struct OtlpExport {
+    /// Where requests go: `otlp_endpoint` with `/v1/traces` appended unless it already ends so.
+    pub url: url::Url,
+    pub service_name: String,
+    pub timeout: Duration,
+}
+
+/// `[tracing]`: spans of delivery attempts over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (`/v1/traces` is appended unless given); unset:
+    /// no spans (the record's trace context is still forwarded).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Bound of one export request.
+    #[serde(default = "default_export_timeout", with = "humantime_serde_compat")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            export_timeout: default_export_timeout(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "hookline".into()
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `[receipts]`: one record per terminal outcome of an (event, subscription) on `<prefix>.receipts`.
@@ -824,6 +868,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.otlp()?;
         if self.source.topics.is_empty() {
             return Err(ConfigError::new(
                 "source.topics",
@@ -1190,6 +1235,43 @@ impl Config {
             .group
             .clone()
             .unwrap_or_else(|| format!("{}.retry", self.source.group))
+    }
+
+    /// The OTLP exporter's settings, when `[tracing] otlp_endpoint` is set.
+    pub fn otlp(&self) -> Result<Option<OtlpExport>, ConfigError> {
+        let Some(raw) = &self.tracing.otlp_endpoint else {
+            return Ok(None);
+        };
+        let setting = "tracing.otlp_endpoint";
+        let mut url = url::Url::parse(raw)
+            .map_err(|e| ConfigError::new(setting, format!("{raw:?} is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(ConfigError::new(
+                setting,
+                "must be an http or https URL with a host",
+            ));
+        }
+        if !url.path().ends_with("/v1/traces") {
+            let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+        }
+        if self.tracing.service_name.is_empty() {
+            return Err(ConfigError::new(
+                "tracing.service_name",
+                "must not be empty",
+            ));
+        }
+        if self.tracing.export_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "tracing.export_timeout",
+                "must be greater than 0",
+            ));
+        }
+        Ok(Some(OtlpExport {
+            url,
+            service_name: self.tracing.service_name.clone(),
+            timeout: self.tracing.export_timeout,
+        }))
     }
 
     /// The retry tiers in order, with their delays. Validated by [`Config::validate`].

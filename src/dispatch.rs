@@ -41,6 +41,8 @@ pub struct Dispatcher {
     pub attempt_log: AttemptLog,
     /// Writes to the subscriptions (a 410 disables the subscription); `None` in tools and benchmarks.
     pub registry: Option<Arc<Registry>>,
+    /// Attempt spans over OTLP (`[tracing] otlp_endpoint`).
+    pub tracer: Option<Arc<crate::otlp::Tracer>>,
 }
 
 impl Dispatcher {
@@ -77,9 +79,40 @@ impl Dispatcher {
         };
         let (result, took) = match sub.endpoint.admit(spill).await {
             Ok(slot) => {
+                // A sampled record trace gets a span for this attempt; the request then names it as
+                // the receiver's parent.
+                let span = self.tracer.as_ref().and_then(|_| {
+                    let (parent, state) = crate::deliver::trace::forwarded(
+                        event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+                    )?;
+                    crate::otlp::begin(parent, state)
+                });
                 self.metrics.in_flight.inc();
-                let (result, took) = self.deliverer.attempt(event, &sub.recipient).await;
+                let (result, took, _) = self
+                    .deliverer
+                    .attempt_as(
+                        event,
+                        &sub.recipient,
+                        0,
+                        span.as_ref().map(|s| &s.traceparent[..]),
+                    )
+                    .await;
                 self.metrics.in_flight.dec();
+                if let (Some(t), Some(s)) = (&self.tracer, span) {
+                    let outcome = classify(&result);
+                    let status = match result {
+                        AttemptResult::Status { code, .. } => Some(code),
+                        _ => None,
+                    };
+                    t.end(
+                        s,
+                        &sub.id_str,
+                        attempt_no,
+                        status,
+                        log_result(&result, outcome),
+                        outcome == Outcome::Delivered,
+                    );
+                }
                 match slot.finish(healthy(&result), took) {
                     Some(BreakerState::Open) => {
                         tracing::warn!(subscription = %sub.id_str, "circuit breaker opened: endpoint failing; deliveries go to the retry tiers until it recovers")

@@ -116,6 +116,9 @@ pub struct Metrics {
     pub subscriptions_disabled_gone: Counter,
     /// Receipts acknowledged by Kafka (`[receipts] enabled`).
     pub receipts: Counter,
+    /// Attempt spans accepted by the OTLP collector, and dropped (queue full, collector down).
+    pub spans_exported: Counter,
+    pub spans_dropped: Counter,
     /// Deliveries handed to a tier without an attempt, by why (`partition_bound`, `commit_delay`).
     pub deferrals: Family<ReasonLabel, Counter>,
     /// Per assigned partition: how long its oldest unfinished record has held the commit (0 when none).
@@ -292,6 +295,18 @@ impl Metrics {
             "Delivery-attempt rows dropped because the buffer was full or the store failed the write",
             attempt_log_dropped.clone(),
         );
+        let spans_exported = Counter::default();
+        r.register(
+            "hookline_trace_spans_exported",
+            "Attempt spans accepted by the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Counter::default();
+        r.register(
+            "hookline_trace_spans_dropped",
+            "Attempt spans dropped: export queue full, collector down or refusing",
+            spans_dropped.clone(),
+        );
         let receipts = Counter::default();
         r.register(
             "hookline_receipts_published",
@@ -358,6 +373,8 @@ impl Metrics {
             attempt_log_dropped,
             subscriptions_disabled_gone,
             receipts,
+            spans_exported,
+            spans_dropped,
             events_consumed,
             events_invalid,
             events_matched,

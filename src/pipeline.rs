@@ -147,7 +147,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .set(t.delay.as_secs_f64());
     }
     let tier_delays = tiers.into_iter().map(|t| t.delay).collect();
+    // Attempt spans over OTLP when configured; the exporter task ends with the last Tracer.
+    let tracer = match config.otlp()? {
+        Some(cfg) => {
+            let (t, _task) = crate::otlp::start(
+                cfg,
+                metrics.spans_exported.clone(),
+                metrics.spans_dropped.clone(),
+            )
+            .map_err(|e| RunError::Config(ConfigError::new("tracing.otlp_endpoint", e)))?;
+            Some(t)
+        }
+        None => None,
+    };
     let dispatcher = Arc::new(Dispatcher {
+        tracer,
         deliverer: deliverer.clone(),
         publisher,
         metrics: metrics.clone(),

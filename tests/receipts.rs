@@ -299,3 +299,153 @@ async fn trace_context_reaches_the_receiver_on_every_attempt() {
     h.sigterm();
     h.wait_exit(Duration::from_secs(20));
 }
+
+/// The test collector (tests/support/otlp_collector.py: the official opentelemetry-proto decoder in a
+/// separate process) on `port`, writing one JSON line per span to `out`.
+fn collector(port: u16, out: &std::path::Path) -> std::process::Child {
+    let child = Command::new(verifier_python())
+        .arg(repo_root().join("tests/support/otlp_collector.py"))
+        .arg(port.to_string())
+        .arg(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the collector did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn spans(out: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Must show 3 (second part): with `[tracing] otlp_endpoint`, each attempt of a record with a sampled
+/// `traceparent` is one span at the collector — same trace, the record's span as parent, attributes for
+/// subscription, attempt, status and result — and the receiver's `traceparent` names that span; records
+/// without one (or not sampled) make no span. With the collector down, deliveries go on and the
+/// dropped spans are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_spans_reach_an_otlp_collector_and_a_down_collector_costs_nothing() {
+    let broker = Broker::shared();
+    let topic = broker.topic("otlp", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = dir.path().join("spans.jsonl");
+    let mut col = collector(port, &out);
+    let flaky = Receiver::start(fail_first(1, 503)).await;
+    let cfg = base_config(broker, &[topic.as_str()], "otlp1")
+        + NO_BREAKER
+        + &format!(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"hookline-test\"\n"
+        );
+    let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &flaky.url(), &["t"])]);
+    h.wait_ready(Duration::from_secs(30)).await;
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let traced = |i: usize, flags: &str| {
+        let mut r = Record::json(0, plain_event(i, "t", None));
+        r.headers = vec![
+            ("traceparent".into(), format!("00-{TRACE}-{PARENT}-{flags}")),
+            ("tracestate".into(), "rojo=1".into()),
+        ];
+        r
+    };
+    broker
+        .produce(
+            &topic,
+            &[
+                traced(0, "01"),
+                traced(1, "00"),
+                Record::json(0, plain_event(2, "t", None)),
+            ],
+        )
+        .await;
+    flaky.wait_acked(&ids(0..3), Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while spans(&out).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} spans exported",
+            spans(&out).len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = spans(&out);
+    assert_eq!(
+        got.len(),
+        2,
+        "one span per attempt of the sampled record only: {got:?}"
+    );
+    let requests: Vec<Received> = flaky
+        .received()
+        .into_iter()
+        .filter(|r| r.webhook_id == "evt-00000")
+        .collect();
+    assert_eq!(requests.len(), 2);
+    for (n, s) in got.iter().enumerate() {
+        assert_eq!(s["trace_id"], TRACE);
+        assert_eq!(s["parent_span_id"], PARENT, "a child of the record's span");
+        assert_eq!(s["trace_state"], "rojo=1");
+        assert_eq!(s["kind"], 3, "SPAN_KIND_CLIENT");
+        assert_eq!(s["service"], "hookline-test");
+        assert_eq!(s["attributes"]["hookline.subscription"], sub_id(1));
+        let attempt = s["attributes"]["hookline.attempt"].as_i64().unwrap();
+        assert_eq!(attempt, n as i64 + 1, "{got:?}");
+        let (status, result, code) = if attempt == 1 {
+            (503, "failed", 2)
+        } else {
+            (200, "delivered", 1)
+        };
+        assert_eq!(s["attributes"]["http.response.status_code"], status);
+        assert_eq!(s["attributes"]["hookline.result"], result);
+        assert_eq!(s["status"], code);
+        assert!(s["end"].as_u64() >= s["start"].as_u64());
+        // The request of this attempt named this span as its parent.
+        let span_id = s["span_id"].as_str().unwrap();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.headers["traceparent"] == format!("00-{TRACE}-{span_id}-01")),
+            "no request carried span {span_id}"
+        );
+    }
+    // The unsampled record's traceparent went on unchanged, without a span.
+    let unsampled = flaky
+        .received()
+        .into_iter()
+        .find(|r| r.webhook_id == "evt-00001")
+        .unwrap();
+    assert_eq!(
+        unsampled.headers["traceparent"],
+        format!("00-{TRACE}-{PARENT}-00")
+    );
+
+    // The collector goes down: deliveries go on, spans are dropped and counted.
+    col.kill().unwrap();
+    col.wait().unwrap();
+    let records: Vec<Record> = (3..23).map(|i| traced(i, "01")).collect();
+    broker.produce(&topic, &records).await;
+    flaky.wait_acked(&ids(3..23), Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dropped = h.metric("hookline_trace_spans_dropped_total").await;
+        if dropped >= 40.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dropped} spans counted as dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(h.metric("hookline_trace_spans_exported_total").await, 2.0);
+    assert_eq!(spans(&out).len(), 2);
+    h.sigterm();
+    h.wait_exit(Duration::from_secs(20));
+}

@@ -125,6 +125,18 @@ impl Deliverer {
         to: &Recipient,
         capture: usize,
     ) -> (AttemptResult, Duration, Vec<u8>) {
+        self.attempt_as(event, to, capture, None).await
+    }
+
+    /// [`Deliverer::attempt_capturing`]; `traceparent`, when given, replaces the record's own in the
+    /// request (the attempt's span as the receiver's parent, see `otlp`), keeping its `tracestate`.
+    pub async fn attempt_as(
+        &self,
+        event: &Event,
+        to: &Recipient,
+        capture: usize,
+        traceparent: Option<&[u8]>,
+    ) -> (AttemptResult, Duration, Vec<u8>) {
         let started = Instant::now();
         // The subscription's timeout bounds the attempt up to the response head (a token fetch
         // included); the body then has its own short bound (http::BODY_READ_BOUND) and decides only
@@ -154,7 +166,8 @@ impl Deliverer {
             to,
             ts,
             signature: signature.as_bytes(),
-            trace: trace::forwarded(event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))),
+            trace: trace::forwarded(event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
+                .map(|(parent, state)| (traceparent.unwrap_or(parent), state)),
         };
         let Some(oauth) = &to.oauth else {
             let (result, excerpt) = self.send(&signed, None, capture, deadline).await;
