@@ -57,6 +57,17 @@ pub struct Config {
     pub receipts: ReceiptsConfig,
     #[serde(default)]
     pub tracing: TracingConfig,
+    #[serde(default)]
+    pub operational: OperationalConfig,
+}
+
+/// `[operational]`: events about endpoints and messages on `<prefix>.events`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationalConfig {
+    /// Off by default (the topic is created with the retry topics when on).
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// The OTLP exporter's settings, checked (see [`Config::otlp`]).
@@ -418,6 +429,10 @@ pub struct DeliveryConfig {
     /// many times is counted as a failed attempt the next time, so deferrals cannot cycle forever.
     #[serde(default = "default_max_deferrals")]
     pub max_deferrals: u32,
+    /// A subscription whose deliveries have all failed for this long is disabled (reason `failing`, an
+    /// `endpoint.disabled` operational event); 0 (the default) = never.
+    #[serde(default, with = "humantime_serde_compat")]
+    pub disable_after: Duration,
     /// No longer used (deliveries wait for their endpoint; see `source.max_commit_delay`); accepted
     /// with a warning so that older configurations still start.
     #[serde(default)]
@@ -738,6 +753,7 @@ impl Default for DeliveryConfig {
             proxy: None,
             no_proxy: Vec::new(),
             max_deferrals: default_max_deferrals(),
+            disable_after: Duration::ZERO,
             endpoint_queue: None,
             queue_wait: None,
             breaker: BreakerSettings::default(),

@@ -43,6 +43,10 @@ pub struct Dispatcher {
     pub registry: Option<Arc<Registry>>,
     /// Attempt spans over OTLP (`[tracing] otlp_endpoint`).
     pub tracer: Option<Arc<crate::otlp::Tracer>>,
+    /// Operational events (`[operational] enabled`): `message.exhausted` from here.
+    pub reporter: Option<Arc<crate::operational::Reporter>>,
+    /// `delivery.disable_after` (zero: never).
+    pub disable_after: Duration,
 }
 
 impl Dispatcher {
@@ -138,6 +142,18 @@ impl Dispatcher {
         };
         self.metrics.attempt(result.metric_label()).inc();
         let outcome = classify(&result);
+        // A deferral says nothing about the endpoint; every other outcome extends or ends its failing
+        // streak, and a streak longer than delivery.disable_after disables the subscription.
+        if !matches!(result, AttemptResult::Deferred(_)) {
+            let now = now_ms();
+            let since = sub.endpoint.settled(outcome == Outcome::Delivered, now);
+            if let (Some(since), Some(r)) = (since, &self.registry)
+                && !self.disable_after.is_zero()
+                && now.saturating_sub(since) >= self.disable_after.as_millis() as u64
+            {
+                r.disable_failing(sub.id, since);
+            }
+        }
         if self.attempt_log.enabled() {
             self.attempt_log.record(AttemptRecord {
                 subscription_id: sub.id,
@@ -224,6 +240,25 @@ impl Dispatcher {
         };
         if let Some(reason) = dead {
             self.publisher.publish_dead(&failure, reason).await;
+            if let (DlqReason::Exhausted, Some(r)) = (reason, &self.reporter) {
+                r.report(
+                    crate::operational::Kind::MessageExhausted,
+                    format!(
+                        "{}:{}",
+                        sub.id_str,
+                        event.webhook_id.to_str().unwrap_or_default()
+                    ),
+                    &sub.id_str,
+                    sub.tenant.as_deref(),
+                    serde_json::json!({
+                        "event_id": &*event.id,
+                        "event_type": &*event.event_type,
+                        "attempts": failure.attempts,
+                        "last_status": result.last_status(),
+                        "last_error": result.last_error(),
+                    }),
+                );
+            }
             self.receipt_of_dead(&failure, sub.tenant.as_deref(), reason)
                 .await;
         }

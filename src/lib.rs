@@ -13,6 +13,7 @@ pub mod manage;
 pub mod matching;
 pub mod metrics;
 pub mod model;
+pub mod operational;
 pub mod otlp;
 pub mod pipeline;
 pub mod proxy;

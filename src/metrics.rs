@@ -71,6 +71,11 @@ pub const ATTEMPT_RESULTS: [&str; 8] = [
     "rate_limited",
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events_consumed: Family<TopicLabel, Counter>,
@@ -116,6 +121,9 @@ pub struct Metrics {
     pub subscriptions_disabled_gone: Counter,
     /// Receipts acknowledged by Kafka (`[receipts] enabled`).
     pub receipts: Counter,
+    /// Operational events published, by kind; and dropped after a minute of failed publishes.
+    pub operational_events: Family<KindLabel, Counter>,
+    pub operational_dropped: Counter,
     /// Attempt spans accepted by the OTLP collector, and dropped (queue full, collector down).
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
@@ -307,6 +315,18 @@ impl Metrics {
             "Attempt spans dropped: export queue full, collector down or refusing",
             spans_dropped.clone(),
         );
+        let operational_events = Family::<KindLabel, Counter>::default();
+        r.register(
+            "hookline_operational_events",
+            "Operational events published to <prefix>.events, by kind",
+            operational_events.clone(),
+        );
+        let operational_dropped = Counter::default();
+        r.register(
+            "hookline_operational_events_dropped",
+            "Operational events dropped after a minute of failed publishes",
+            operational_dropped.clone(),
+        );
         let receipts = Counter::default();
         r.register(
             "hookline_receipts_published",
@@ -373,6 +393,8 @@ impl Metrics {
             attempt_log_dropped,
             subscriptions_disabled_gone,
             receipts,
+            operational_events,
+            operational_dropped,
             spans_exported,
             spans_dropped,
             events_consumed,
@@ -442,6 +464,12 @@ impl Metrics {
     pub fn tier_counter(&self, tier: &str) -> Counter {
         self.retry_published
             .get_or_create(&TierLabel { tier: tier.into() })
+            .clone()
+    }
+
+    pub fn operational_event(&self, kind: &str) -> Counter {
+        self.operational_events
+            .get_or_create(&KindLabel { kind: kind.into() })
             .clone()
     }
 

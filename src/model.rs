@@ -93,6 +93,13 @@ pub struct SubscriptionSpec {
     pub retired_signing_keys: Vec<RetiredSecret>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Why hookline disabled the subscription (`gone`: the endpoint answered 410; `failing`: every
+    /// delivery failed for `delivery.disable_after`); cleared when it is enabled again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    /// When hookline disabled it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_sec: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +163,8 @@ impl SubscriptionSpec {
             signing_keys: Vec::new(),
             retired_signing_keys: Vec::new(),
             enabled: true,
+            disabled_reason: None,
+            disabled_at: None,
             rate_limit_per_sec: None,
             burst: None,
             max_in_flight: None,
@@ -267,6 +276,7 @@ impl std::fmt::Debug for SubscriptionSpec {
             )
             .field("retired_signing_keys", &self.retired_signing_keys)
             .field("enabled", &self.enabled)
+            .field("disabled_reason", &self.disabled_reason)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("burst", &self.burst)
             .field("max_in_flight", &self.max_in_flight)

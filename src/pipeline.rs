@@ -160,8 +160,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
         None => None,
     };
+    // Operational events: one reporter for the dispatcher (message.exhausted) and the registry
+    // (endpoint.disabled / endpoint.enabled).
+    let reporter = publisher.topics.events.clone().map(|topic| {
+        Arc::new(crate::operational::Reporter::new(
+            publisher.producer(),
+            topic,
+            registry.store.clone(),
+            metrics.clone(),
+        ))
+    });
+    if let Some(r) = &reporter {
+        registry.set_reporter(r.clone());
+    }
     let dispatcher = Arc::new(Dispatcher {
         tracer,
+        reporter,
+        disable_after: config.delivery.disable_after,
         deliverer: deliverer.clone(),
         publisher,
         metrics: metrics.clone(),

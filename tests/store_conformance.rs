@@ -55,6 +55,8 @@ fn spec(i: u32) -> SubscriptionSpec {
             vec![]
         },
         enabled: !i.is_multiple_of(7),
+        disabled_reason: i.is_multiple_of(7).then(|| "gone".to_string()),
+        disabled_at: i.is_multiple_of(7).then(|| rfc3339_ms(t + 1_000)),
         rate_limit_per_sec: i.is_multiple_of(2).then_some(100 + i),
         burst: i.is_multiple_of(2).then_some(10),
         max_in_flight: (i % 3 == 1).then_some(8),
@@ -136,6 +138,16 @@ fn attempt(sub: Uuid, at_ms: u64, n: u32) -> AttemptRecord {
 /// Returns the subscription whose 30 attempts it wrote (6 of them two days old).
 async fn writable_suite(store: &dyn Store) -> Uuid {
     assert!(store.writable());
+    // Claims: first writer wins, also when 20 race for one key.
+    let key = format!("test:{}", Uuid::new_v4());
+    let claims: Vec<bool> = futures_util::future::join_all((0..20).map(|_| store.claim(&key)))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(claims.iter().filter(|c| **c).count(), 1, "{claims:?}");
+    assert!(!store.claim(&key).await.unwrap(), "a claim is remembered");
+    assert!(store.claim(&format!("{key}-other")).await.unwrap());
     let rev0 = store.revision().await.unwrap();
     assert_eq!(
         store.revision().await.unwrap(),
@@ -366,8 +378,8 @@ fn migrated(node: &CqlNode, base: &str) -> (ScyllaConfig, tempfile::TempDir) {
     for _ in 0..2 {
         let out = node.migrate(&cli);
         assert!(
-            out.contains("13 schema statements applied"),
-            "CREATE KEYSPACE, 3 tables, 9 columns added later: {out}"
+            out.contains("16 schema statements applied"),
+            "CREATE KEYSPACE, 4 tables, 11 columns added later: {out}"
         );
     }
     (node.scylla_config(&ks), dir)

@@ -363,7 +363,12 @@ fn apply(
             "enabled" => {
                 spec.enabled = v
                     .as_bool()
-                    .ok_or_else(|| ApiError::bad(f, "must be true or false"))?
+                    .ok_or_else(|| ApiError::bad(f, "must be true or false"))?;
+                if spec.enabled {
+                    // Enabled again: why hookline had disabled it no longer applies.
+                    spec.disabled_reason = None;
+                    spec.disabled_at = None;
+                }
             }
             // null restores the default (on).
             "adaptive_concurrency" if null => spec.adaptive_concurrency = true,
@@ -402,6 +407,8 @@ fn apply(
             | "retired_signing_keys"
             | "secret_header_names"
             | "retry_schedule"
+            | "disabled_reason"
+            | "disabled_at"
             | "tls_client_cert_expires_at" => {
                 return Err(ApiError::bad(f, "is read-only"));
             }
@@ -561,6 +568,9 @@ fn view(spec: &SubscriptionSpec, tiers: &[(Box<str>, Duration)]) -> Map<String, 
         "event_types": spec.event_types,
         "filter": spec.filter,
         "enabled": spec.enabled,
+        // Why and when hookline disabled it (410 Gone: "gone"; failing for disable_after: "failing").
+        "disabled_reason": spec.disabled_reason,
+        "disabled_at": spec.disabled_at,
         "rate_limit_per_sec": spec.rate_limit_per_sec,
         "burst": spec.burst,
         "max_in_flight": spec.max_in_flight,
@@ -652,10 +662,12 @@ async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
     let id = parse_id(&id)?;
     let fields = body_object(&body, false)?;
     let mut spec = s.existing(id).await?;
+    let before = spec.clone();
     apply(&mut spec, fields, false)?;
     s.validate(&spec).await?;
     spec.updated_at = Some(rfc3339_ms(now_ms()));
     s.registry.put(spec.clone()).await?;
+    s.registry.report_toggle(&before, &spec);
     tracing::info!(subscription = %id, "subscription updated");
     Ok(ok(
         StatusCode::OK,

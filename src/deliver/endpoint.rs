@@ -64,6 +64,9 @@ pub struct Endpoint {
     /// Deliveries inside `admit` or holding a slot.
     pending: AtomicUsize,
     breaker: Mutex<Breaker>,
+    /// Epoch ms of the first failed delivery since the last delivered one (0: not failing), for
+    /// `delivery.disable_after`.
+    failing_since_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -192,6 +195,7 @@ impl Endpoint {
             limiter: ArcSwapOption::new(limiter.map(Arc::new)),
             pending: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::new(breaker, Instant::now())),
+            failing_since_ms: Default::default(),
             limits,
         }
     }
@@ -263,6 +267,26 @@ impl Endpoint {
     pub fn inherit(&self, previous: &Endpoint) {
         let b = previous.breaker().clone();
         *self.breaker() = b;
+        self.failing_since_ms.store(
+            previous.failing_since_ms.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Records a settled delivery: delivered ends a failing streak; a failure starts one (at `now_ms`)
+    /// unless one is running. Returns since when this instance's deliveries have all failed.
+    pub fn settled(&self, delivered: bool, now_ms: u64) -> Option<u64> {
+        if delivered {
+            self.failing_since_ms.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let _ = self.failing_since_ms.compare_exchange(
+            0,
+            now_ms.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        Some(self.failing_since_ms.load(Ordering::Relaxed))
     }
 
     fn breaker(&self) -> MutexGuard<'_, Breaker> {

@@ -13,6 +13,8 @@ pub struct Topics {
     pub dlq: String,
     /// `<prefix>.receipts`, when `[receipts] enabled`.
     pub receipts: Option<String>,
+    /// `<prefix>.events` (operational events), when `[operational] enabled`.
+    pub events: Option<String>,
 }
 
 impl Topics {
@@ -24,7 +26,14 @@ impl Topics {
                 .collect(),
             dlq: format!("{prefix}.dlq"),
             receipts: None,
+            events: None,
         }
+    }
+
+    /// The same, with the operational events topic `<prefix>.events` when `enabled`.
+    pub fn with_events(mut self, prefix: &str, enabled: bool) -> Topics {
+        self.events = enabled.then(|| format!("{prefix}.events"));
+        self
     }
 
     /// The same, with the receipts topic `<prefix>.receipts` when `enabled`.
@@ -40,6 +49,7 @@ impl Topics {
             .map(String::as_str)
             .chain(std::iter::once(self.dlq.as_str()))
             .chain(self.receipts.as_deref())
+            .chain(self.events.as_deref())
     }
 }
 

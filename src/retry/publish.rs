@@ -89,7 +89,8 @@ impl Publisher {
         metrics: Arc<Metrics>,
     ) -> Result<Publisher, rdkafka::error::KafkaError> {
         let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers)
-            .with_receipts(&config.retry.topic_prefix, config.receipts.enabled);
+            .with_receipts(&config.retry.topic_prefix, config.receipts.enabled)
+            .with_events(&config.retry.topic_prefix, config.operational.enabled);
         let producer: FutureProducer = producer_config(config).create()?;
         let tier_counters = config
             .retry
@@ -231,6 +232,11 @@ impl Publisher {
         .await;
         self.metrics.dlq_counter(reason.as_str()).inc();
         self.metrics.dead_lettered.inc();
+    }
+
+    /// The idempotent producer, for other records hookline writes (operational events).
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.clone()
     }
 
     /// Whether terminal outcomes get a receipt (`[receipts] enabled`).

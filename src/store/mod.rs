@@ -113,7 +113,19 @@ pub trait Store: Send + Sync {
     /// Removes attempts older than the time-to-live; returns how many (0 where the store expires rows
     /// itself, as ScyllaDB does with TTLs).
     async fn expire_attempts(&self) -> Result<u64, StoreError>;
+
+    /// Claims `key` for this caller, first writer wins across every instance sharing the store: `true`
+    /// once, `false` for every later claim of the same key (for [`CLAIM_TTL`]). Operational events use it
+    /// so that an occurrence several instances see is reported once. A read-only store cannot
+    /// coordinate and always answers `true`.
+    async fn claim(&self, key: &str) -> Result<bool, StoreError> {
+        let _ = key;
+        Ok(true)
+    }
 }
+
+/// How long a claim is remembered.
+pub const CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 /// Opens the store the configuration names. SQLite creates its file and tables; ScyllaDB connects (the
 /// schema comes from `hookline migrate`).

@@ -40,7 +40,7 @@ pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
     adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
-    secret_headers, oauth2, retry_tiers, max_attempts";
+    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at";
 const ATTEMPT_COLUMNS: &str =
     "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
 
@@ -72,6 +72,8 @@ struct SpecRow {
     oauth2: Option<String>,
     retry_tiers: Option<Vec<String>>,
     max_attempts: Option<i32>,
+    disabled_reason: Option<String>,
+    disabled_at: Option<CqlTimestamp>,
 }
 
 /// A `subscriptions` row as written (bound by column name).
@@ -102,6 +104,8 @@ struct SpecValues<'a> {
     oauth2: Option<String>,
     retry_tiers: Option<&'a [String]>,
     max_attempts: Option<i32>,
+    disabled_reason: Option<&'a str>,
+    disabled_at: Option<CqlTimestamp>,
 }
 
 type AttemptRow = (
@@ -125,6 +129,7 @@ struct Statements {
     bump: PreparedStatement,
     insert_attempt: PreparedStatement,
     attempts: PreparedStatement,
+    claim: PreparedStatement,
 }
 
 pub struct ScyllaStore {
@@ -260,6 +265,11 @@ impl ScyllaStore {
                 "SELECT {ATTEMPT_COLUMNS} FROM delivery_attempts WHERE subscription_id = ? AND day = ?"
             ))
             .await?,
+            claim: prep(format!(
+                "INSERT INTO claims (key, at) VALUES (?, ?) IF NOT EXISTS USING TTL {}",
+                super::CLAIM_TTL.as_secs()
+            ))
+            .await?,
         };
         // Consistency per statement (README, "ScyllaDB consistency"): the subscriptions and the revision
         // register at store.scylla.consistency for reads and writes alike, so that a poll that sees a
@@ -278,6 +288,11 @@ impl ScyllaStore {
         let attempts = level(cfg.attempt_consistency);
         st.insert_attempt.set_consistency(attempts);
         st.attempts.set_consistency(attempts);
+        // Claims are lightweight transactions (Paxos, LOCAL_SERIAL), so that of two instances claiming
+        // one key exactly one is applied; the commit at store.scylla.consistency.
+        st.claim.set_consistency(subs);
+        st.claim
+            .set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
         Ok(ScyllaStore {
             session,
             st,
@@ -394,6 +409,8 @@ fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
         // An empty CQL list reads as null; an empty schedule is refused before it is stored.
         retry_tiers: r.retry_tiers.filter(|t| !t.is_empty()),
         max_attempts: r.max_attempts.map(|v| v.max(0) as u32),
+        disabled_reason: r.disabled_reason,
+        disabled_at: r.disabled_at.map(|t| rfc3339_ms(t.0.max(0) as u64)),
     })
 }
 
@@ -509,6 +526,8 @@ impl Store for ScyllaStore {
                 .map(|o| serde_json::to_string(o).unwrap_or_default()),
             retry_tiers: s.retry_tiers.as_deref(),
             max_attempts: i32_of(s.max_attempts),
+            disabled_reason: s.disabled_reason.as_deref(),
+            disabled_at: ts(&s.disabled_at, "disabled_at", s.id)?,
         };
         self.session
             .execute_unpaged(&self.st.put, values)
@@ -646,6 +665,24 @@ impl Store for ScyllaStore {
         Ok(Page { items, next: None })
     }
 
+    async fn claim(&self, key: &str) -> Result<bool, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.st.claim, (key, CqlTimestamp(now_ms() as i64)))
+            .await
+            .map_err(StoreError::unavailable)?
+            .into_rows_result()
+            .map_err(StoreError::unavailable)?;
+        // The first column of an LWT's answer is `[applied]`; a refused one adds the existing row.
+        let row = res
+            .maybe_first_row::<scylla::value::Row>()
+            .map_err(StoreError::unavailable)?;
+        Ok(matches!(
+            row.as_ref().and_then(|r| r.columns.first()),
+            Some(Some(scylla::value::CqlValue::Boolean(true)))
+        ))
+    }
+
     async fn expire_attempts(&self) -> Result<u64, StoreError> {
         // Rows carry their own TTL.
         Ok(0)
@@ -672,6 +709,8 @@ mod tests {
                 ("hl", "subscriptions", "oauth2"),
                 ("hl", "subscriptions", "retry_tiers"),
                 ("hl", "subscriptions", "max_attempts"),
+                ("hl", "subscriptions", "disabled_reason"),
+                ("hl", "subscriptions", "disabled_at"),
             ]
         );
         assert_eq!(added_column("alter table a.b drop c"), None);

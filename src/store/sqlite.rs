@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     secret_headers TEXT NOT NULL DEFAULT '{}',
     oauth2 TEXT,
     retry_tiers TEXT,
-    max_attempts INTEGER
+    max_attempts INTEGER,
+    disabled_reason TEXT,
+    disabled_at TEXT
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY,
@@ -61,6 +63,7 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_subscription
     ON delivery_attempts (subscription_id, at_ms DESC, seq DESC);
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_time ON delivery_attempts (at_ms);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO revision (id, value) VALUES (0, 0);
 ";
@@ -101,6 +104,14 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
         "max_attempts",
         "ALTER TABLE subscriptions ADD COLUMN max_attempts INTEGER",
     ),
+    (
+        "disabled_reason",
+        "ALTER TABLE subscriptions ADD COLUMN disabled_reason TEXT",
+    ),
+    (
+        "disabled_at",
+        "ALTER TABLE subscriptions ADD COLUMN disabled_at TEXT",
+    ),
 ];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
@@ -117,7 +128,7 @@ fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
     adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
-    secret_headers, oauth2, retry_tiers, max_attempts";
+    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -266,6 +277,8 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         oauth2,
         retry_tiers,
         max_attempts: r.get(23).map_err(get)?,
+        disabled_reason: r.get(24).map_err(get)?,
+        disabled_at: r.get(25).map_err(get)?,
     })
 }
 
@@ -357,7 +370,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                     ?19, ?20, ?21, ?22, ?23, ?24)"
+                     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
                 ),
                 params![
                     s.id.to_string(),
@@ -384,6 +397,8 @@ impl Store for SqliteStore {
                     s.oauth2.as_ref().map(json),
                     s.retry_tiers.as_ref().map(json),
                     s.max_attempts,
+                    s.disabled_reason,
+                    s.disabled_at,
                 ],
             )
             .map_err(StoreError::unavailable)?;
@@ -513,9 +528,26 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn claim(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "INSERT OR IGNORE INTO claims (key, at_ms) VALUES (?1, ?2)",
+                    params![key, now_ms() as i64],
+                )
+                .map_err(StoreError::unavailable)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn expire_attempts(&self) -> Result<u64, StoreError> {
         let ttl = self.ttl;
         self.with(move |c| {
+            let old_claims = now_ms().saturating_sub(super::CLAIM_TTL.as_millis() as u64) as i64;
+            c.execute("DELETE FROM claims WHERE at_ms <= ?1", params![old_claims])
+                .map_err(StoreError::unavailable)?;
             let oldest = now_ms().saturating_sub(ttl.as_millis() as u64) as i64;
             let n = c
                 .execute(
@@ -550,7 +582,7 @@ mod tests {
             // The subscriptions table as the first release created it.
             let c = Connection::open(&path).unwrap();
             let old = SCHEMA.replace(
-                ",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,\n    tls_client_cert TEXT,\n    tls_client_key TEXT,\n    signing_keys TEXT NOT NULL DEFAULT '[]',\n    retired_signing_keys TEXT NOT NULL DEFAULT '[]',\n    secret_headers TEXT NOT NULL DEFAULT '{}',\n    oauth2 TEXT,\n    retry_tiers TEXT,\n    max_attempts INTEGER",
+                ",\n    adaptive_concurrency INTEGER NOT NULL DEFAULT 1,\n    tls_client_cert TEXT,\n    tls_client_key TEXT,\n    signing_keys TEXT NOT NULL DEFAULT '[]',\n    retired_signing_keys TEXT NOT NULL DEFAULT '[]',\n    secret_headers TEXT NOT NULL DEFAULT '{}',\n    oauth2 TEXT,\n    retry_tiers TEXT,\n    max_attempts INTEGER,\n    disabled_reason TEXT,\n    disabled_at TEXT",
                 "",
             );
             assert_ne!(old, SCHEMA, "the test removes the column");

@@ -1,0 +1,205 @@
+//! Operational events and auto-disable (issue 21, must show 2 — the events topic part), with two
+//! instances sharing one SQLite store and one consumer group: a 410, an exhausted message, an endpoint
+//! failing for `delivery.disable_after` and an operator enabling a subscription again each produce
+//! exactly one event on `<prefix>.events`, although both instances see them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "ops-admin-token";
+
+/// The events topic's values after `settle` without a new one (at least `want` of them).
+async fn events(broker: &Broker, topic: &str, want: usize, timeout: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let recs = broker.read_all(topic);
+        if recs.len() >= want {
+            return recs
+                .iter()
+                .map(|r| serde_json::from_slice(&r.value).unwrap())
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {want} operational events: {:?}",
+            recs.len(),
+            recs.iter()
+                .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_occurrence_is_one_event_with_two_instances_running() {
+    let env = SqliteEnv::new(2);
+    let cfg = env.cfg.clone()
+        + "[operational]\nenabled = true\n"
+        + "[delivery.breaker]\nconsecutive_failures = 1000000\nmin_requests = 1000000\n";
+    let cfg = cfg.replace("[delivery]\n", "[delivery]\ndisable_after = \"3s\"\n");
+    assert!(cfg.contains("disable_after"));
+    let prefix = prefix_of(&cfg);
+    let events_topic = format!("{prefix}.events");
+    let gone = Receiver::start(|_| Reply::Status(410)).await;
+    let exhausting = Receiver::start(|_| Reply::Status(503)).await;
+    let failing = Receiver::start(|_| Reply::Status(500)).await;
+    let ok = Receiver::ok().await;
+    let start = |dir: &std::path::Path| {
+        Hookline::start_with_store(dir, &cfg, &sqlite_store(&env.db), Some(TOKEN), &[])
+    };
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut a = start(env.dir.path());
+    a.wait_ready(Duration::from_secs(30)).await;
+    let mut b = start(dir_b.path());
+    b.wait_ready(Duration::from_secs(30)).await;
+    let api = Api::new(&a, TOKEN);
+    let create = |url: String, ty: &str, extra: Value| {
+        let mut body = json!({"url": url, "event_types": [ty]});
+        if let (Value::Object(m), Value::Object(e)) = (&mut body, extra) {
+            m.extend(e);
+        }
+        let api = &api;
+        async move {
+            let (st, s) = api.post("/v1/subscriptions", body).await;
+            assert_eq!(st, 201, "{s}");
+            s["id"].as_str().unwrap().to_string()
+        }
+    };
+    let gone_id = create(gone.url(), "g", json!({})).await;
+    let exh_id = create(exhausting.url(), "x", json!({"retry_tiers": ["1s"]})).await;
+    // All tiers (1 s, 2 s, 3 s): its first message would be exhausted after 6 s, but the subscription
+    // is disabled after 3 s of failures, so its retries are dead-lettered as orphans, not exhausted.
+    let fail_id = create(failing.url(), "f", json!({})).await;
+    let ok_id = create(ok.url(), "o", json!({})).await;
+    // Both instances hold a partition before anything is produced, and both have the subscriptions.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while source_partitions_assigned(&a.log()) != 1 || source_partitions_assigned(&b.log()) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle on one partition each"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Both partitions carry each kind, so both instances see every occurrence.
+    let mut records = Vec::new();
+    for i in 0..8 {
+        records.push(Record::json(i % 2, plain_event(i as usize, "g", None)));
+    }
+    for i in 8..10 {
+        records.push(Record::json(i % 2, plain_event(i as usize, "x", None)));
+    }
+    for i in 10..14 {
+        records.push(Record::json(i % 2, plain_event(i as usize, "o", None)));
+    }
+    env.broker.produce(&env.topic, &records).await;
+    // The failing endpoint: deliveries on both partitions for 5 s (disable_after is 3 s).
+    for round in 0..10 {
+        let i = 100 + 2 * round;
+        env.broker
+            .produce(
+                &env.topic,
+                &[
+                    Record::json(0, plain_event(i, "f", None)),
+                    Record::json(1, plain_event(i + 1, "f", None)),
+                ],
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ok.wait_acked(&ids(10..14), Duration::from_secs(30)).await;
+    // gone: 1 disabled; exhausted: 2 messages; failing: 1 disabled.
+    let got = events(env.broker, &events_topic, 4, Duration::from_secs(30)).await;
+    // Enabling the gone subscription again through the API: one endpoint.enabled.
+    let (st, s) = api
+        .patch(
+            &format!("/v1/subscriptions/{gone_id}"),
+            json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(
+        s["disabled_reason"],
+        Value::Null,
+        "enabling clears the reason"
+    );
+    let got_all = events(
+        env.broker,
+        &events_topic,
+        got.len() + 1,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Let any duplicate arrive (claims are decided before publishing; a duplicate would be quick).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = env
+        .broker
+        .read_all(&events_topic)
+        .iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.value).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(last.len(), got_all.len(), "no duplicate came later");
+    let mut by: HashMap<(String, String), Vec<&Value>> = HashMap::new();
+    for e in &last {
+        by.entry((
+            e["type"].as_str().unwrap().to_string(),
+            e["data"]["subscription_id"].as_str().unwrap().to_string(),
+        ))
+        .or_default()
+        .push(e);
+    }
+    let one = |kind: &str, sub: &str| -> &Value {
+        let v = by
+            .get(&(kind.to_string(), sub.to_string()))
+            .unwrap_or_else(|| panic!("no {kind} for {sub}: {last:?}"));
+        assert_eq!(v.len(), 1, "{kind} for {sub} more than once: {v:?}");
+        v[0]
+    };
+    assert_eq!(one("endpoint.disabled", &gone_id)["data"]["reason"], "gone");
+    let auto = one("endpoint.disabled", &fail_id);
+    assert_eq!(auto["data"]["reason"], "failing");
+    assert!(auto["data"]["failing_since"].is_string());
+    one("endpoint.enabled", &gone_id);
+    let exhausted = &by[&("message.exhausted".to_string(), exh_id.clone())];
+    let mut msgs: Vec<&str> = exhausted
+        .iter()
+        .map(|e| e["data"]["event_id"].as_str().unwrap())
+        .collect();
+    msgs.sort();
+    assert_eq!(msgs, ["evt-00008", "evt-00009"], "one per message");
+    for e in exhausted {
+        assert_eq!(e["data"]["attempts"], 2);
+        assert_eq!(e["data"]["last_status"], "503");
+    }
+    assert_eq!(last.len(), 5, "nothing else: {last:?}");
+    let ids_: std::collections::HashSet<&str> =
+        last.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids_.len(), 5, "ids are distinct per occurrence");
+    assert!(!by.contains_key(&("endpoint.disabled".to_string(), ok_id.clone())));
+    assert!(
+        !by.contains_key(&("endpoint.disabled".to_string(), exh_id.clone())),
+        "2 s of failures is under disable_after"
+    );
+    // The reason is visible in the API.
+    let (_, f) = api.get(&format!("/v1/subscriptions/{fail_id}")).await;
+    assert_eq!(
+        (f["enabled"].clone(), f["disabled_reason"].clone()),
+        (json!(false), json!("failing"))
+    );
+    assert!(f["disabled_at"].is_string());
+    // Both instances saw the failing endpoint; one of them reported each occurrence.
+    let seen = |h: &Hookline| h.log().matches("operational event published").count();
+    println!("instance A published {}, B {}", seen(&a), seen(&b));
+    assert_eq!(seen(&a) + seen(&b), 5);
+    a.sigterm();
+    b.sigterm();
+    a.wait_exit(Duration::from_secs(20));
+    b.wait_exit(Duration::from_secs(20));
+}
