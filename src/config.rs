@@ -61,6 +61,11 @@ pub struct Config {
     pub operational: OperationalConfig,
 }
 
+/// The id of the operator's webhook subscription (`[operational] webhook_url`), on its retry and
+/// dead-letter records.
+pub const OPERATOR_SUBSCRIPTION: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f70_6572_6174_4f70_8000_0000_0000_0001);
+
 /// `[operational]`: events about endpoints and messages on `<prefix>.events`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +73,12 @@ pub struct OperationalConfig {
     /// Off by default (the topic is created with the retry topics when on).
     #[serde(default)]
     pub enabled: bool,
+    /// Also POST every operational event here, signed (Standard Webhooks) with `webhook_secret`, with
+    /// the retries and dead letters of any delivery.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
 }
 
 /// The OTLP exporter's settings, checked (see [`Config::otlp`]).
@@ -885,6 +896,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.otlp()?;
+        self.operator_subscription()?;
         if self.source.topics.is_empty() {
             return Err(ConfigError::new(
                 "source.topics",
@@ -1251,6 +1263,55 @@ impl Config {
             .group
             .clone()
             .unwrap_or_else(|| format!("{}.retry", self.source.group))
+    }
+
+    /// The operator's webhook as a subscription spec, when `[operational] webhook_url` is set: id
+    /// [`OPERATOR_SUBSCRIPTION`], every event type, the secret of `webhook_secret`.
+    pub fn operator_subscription(
+        &self,
+    ) -> Result<Option<crate::model::SubscriptionSpec>, ConfigError> {
+        let o = &self.operational;
+        let Some(url) = &o.webhook_url else {
+            if o.webhook_secret.is_some() {
+                return Err(ConfigError::new(
+                    "operational.webhook_secret",
+                    "is only used with operational.webhook_url",
+                ));
+            }
+            return Ok(None);
+        };
+        if !o.enabled {
+            return Err(ConfigError::new(
+                "operational.webhook_url",
+                "needs operational.enabled = true",
+            ));
+        }
+        let secret = o.webhook_secret.clone().ok_or_else(|| {
+            ConfigError::new(
+                "operational.webhook_secret",
+                "is required with operational.webhook_url (a whsec_ secret)",
+            )
+        })?;
+        crate::model::SigningKey::parse(&secret)
+            .map_err(|m| ConfigError::new("operational.webhook_secret", m))?;
+        let u = url::Url::parse(url).map_err(|e| {
+            ConfigError::new(
+                "operational.webhook_url",
+                format!("{url:?} is not a URL ({e})"),
+            )
+        })?;
+        if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+            return Err(ConfigError::new(
+                "operational.webhook_url",
+                "must be an http or https URL with a host",
+            ));
+        }
+        let mut spec =
+            crate::model::SubscriptionSpec::new(url.clone(), vec!["*".into()], vec![secret], 0);
+        spec.id = OPERATOR_SUBSCRIPTION;
+        spec.created_at = None;
+        spec.updated_at = None;
+        Ok(Some(spec))
     }
 
     /// The OTLP exporter's settings, when `[tracing] otlp_endpoint` is set.

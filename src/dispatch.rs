@@ -240,7 +240,12 @@ impl Dispatcher {
         };
         if let Some(reason) = dead {
             self.publisher.publish_dead(&failure, reason).await;
-            if let (DlqReason::Exhausted, Some(r)) = (reason, &self.reporter) {
+            // The operator's own webhook reports nothing about itself (no loop of events about events).
+            if let (DlqReason::Exhausted, Some(r), false) = (
+                reason,
+                &self.reporter,
+                sub.id == crate::config::OPERATOR_SUBSCRIPTION,
+            ) {
                 r.report(
                     crate::operational::Kind::MessageExhausted,
                     format!(

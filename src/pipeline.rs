@@ -67,6 +67,15 @@ pub async fn load_cache(
 ) -> Result<(Arc<Cache>, Arc<dyn store::Store>), RunError> {
     let store = store::open(config).await?;
     let cache = Arc::new(Cache::new(defaults(config), metrics));
+    if let Some(spec) = config.operator_subscription()? {
+        let sub = crate::matching::Subscription::prepare(spec, cache.defaults()).map_err(|e| {
+            ConfigError::new(
+                "operational.webhook_url",
+                format!("{}: {}", e.field, e.message),
+            )
+        })?;
+        cache.set_operator(Arc::new(sub));
+    }
     match cache.refresh(store.as_ref()).await {
         Ok(_) => Ok((cache, store)),
         Err(LoadError::Spec { id, err }) => {

@@ -1,7 +1,8 @@
-//! Operational events and auto-disable (issue 21, must show 2 — the events topic part), with two
+//! Operational events and auto-disable (issue 21, must show 2 — without breaker events), with two
 //! instances sharing one SQLite store and one consumer group: a 410, an exhausted message, an endpoint
 //! failing for `delivery.disable_after` and an operator enabling a subscription again each produce
-//! exactly one event on `<prefix>.events`, although both instances see them.
+//! exactly one event on `<prefix>.events`, although both instances see them; and the operator's webhook
+//! receives the events, signed and verified by the reference `standardwebhooks` package.
 
 mod common;
 
@@ -202,4 +203,94 @@ async fn each_occurrence_is_one_event_with_two_instances_running() {
     b.sigterm();
     a.wait_exit(Duration::from_secs(20));
     b.wait_exit(Duration::from_secs(20));
+}
+
+/// The operator's webhook (`[operational] webhook_url`): fed by the events topic, it receives each event
+/// once, signed with `webhook_secret` (checked by the reference `standardwebhooks` package), retried
+/// through the tiers like any delivery; it receives no customer event, and customers' subscriptions
+/// receive no operational event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_webhook_receives_signed_events_with_retries() {
+    let broker = Broker::shared();
+    let topic = broker.topic("ops-hook", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let operator = Receiver::start(fail_first(1, 503)).await;
+    let gone = Receiver::start(|_| Reply::Status(410)).await;
+    let all = Receiver::ok().await;
+    let cfg = base_config(broker, &[topic.as_str()], "opshook")
+        + &format!(
+            "[operational]\nenabled = true\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET_B}\"\n",
+            operator.url()
+        );
+    let prefix = prefix_of(&cfg);
+    let db = dir.path().join("hookline.db");
+    let mut h = Hookline::start_with_store(dir.path(), &cfg, &sqlite_store(&db), Some(TOKEN), &[]);
+    h.wait_ready(Duration::from_secs(30)).await;
+    let api = Api::new(&h, TOKEN);
+    let (st, g) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": gone.url(), "event_types": ["g"]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{g}");
+    // A subscription to every event type: it must not see operational events.
+    let (st, a) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": all.url(), "event_types": ["*"]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{a}");
+    let gone_id = g["id"].as_str().unwrap();
+    broker
+        .produce(&topic, &[Record::json(0, plain_event(0, "g", None))])
+        .await;
+    // Disabled by the 410 first, then enabled again by the operator.
+    events(
+        broker,
+        &format!("{prefix}.events"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let (st, _) = api
+        .patch(
+            &format!("/v1/subscriptions/{gone_id}"),
+            json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let evs = events(
+        broker,
+        &format!("{prefix}.events"),
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    let want: std::collections::HashSet<String> = evs
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(want.len(), 2, "{evs:?}");
+    operator.wait_acked(&want, Duration::from_secs(30)).await;
+    let reqs = operator.received();
+    // Each event: a 503 first, then delivered from the 1 s tier.
+    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    for r in &reqs {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(evs.contains(&body), "the webhook body is the event: {body}");
+        assert_eq!(r.webhook_id, body["id"]);
+    }
+    let (_, counts) = verify_standardwebhooks(dir.path(), &reqs, &[SECRET_B, SECRET_A]);
+    assert_eq!(counts[SECRET_B]["valid"], 4, "{counts}");
+    assert_eq!(counts[SECRET_A]["valid"], 0, "{counts}");
+    all.wait_acked(&ids(0..1), Duration::from_secs(10)).await;
+    assert_eq!(
+        all.count(),
+        1,
+        "a subscription to * got only the customer event"
+    );
+    h.sigterm();
+    h.wait_exit(Duration::from_secs(20));
 }

@@ -38,6 +38,9 @@ pub struct Cache {
     /// Serialises loads with direct updates, so a slow full load never overwrites a newer update.
     swap: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// The operator's webhook (`[operational] webhook_url`): a subscription outside the store and the
+    /// index, fed only by the operational events topic.
+    operator: std::sync::OnceLock<Arc<Subscription>>,
 }
 
 impl Cache {
@@ -51,7 +54,26 @@ impl Cache {
             revision: std::sync::Mutex::new(None),
             swap: tokio::sync::Mutex::new(()),
             metrics,
+            operator: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the operator's webhook subscription (once, at start).
+    pub fn set_operator(&self, sub: Arc<Subscription>) {
+        let _ = self.operator.set(sub);
+    }
+
+    /// The operator's webhook subscription, when configured.
+    pub fn operator(&self) -> Option<&Arc<Subscription>> {
+        self.operator.get()
+    }
+
+    /// A subscription by id: from the index, or the operator's webhook.
+    pub fn subscription(&self, id: &uuid::Uuid) -> Option<Arc<Subscription>> {
+        self.index
+            .load()
+            .get(id)
+            .or_else(|| self.operator.get().filter(|o| o.id == *id).cloned())
     }
 
     /// The current index snapshot.

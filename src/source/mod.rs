@@ -487,6 +487,8 @@ pub struct Source {
     cache: Arc<Cache>,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
+    /// The operational events topic, when this source feeds the operator's webhook from it.
+    operational: Option<Arc<str>>,
 }
 
 /// A consumer made from `config`, subscribed to `names`.
@@ -545,9 +547,17 @@ impl Source {
         metrics: Arc<Metrics>,
     ) -> Result<Source, rdkafka::error::KafkaError> {
         let state = Arc::new(Mutex::new(State::default()));
-        let names: Vec<String> = match role {
+        let mut names: Vec<String> = match role {
             Role::Source => config.source.topics.clone(),
             Role::Retry => dispatcher.publisher.topics.tiers.clone(),
+        };
+        // The operator's webhook is fed by the operational events topic, consumed like a source topic.
+        let operational = match (&dispatcher.publisher.topics.events, cache.operator()) {
+            (Some(t), Some(_)) if role == Role::Source => {
+                names.push(t.clone());
+                Some(Arc::<str>::from(t.as_str()))
+            }
+            _ => None,
         };
         let topics: Vec<Arc<str>> = names.iter().map(|t| Arc::from(t.as_str())).collect();
         let ctx = SourceContext {
@@ -586,6 +596,7 @@ impl Source {
             cache,
             dispatcher,
             metrics,
+            operational,
         })
     }
 
@@ -764,10 +775,14 @@ impl Source {
         let (event, subs, invalid_detail) = match decoded {
             Ok(ev) => {
                 let ev = Arc::new(ev);
-                let subs = self
-                    .cache
-                    .index()
-                    .matches(&ev, || decode::filter_document(&ev));
+                // An operational event goes to the operator's webhook only, never to subscriptions.
+                let subs = match (&self.operational, self.cache.operator()) {
+                    (Some(t), Some(op)) if t == topic => vec![op.clone()],
+                    _ => self
+                        .cache
+                        .index()
+                        .matches(&ev, || decode::filter_document(&ev)),
+                };
                 if subs.is_empty() {
                     self.metrics.events_unmatched.inc();
                 } else {
@@ -974,7 +989,7 @@ impl Source {
 
     /// Hands a due retry record to the dispatcher, or dead-letters it when its subscription is gone.
     fn release(&self, job: Held) {
-        if let Some(sub) = self.cache.index().get(&job.subscription) {
+        if let Some(sub) = self.cache.subscription(&job.subscription) {
             // A due retry record waits for its endpoint without being spilled: its tier partition's
             // head is held by design, and the breaker and request timeout bound the wait.
             self.dispatcher
