@@ -117,7 +117,8 @@ impl Dispatcher {
                         outcome == Outcome::Delivered,
                     );
                 }
-                match slot.finish(healthy(&result), took) {
+                let changed = slot.finish(healthy(&result), took);
+                match changed {
                     Some(BreakerState::Open) => {
                         tracing::warn!(subscription = %sub.id_str, "circuit breaker opened: endpoint failing; deliveries go to the retry tiers until it recovers")
                     }
@@ -125,6 +126,17 @@ impl Dispatcher {
                         tracing::info!(subscription = %sub.id_str, state = state.as_str(), "circuit breaker changed state")
                     }
                     None => {}
+                }
+                if let (Some(r), Some(state)) = (&self.reporter, changed)
+                    && state != BreakerState::HalfOpen
+                    && sub.id != crate::config::OPERATOR_SUBSCRIPTION
+                {
+                    r.breaker(
+                        state == BreakerState::Open,
+                        &sub.id_str,
+                        sub.tenant.as_deref(),
+                        sub.breaker_episodes.clone(),
+                    );
                 }
                 self.metrics.delivery_duration.observe(took.as_secs_f64());
                 (result, took)

@@ -1,6 +1,7 @@
 //! Operational events (`[operational] enabled`): what operators want to be told, as records on
 //! `<prefix>.events` — `endpoint.disabled` (410 Gone, failing for `delivery.disable_after`, or an
-//! operator), `endpoint.enabled`, `message.exhausted`.
+//! operator), `endpoint.enabled`, `endpoint.breaker_opened`, `endpoint.breaker_closed`,
+//! `message.exhausted`.
 //!
 //! Once per occurrence across the group: several instances can see the same occurrence (each gets a 410
 //! from the same endpoint, each finds it failing), so every occurrence has a key derived from what they
@@ -10,6 +11,14 @@
 //! event id is a hash of the key, so it is stable: a consumer can also drop repeats. A store that cannot
 //! be reached when claiming does not silence the event (it is published, perhaps twice); a read-only
 //! store cannot coordinate, so each instance reports what it saw.
+//!
+//! Breakers are per instance, so a breaker episode has no key every instance sees alike; the group
+//! numbers episodes instead ([`BreakerEpisodes`]): an opening claims `breaker_opened:<sub>:<n>` for the
+//! episode number `n` it knows, a closing claims `breaker_closed:<sub>:<n>` and moves on to `n + 1`. An
+//! instance that finds episode `n` already opened by another learns from `claimed` whether that
+//! episode is over (then it tries `n + 1`) or still open (then there is nothing to report). So the first
+//! instance to open reports the opening, the first to close reports the closing, and the re-openings of
+//! one episode (a failed half-open probe) are not new events.
 //!
 //! Reporting never holds up a delivery: it runs in a task, and a publish that keeps failing is retried
 //! for a minute, then dropped with a warning and counted.
@@ -32,6 +41,8 @@ use crate::store::Store;
 pub enum Kind {
     EndpointDisabled,
     EndpointEnabled,
+    BreakerOpened,
+    BreakerClosed,
     MessageExhausted,
 }
 
@@ -40,6 +51,8 @@ impl Kind {
         match self {
             Kind::EndpointDisabled => "endpoint.disabled",
             Kind::EndpointEnabled => "endpoint.enabled",
+            Kind::BreakerOpened => "endpoint.breaker_opened",
+            Kind::BreakerClosed => "endpoint.breaker_closed",
             Kind::MessageExhausted => "message.exhausted",
         }
     }
@@ -71,6 +84,15 @@ pub fn value(
         "timestamp": rfc3339_ms(at_ms),
         "data": d,
     })
+}
+
+/// A subscription's breaker episodes as this instance knows them (kept across cache reloads).
+#[derive(Debug, Default)]
+pub struct BreakerEpisodes {
+    /// The episode number this instance is at.
+    n: std::sync::atomic::AtomicU64,
+    /// Reports of one subscription run in order (an opening's claim before the closing's).
+    order: tokio::sync::Mutex<()>,
 }
 
 pub struct Reporter {
@@ -119,6 +141,78 @@ impl Reporter {
                 }
             }
             this.publish(kind, &subscription, &v).await;
+        });
+    }
+
+    /// Reports this instance's breaker of `subscription` opening or closing (in the background), once
+    /// per episode across the group (see the module documentation).
+    pub fn breaker(
+        self: &Arc<Self>,
+        opened: bool,
+        subscription: &str,
+        tenant: Option<&str>,
+        episodes: Arc<BreakerEpisodes>,
+    ) {
+        use std::sync::atomic::Ordering;
+        let this = Arc::clone(self);
+        let subscription = subscription.to_string();
+        let tenant = tenant.map(String::from);
+        tokio::spawn(async move {
+            let _in_order = episodes.order.lock().await;
+            let key = |kind: Kind, n: u64| format!("{}:{subscription}:{n}", kind.as_str());
+            let claim = |k: String| {
+                let store = this.store.clone();
+                async move { store.claim(&k).await }
+            };
+            let report = |kind: Kind, n: u64| {
+                let v = value(
+                    kind,
+                    &format!("{subscription}:{n}"),
+                    &subscription,
+                    tenant.as_deref(),
+                    now_ms(),
+                    json!({"episode": n}),
+                );
+                let this = this.clone();
+                let subscription = subscription.clone();
+                async move { this.publish(kind, &subscription, &v).await }
+            };
+            let failed = |e: crate::store::StoreError| {
+                tracing::warn!(subscription = %subscription, error = %e, "cannot claim a breaker event in the store; not reported");
+            };
+            if opened {
+                // Catch up with episodes others opened and closed meanwhile (at most a few steps).
+                for _ in 0..1000 {
+                    let n = episodes.n.load(Ordering::Relaxed);
+                    match claim(key(Kind::BreakerOpened, n)).await {
+                        Ok(true) => return report(Kind::BreakerOpened, n).await,
+                        Ok(false) => {}
+                        Err(e) => return failed(e),
+                    }
+                    match this.store.claimed(&key(Kind::BreakerClosed, n)).await {
+                        Ok(true) => episodes.n.store(n + 1, Ordering::Relaxed),
+                        // Episode n is open in the group already: nothing new to report.
+                        Ok(false) => return,
+                        Err(e) => return failed(e),
+                    }
+                }
+            } else {
+                let n = episodes.n.load(Ordering::Relaxed);
+                let won = match claim(key(Kind::BreakerClosed, n)).await {
+                    Ok(w) => w,
+                    Err(e) => return failed(e),
+                };
+                episodes.n.store(n + 1, Ordering::Relaxed);
+                // Only an episode that was reported open is reported closed.
+                if won
+                    && matches!(
+                        this.store.claimed(&key(Kind::BreakerOpened, n)).await,
+                        Ok(true)
+                    )
+                {
+                    report(Kind::BreakerClosed, n).await;
+                }
+            }
         });
     }
 

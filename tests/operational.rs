@@ -294,3 +294,131 @@ async fn the_operator_webhook_receives_signed_events_with_retries() {
     h.sigterm();
     h.wait_exit(Duration::from_secs(20));
 }
+
+/// Must show 2, breaker part: two instances both see an endpoint fail (each breaker opens, and
+/// re-opens after failed half-open probes), then recover (each breaker closes): exactly one
+/// `endpoint.breaker_opened` and one `endpoint.breaker_closed` for the episode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_episode_is_one_opened_and_one_closed_event_with_two_instances() {
+    let env = SqliteEnv::new(2);
+    let cfg = env.cfg.clone()
+        + "[operational]\nenabled = true\n"
+        + "[delivery.breaker]\nconsecutive_failures = 3\nmin_requests = 1000000\ncool_down = \"1s\"\n";
+    let prefix = prefix_of(&cfg);
+    let receiver = Receiver::start(|_| Reply::Status(503)).await;
+    let start = |dir: &std::path::Path| {
+        Hookline::start_with_store(dir, &cfg, &sqlite_store(&env.db), Some(TOKEN), &[])
+    };
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut a = start(env.dir.path());
+    a.wait_ready(Duration::from_secs(30)).await;
+    let mut b = start(dir_b.path());
+    b.wait_ready(Duration::from_secs(30)).await;
+    let (api_a, api_b) = (Api::new(&a, TOKEN), Api::new(&b, TOKEN));
+    let (st, s) = api_a
+        .post(
+            "/v1/subscriptions",
+            json!({"url": receiver.url(), "event_types": ["b"]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while source_partitions_assigned(&a.log()) != 1 || source_partitions_assigned(&b.log()) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle on one partition each"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    async fn breaker(api: &Api, id: &str) -> String {
+        let path = format!("/v1/subscriptions/{id}/health");
+        api.get(&path).await.1["breaker"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    // Traffic on both partitions until both breakers are open (or probing), then until both closed.
+    let mut i = 0usize;
+    let mut tick = |broker: &'static Broker, topic: String| {
+        i += 2;
+        let n = i;
+        async move {
+            broker
+                .produce(
+                    &topic,
+                    &[
+                        Record::json(0, plain_event(n, "b", None)),
+                        Record::json(1, plain_event(n + 1, "b", None)),
+                    ],
+                )
+                .await;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tick(env.broker, env.topic.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sa, sb) = (breaker(&api_a, &id).await, breaker(&api_b, &id).await);
+        if sa != "closed" && sb != "closed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "breakers did not both open: {sa} {sb}"
+        );
+    }
+    // Both open; a little longer so that half-open probes fail and breakers re-open.
+    for _ in 0..15 {
+        tick(env.broker, env.topic.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    receiver.set_behaviour(|_| Reply::Status(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tick(env.broker, env.topic.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sa, sb) = (breaker(&api_a, &id).await, breaker(&api_b, &id).await);
+        if sa == "closed" && sb == "closed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "breakers did not both close: {sa} {sb}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let evs: Vec<Value> = env
+        .broker
+        .read_all(&format!("{prefix}.events"))
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).unwrap())
+        .collect();
+    let of = |kind: &str| {
+        evs.iter()
+            .filter(|e| e["type"] == kind && e["data"]["subscription_id"] == id.as_str())
+            .collect::<Vec<_>>()
+    };
+    let (opened, closed) = (of("endpoint.breaker_opened"), of("endpoint.breaker_closed"));
+    let opened_lines = |h: &Hookline| h.log().matches("circuit breaker opened").count();
+    println!(
+        "breaker opened {} times on A, {} on B; events: {} opened, {} closed",
+        opened_lines(&a),
+        opened_lines(&b),
+        opened.len(),
+        closed.len()
+    );
+    assert!(
+        opened_lines(&a) >= 1 && opened_lines(&b) >= 1,
+        "both breakers opened"
+    );
+    assert_eq!(opened.len(), 1, "{evs:?}");
+    assert_eq!(closed.len(), 1, "{evs:?}");
+    assert_eq!(opened[0]["data"]["episode"], 0);
+    assert_eq!(closed[0]["data"]["episode"], 0);
+    a.sigterm();
+    b.sigterm();
+    a.wait_exit(Duration::from_secs(20));
+    b.wait_exit(Duration::from_secs(20));
+}

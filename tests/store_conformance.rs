@@ -147,6 +147,8 @@ async fn writable_suite(store: &dyn Store) -> Uuid {
         .collect();
     assert_eq!(claims.iter().filter(|c| **c).count(), 1, "{claims:?}");
     assert!(!store.claim(&key).await.unwrap(), "a claim is remembered");
+    assert!(store.claimed(&key).await.unwrap());
+    assert!(!store.claimed(&format!("{key}-never")).await.unwrap());
     assert!(store.claim(&format!("{key}-other")).await.unwrap());
     let rev0 = store.revision().await.unwrap();
     assert_eq!(

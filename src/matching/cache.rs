@@ -161,9 +161,10 @@ impl Cache {
             return Ok(Arc::clone(p));
         }
         let id = spec.id;
-        let sub = Subscription::prepare(spec, &self.defaults)
+        let mut sub = Subscription::prepare(spec, &self.defaults)
             .map_err(|err| LoadError::Spec { id, err })?;
         if let Some(p) = prev {
+            sub.breaker_episodes = p.breaker_episodes.clone();
             sub.endpoint.inherit(&p.endpoint);
             sub.recipient.inherit(&p.recipient);
         }

@@ -43,6 +43,8 @@ pub struct Subscription {
     /// The retry tiers this subscription uses, as indices into `retry.tiers`, in order: attempt `k + 2`
     /// comes from tier `retry[k]`, and a failure after the last is exhausted.
     pub retry: Box<[usize]>,
+    /// Breaker episodes as this instance knows them, for operational events (kept across reloads).
+    pub breaker_episodes: Arc<crate::operational::BreakerEpisodes>,
     pub spec: SubscriptionSpec,
 }
 
@@ -364,6 +366,7 @@ impl Subscription {
                 defaults.share.clone(),
             )),
             retry,
+            breaker_episodes: Arc::default(),
             spec,
         })
     }

@@ -122,6 +122,12 @@ pub trait Store: Send + Sync {
         let _ = key;
         Ok(true)
     }
+
+    /// Whether `key` was claimed (by anyone), without claiming it. A read-only store answers `false`.
+    async fn claimed(&self, key: &str) -> Result<bool, StoreError> {
+        let _ = key;
+        Ok(false)
+    }
 }
 
 /// How long a claim is remembered.

@@ -130,6 +130,7 @@ struct Statements {
     insert_attempt: PreparedStatement,
     attempts: PreparedStatement,
     claim: PreparedStatement,
+    claimed: PreparedStatement,
 }
 
 pub struct ScyllaStore {
@@ -270,6 +271,7 @@ impl ScyllaStore {
                 super::CLAIM_TTL.as_secs()
             ))
             .await?,
+            claimed: prep("SELECT key FROM claims WHERE key = ?".into()).await?,
         };
         // Consistency per statement (README, "ScyllaDB consistency"): the subscriptions and the revision
         // register at store.scylla.consistency for reads and writes alike, so that a poll that sees a
@@ -293,6 +295,9 @@ impl ScyllaStore {
         st.claim.set_consistency(subs);
         st.claim
             .set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+        // A serial read sees every applied claim (and completes one in progress).
+        st.claimed
+            .set_consistency(scylla::statement::Consistency::LocalSerial);
         Ok(ScyllaStore {
             session,
             st,
@@ -681,6 +686,17 @@ impl Store for ScyllaStore {
             row.as_ref().and_then(|r| r.columns.first()),
             Some(Some(scylla::value::CqlValue::Boolean(true)))
         ))
+    }
+
+    async fn claimed(&self, key: &str) -> Result<bool, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.st.claimed, (key,))
+            .await
+            .map_err(StoreError::unavailable)?
+            .into_rows_result()
+            .map_err(StoreError::unavailable)?;
+        Ok(res.rows_num() > 0)
     }
 
     async fn expire_attempts(&self) -> Result<u64, StoreError> {

@@ -542,6 +542,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claimed(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.with(move |c| {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM claims WHERE key = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .map_err(StoreError::unavailable)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     async fn expire_attempts(&self) -> Result<u64, StoreError> {
         let ttl = self.ttl;
         self.with(move |c| {
