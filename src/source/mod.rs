@@ -256,6 +256,9 @@ struct SourceContext {
     rebalance_timeout: Duration,
     /// Source role: this instance's share of the group's limits, updated after every rebalance.
     share: Option<Arc<GroupShare>>,
+    /// The operational events topic (feeding the operator's webhook): not part of the limit share, which
+    /// is about the subscriptions' traffic.
+    unshared: Option<Arc<str>>,
     /// Retry role: the tier partitions owned here, for deferrals to stay local.
     local_tiers: Option<Arc<LocalTiers>>,
     /// Cleared when the consumer this context belongs to was replaced after a fatal error: its last
@@ -300,9 +303,14 @@ impl SourceContext {
         let Some(share) = &self.share else {
             return;
         };
-        let assigned = lock(&self.state).parts.len();
+        let unshared = |t: &Arc<str>| self.unshared.as_ref().is_some_and(|u| u == t);
+        let assigned = lock(&self.state)
+            .parts
+            .keys()
+            .filter(|(t, _)| !unshared(t))
+            .count();
         let mut total = 0usize;
-        for t in &self.topics {
+        for t in self.topics.iter().filter(|t| !unshared(t)) {
             match topic_partitions(consumer.client(), t, Duration::from_secs(5)) {
                 Ok(parts) => total += parts.len(),
                 Err(e) => {
@@ -566,6 +574,7 @@ impl Source {
             topics: topics.clone(),
             rebalance_timeout: config.source.rebalance_timeout,
             share: (role == Role::Source).then(|| cache.defaults().share.clone()),
+            unshared: operational.clone(),
             local_tiers: (role == Role::Retry).then(|| dispatcher.publisher.local_tiers.clone()),
             live: Arc::new(AtomicBool::new(true)),
         };
