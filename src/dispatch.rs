@@ -86,9 +86,7 @@ impl Dispatcher {
                 // A sampled record trace gets a span for this attempt; the request then names it as
                 // the receiver's parent.
                 let span = self.tracer.as_ref().and_then(|_| {
-                    let (parent, state) = crate::deliver::trace::forwarded(
-                        event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
-                    )?;
+                    let (parent, state) = crate::deliver::trace::of_event(event)?;
                     crate::otlp::begin(parent, state)
                 });
                 self.metrics.in_flight.inc();
@@ -155,12 +153,12 @@ impl Dispatcher {
         self.metrics.attempt(result.metric_label()).inc();
         let outcome = classify(&result);
         // A deferral says nothing about the endpoint; every other outcome extends or ends its failing
-        // streak, and a streak longer than delivery.disable_after disables the subscription.
-        if !matches!(result, AttemptResult::Deferred(_)) {
+        // streak, and a streak longer than delivery.disable_after disables the subscription. Without
+        // disable_after the streak is not kept (no clock read, no shared write per delivery).
+        if !self.disable_after.is_zero() && !matches!(result, AttemptResult::Deferred(_)) {
             let now = now_ms();
             let since = sub.endpoint.settled(outcome == Outcome::Delivered, now);
             if let (Some(since), Some(r)) = (since, &self.registry)
-                && !self.disable_after.is_zero()
                 && now.saturating_sub(since) >= self.disable_after.as_millis() as u64
             {
                 r.disable_failing(sub.id, since);

@@ -247,13 +247,30 @@ pub fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
 
 /// A new signing secret: `whsec_` + base64 of 32 random bytes.
 pub fn generate_secret() -> Result<String, String> {
+    random_key("whsec_")
+}
+
+/// `prefix` + base64 of 32 random bytes (a new `whsec_` secret or `whsk_` seed).
+fn random_key(prefix: &str) -> Result<String, String> {
     use base64::Engine;
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| format!("no randomness available: {e}"))?;
     Ok(format!(
-        "whsec_{}",
+        "{prefix}{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     ))
+}
+
+/// The bytes of a key written `<prefix><base64>` (`whsec_`, `whsk_`, `whpk_`); errors say which part
+/// is wrong.
+fn prefixed_base64(key: &str, prefix: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let b64 = key
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("must start with \"{prefix}\""))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| format!("the part after \"{prefix}\" is not valid base64"))
 }
 
 /// Secrets never appear in debug output (and so never in logs).
@@ -370,13 +387,7 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     pub fn parse(secret: &str) -> Result<SigningKey, String> {
-        use base64::Engine;
-        let b64 = secret
-            .strip_prefix("whsec_")
-            .ok_or_else(|| "must start with \"whsec_\"".to_string())?;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| "the part after \"whsec_\" is not valid base64".to_string())?;
+        let key = prefixed_base64(secret, "whsec_")?;
         if key.len() < 16 || key.len() > 128 {
             return Err(format!("key must be 16 to 128 bytes, got {}", key.len()));
         }
@@ -398,14 +409,8 @@ impl std::fmt::Debug for Ed25519Key {
 
 impl Ed25519Key {
     pub fn parse(key: &str) -> Result<Ed25519Key, String> {
-        use base64::Engine;
         use ring::signature::Ed25519KeyPair;
-        let b64 = key
-            .strip_prefix("whsk_")
-            .ok_or_else(|| "must start with \"whsk_\"".to_string())?;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| "the part after \"whsk_\" is not valid base64".to_string())?;
+        let raw = prefixed_base64(key, "whsk_")?;
         let pair = match raw.len() {
             32 => Ed25519KeyPair::from_seed_unchecked(&raw),
             64 => Ed25519KeyPair::from_seed_and_public_key(&raw[..32], &raw[32..]),
@@ -432,25 +437,13 @@ impl Ed25519Key {
 
 /// A new Ed25519 signing key: `whsk_` + base64 of a random 32-byte seed.
 pub fn generate_signing_key() -> Result<String, String> {
-    use base64::Engine;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| format!("no randomness available: {e}"))?;
-    Ok(format!(
-        "whsk_{}",
-        base64::engine::general_purpose::STANDARD.encode(seed)
-    ))
+    random_key("whsk_")
 }
 
 /// The 32 bytes of a public key `whpk_<base64>`.
 pub fn parse_public_key(key: &str) -> Result<[u8; 32], String> {
-    use base64::Engine;
-    let b64 = key
-        .strip_prefix("whpk_")
-        .ok_or_else(|| "must start with \"whpk_\"".to_string())?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|_| "the part after \"whpk_\" is not valid base64".to_string())?;
-    raw.try_into()
+    prefixed_base64(key, "whpk_")?
+        .try_into()
         .map_err(|r: Vec<u8>| format!("an Ed25519 public key is 32 bytes, got {}", r.len()))
 }
 

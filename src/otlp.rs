@@ -67,23 +67,10 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = H[(b >> 4) as usize];
-        out[2 * i + 1] = H[(b & 15) as usize];
-    }
-}
-
+/// The bytes of a hex field of a `traceparent` (already validated).
 fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     let mut out = [0u8; N];
-    if s.len() != 2 * N {
-        return None;
-    }
-    for i in 0..N {
-        let d = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
-        out[i] = (d(s[2 * i])? << 4) | d(s[2 * i + 1])?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -106,7 +93,7 @@ pub fn begin(traceparent: &[u8], tracestate: Option<&[u8]>) -> Option<SpanStart>
     tp[..3].copy_from_slice(b"00-");
     tp[3..35].copy_from_slice(&traceparent[3..35]);
     tp[35] = b'-';
-    hex_into(&mut tp[36..52], &span_id);
+    hex::encode_to_slice(span_id, &mut tp[36..52]).ok()?;
     tp[52] = b'-';
     tp[53..55].copy_from_slice(&traceparent[53..55]);
     Some(SpanStart {

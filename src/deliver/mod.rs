@@ -146,27 +146,19 @@ impl Deliverer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        // Secrets and keys retired by a rotation keep signing during their grace period.
-        let keys = to.keys.iter().chain(
-            to.retiring
-                .iter()
-                .filter(move |(_, until)| ts < *until)
-                .map(|(k, _)| k),
+        let signature = sign::signature_header(
+            signing(&to.keys, &to.retiring, ts),
+            signing(&to.ed_keys, &to.ed_retiring, ts),
+            event.webhook_id.as_bytes(),
+            ts,
+            &event.body,
         );
-        let ed_keys = to.ed_keys.iter().chain(
-            to.ed_retiring
-                .iter()
-                .filter(move |(_, until)| ts < *until)
-                .map(|(k, _)| k),
-        );
-        let signature =
-            sign::signature_header(keys, ed_keys, event.webhook_id.as_bytes(), ts, &event.body);
         let signed = Signed {
             event,
             to,
             ts,
             signature: signature.as_bytes(),
-            trace: trace::forwarded(event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
+            trace: trace::of_event(event)
                 .map(|(parent, state)| (traceparent.unwrap_or(parent), state)),
         };
         let Some(oauth) = &to.oauth else {
@@ -250,6 +242,21 @@ impl Deliverer {
             ),
         }
     }
+}
+
+/// The keys that sign a request timestamped `ts`: the current ones, and the retired ones whose grace
+/// period (until their expiry, unix seconds) has not ended.
+fn signing<'a, K>(
+    current: &'a [K],
+    retiring: &'a [(K, u64)],
+    ts: u64,
+) -> impl Iterator<Item = &'a K> {
+    current.iter().chain(
+        retiring
+            .iter()
+            .filter(move |(_, until)| ts < *until)
+            .map(|(k, _)| k),
+    )
 }
 
 /// What every request of one attempt shares.

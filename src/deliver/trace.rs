@@ -24,6 +24,11 @@ pub fn forwarded<'a>(
     Some((parent, state.filter(|s| valid_tracestate(s))))
 }
 
+/// [`forwarded`] from an event's record headers.
+pub fn of_event(event: &crate::model::Event) -> Option<(&[u8], Option<&[u8]>)> {
+    forwarded(event.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
+}
+
 /// `version-traceid-parentid-flags`: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
 pub fn valid_traceparent(v: &[u8]) -> bool {
     let hex = |s: &[u8]| {

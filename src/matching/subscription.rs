@@ -23,7 +23,7 @@ use crate::deliver::identity::ClientIdentity;
 use crate::deliver::oauth::TokenSource;
 use crate::deliver::share::GroupShare;
 use crate::model::{
-    Ed25519Key, Pattern, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms,
+    Ed25519Key, Pattern, RetiredSecret, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms,
 };
 
 /// A subscription prepared for the hot path: URL parsed, keys derived, headers built, once per load.
@@ -79,6 +79,37 @@ impl Default for Defaults {
             .into(),
         }
     }
+}
+
+/// Parses every entry of the list `field`; an error names `field[i]`.
+fn parse_each<T>(
+    list: &[String],
+    field: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, SpecError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, x)| parse(x).map_err(|m| SpecError::new(format!("{field}[{i}]"), m)))
+        .collect()
+}
+
+/// Parses retired secrets or keys with their expiry (unix seconds); an error names
+/// `field[i].secret` or `field[i].expires_at`.
+fn parse_retiring<K>(
+    list: &[RetiredSecret],
+    field: &str,
+    parse: impl Fn(&str) -> Result<K, String>,
+) -> Result<Vec<(K, u64)>, SpecError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let key =
+                parse(&r.secret).map_err(|m| SpecError::new(format!("{field}[{i}].secret"), m))?;
+            let until = parse_rfc3339_ms(&r.expires_at)
+                .map_err(|m| SpecError::new(format!("{field}[{i}].expires_at"), m))?;
+            Ok((key, until / 1000))
+        })
+        .collect()
 }
 
 /// The tier indices of a subscription's retry schedule: `retry_tiers` (each named as in `retry.tiers`
@@ -191,14 +222,7 @@ impl Subscription {
                 "must list at least one pattern",
             ));
         }
-        let patterns = spec
-            .event_types
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                Pattern::parse(p).map_err(|m| SpecError::new(format!("event_types[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let patterns = parse_each(&spec.event_types, "event_types", Pattern::parse)?;
         if let Some(t) = &spec.tenant
             && t.is_empty()
         {
@@ -210,38 +234,14 @@ impl Subscription {
                 "must list at least one secret (or give signing_keys)",
             ));
         }
-        let keys = spec
-            .secrets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                SigningKey::parse(s).map_err(|m| SpecError::new(format!("secrets[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut retiring = Vec::with_capacity(spec.retired_secrets.len());
-        for (i, r) in spec.retired_secrets.iter().enumerate() {
-            let key = SigningKey::parse(&r.secret)
-                .map_err(|m| SpecError::new(format!("retired_secrets[{i}].secret"), m))?;
-            let until = parse_rfc3339_ms(&r.expires_at)
-                .map_err(|m| SpecError::new(format!("retired_secrets[{i}].expires_at"), m))?;
-            retiring.push((key, until / 1000));
-        }
-        let ed_keys = spec
-            .signing_keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                Ed25519Key::parse(k).map_err(|m| SpecError::new(format!("signing_keys[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut ed_retiring = Vec::with_capacity(spec.retired_signing_keys.len());
-        for (i, r) in spec.retired_signing_keys.iter().enumerate() {
-            let key = Ed25519Key::parse(&r.secret)
-                .map_err(|m| SpecError::new(format!("retired_signing_keys[{i}].secret"), m))?;
-            let until = parse_rfc3339_ms(&r.expires_at)
-                .map_err(|m| SpecError::new(format!("retired_signing_keys[{i}].expires_at"), m))?;
-            ed_retiring.push((key, until / 1000));
-        }
+        let keys = parse_each(&spec.secrets, "secrets", SigningKey::parse)?;
+        let retiring = parse_retiring(&spec.retired_secrets, "retired_secrets", SigningKey::parse)?;
+        let ed_keys = parse_each(&spec.signing_keys, "signing_keys", Ed25519Key::parse)?;
+        let ed_retiring = parse_retiring(
+            &spec.retired_signing_keys,
+            "retired_signing_keys",
+            Ed25519Key::parse,
+        )?;
         let retry = retry_schedule(&spec, &defaults.tiers)?;
         let filter = match &spec.filter {
             Some(f) => Some(
