@@ -18,27 +18,9 @@ use serde_json::json;
 /// Runs tests/support/verify_v1a.py (PyNaCl, a separate process) over `reqs` with each public key;
 /// returns `counts[key]` = {"valid", "invalid", "tampered_valid"}.
 fn verify_v1a(dir: &std::path::Path, reqs: &[Received], keys: &[&str]) -> serde_json::Value {
-    use base64::Engine;
-    let dump: Vec<serde_json::Value> = reqs
-        .iter()
-        .map(|q| json!({"headers": q.headers, "body_b64": base64::engine::general_purpose::STANDARD.encode(&q.body)}))
-        .collect();
-    let path = dir.join("v1a-requests.json");
-    std::fs::write(&path, serde_json::to_vec(&dump).unwrap()).unwrap();
-    let out = Command::new(verifier_python())
-        .arg(repo_root().join("tests/support/verify_v1a.py"))
-        .arg(&path)
-        .args(keys)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "PyNaCl verifier failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, counts) = run_verifier(dir, "verify_v1a.py", reqs, keys);
     println!("PyNaCl: {stdout}");
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+    counts
 }
 
 /// Must show 1: a subscription created through the API with a generated Ed25519 key and no HMAC

@@ -37,6 +37,34 @@ async fn events(broker: &Broker, topic: &str, want: usize, timeout: Duration) ->
     }
 }
 
+/// Two ready instances in one group on `env`'s SQLite store with `cfg` (A in `env.dir`, B in the
+/// returned directory).
+async fn two_instances(env: &SqliteEnv, cfg: &str) -> (Hookline, Hookline, tempfile::TempDir) {
+    let start = |dir: &std::path::Path| {
+        Hookline::start_with_store(dir, cfg, &sqlite_store(&env.db), Some(TOKEN), &[])
+    };
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut a = start(env.dir.path());
+    a.wait_ready(Duration::from_secs(30)).await;
+    let mut b = start(dir_b.path());
+    b.wait_ready(Duration::from_secs(30)).await;
+    (a, b, dir_b)
+}
+
+/// Waits until each instance holds one source partition, then a cache refresh more (both have the
+/// subscriptions created meanwhile).
+async fn one_partition_each(a: &Hookline, b: &Hookline) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while source_partitions_assigned(&a.log()) != 1 || source_partitions_assigned(&b.log()) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle on one partition each"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_occurrence_is_one_event_with_two_instances_running() {
     let env = SqliteEnv::new(2);
@@ -51,14 +79,7 @@ async fn each_occurrence_is_one_event_with_two_instances_running() {
     let exhausting = Receiver::start(|_| Reply::Status(503)).await;
     let failing = Receiver::start(|_| Reply::Status(500)).await;
     let ok = Receiver::ok().await;
-    let start = |dir: &std::path::Path| {
-        Hookline::start_with_store(dir, &cfg, &sqlite_store(&env.db), Some(TOKEN), &[])
-    };
-    let dir_b = tempfile::tempdir().unwrap();
-    let mut a = start(env.dir.path());
-    a.wait_ready(Duration::from_secs(30)).await;
-    let mut b = start(dir_b.path());
-    b.wait_ready(Duration::from_secs(30)).await;
+    let (mut a, mut b, _dir_b) = two_instances(&env, &cfg).await;
     let api = Api::new(&a, TOKEN);
     let create = |url: String, ty: &str, extra: Value| {
         let mut body = json!({"url": url, "event_types": [ty]});
@@ -79,15 +100,7 @@ async fn each_occurrence_is_one_event_with_two_instances_running() {
     let fail_id = create(failing.url(), "f", json!({})).await;
     let ok_id = create(ok.url(), "o", json!({})).await;
     // Both instances hold a partition before anything is produced, and both have the subscriptions.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while source_partitions_assigned(&a.log()) != 1 || source_partitions_assigned(&b.log()) != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the group did not settle on one partition each"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    one_partition_each(&a, &b).await;
 
     // Both partitions carry each kind, so both instances see every occurrence.
     let mut records = Vec::new();
@@ -306,14 +319,7 @@ async fn a_breaker_episode_is_one_opened_and_one_closed_event_with_two_instances
         + "[delivery.breaker]\nconsecutive_failures = 3\nmin_requests = 1000000\ncool_down = \"1s\"\n";
     let prefix = prefix_of(&cfg);
     let receiver = Receiver::start(|_| Reply::Status(503)).await;
-    let start = |dir: &std::path::Path| {
-        Hookline::start_with_store(dir, &cfg, &sqlite_store(&env.db), Some(TOKEN), &[])
-    };
-    let dir_b = tempfile::tempdir().unwrap();
-    let mut a = start(env.dir.path());
-    a.wait_ready(Duration::from_secs(30)).await;
-    let mut b = start(dir_b.path());
-    b.wait_ready(Duration::from_secs(30)).await;
+    let (mut a, mut b, _dir_b) = two_instances(&env, &cfg).await;
     let (api_a, api_b) = (Api::new(&a, TOKEN), Api::new(&b, TOKEN));
     let (st, s) = api_a
         .post(
@@ -323,15 +329,7 @@ async fn a_breaker_episode_is_one_opened_and_one_closed_event_with_two_instances
         .await;
     assert_eq!(st, 201, "{s}");
     let id = s["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while source_partitions_assigned(&a.log()) != 1 || source_partitions_assigned(&b.log()) != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the group did not settle on one partition each"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    one_partition_each(&a, &b).await;
     async fn breaker(api: &Api, id: &str) -> String {
         let path = format!("/v1/subscriptions/{id}/health");
         api.get(&path).await.1["breaker"]

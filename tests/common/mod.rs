@@ -1161,23 +1161,35 @@ pub fn verify_standardwebhooks(
     reqs: &[Received],
     secrets: &[&str],
 ) -> (String, serde_json::Value) {
+    run_verifier(dir, "verify_standardwebhooks.py", reqs, secrets)
+}
+
+/// Runs `tests/support/<script> REQUESTS.json ARGS…` (a verifier in a separate Python process) over
+/// `reqs` (`[{"headers", "body_b64"}]`); asserts it succeeded and returns its stdout and its last line
+/// as JSON.
+pub fn run_verifier(
+    dir: &Path,
+    script: &str,
+    reqs: &[Received],
+    args: &[&str],
+) -> (String, serde_json::Value) {
     use base64::Engine;
     let dump: Vec<serde_json::Value> = reqs
         .iter()
         .map(|q| serde_json::json!({"headers": q.headers, "body_b64": base64::engine::general_purpose::STANDARD.encode(&q.body)}))
         .collect();
-    let path = dir.join("requests.json");
+    let path = dir.join(format!("{script}.requests.json"));
     std::fs::write(&path, serde_json::to_vec(&dump).unwrap()).unwrap();
     let out = Command::new(verifier_python())
-        .arg(repo_root().join("tests/support/verify_standardwebhooks.py"))
+        .arg(repo_root().join("tests/support").join(script))
         .arg(&path)
-        .args(secrets)
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "verifier failed: {stdout}{}",
+        "{script} failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let counts = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
