@@ -66,22 +66,26 @@ const MAX_ID_BYTES: usize = 1024;
 const MAX_DEPTH: usize = 128;
 
 /// The byte offset where a JSON text first nests deeper than `max`, if it does. One pass, no allocation;
-/// brackets inside strings do not count.
+/// brackets inside strings do not count, and strings (most of an event's bytes) are skipped with
+/// `memchr` rather than byte by byte. serde_json's own depth limit does not cover values it skips or
+/// keeps raw (`data`), so this check does.
 fn too_deep(json: &[u8], max: usize) -> Option<usize> {
-    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
-    for (i, &b) in json.iter().enumerate() {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
-            continue;
-        }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
         match b {
-            b'"' => in_str = true,
+            b'"' => {
+                i += 1;
+                // To the closing quote: a backslash escapes the byte after it.
+                loop {
+                    let j = i + memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+                    if json[j] == b'"' {
+                        i = j;
+                        break;
+                    }
+                    i = j + 2;
+                }
+            }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max {
@@ -91,6 +95,7 @@ fn too_deep(json: &[u8], max: usize) -> Option<usize> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     None
 }
@@ -355,6 +360,70 @@ pub fn test_origin() -> Origin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-at-a-time scan `too_deep` replaced, kept as its oracle.
+    fn too_deep_naive(json: &[u8], max: usize) -> Option<usize> {
+        let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+        for (i, &b) in json.iter().enumerate() {
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_str = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max {
+                        return Some(i);
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn depth_scan_skips_strings_and_escapes_like_a_byte_scan() {
+        let cases: &[&[u8]] = &[
+            br#"{"a":[[["#,
+            br#"{"s":"\\","d":[[["#,
+            br#"{"s":"\"[[[","d":[["#,
+            br#"{"s":"[[[\"#,
+            br#"{"s":"abc\"#,
+            br#""\"#,
+            br#"[["x\\\"[",["#,
+            b"",
+            b"\"",
+        ];
+        for c in cases {
+            for max in 0..4 {
+                assert_eq!(too_deep(c, max), too_deep_naive(c, max), "{c:?} max {max}");
+            }
+        }
+        // Random texts over the bytes that matter.
+        let alphabet = b"[]{}\"\\a";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..40);
+            let t: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(0..alphabet.len())])
+                .collect();
+            let max = rng.usize(0..6);
+            assert_eq!(
+                too_deep(&t, max),
+                too_deep_naive(&t, max),
+                "{t:?} max {max}"
+            );
+        }
+    }
 
     fn dec(value: &[u8], headers: &[(&str, Option<&[u8]>)]) -> Result<Event, Invalid> {
         decode(

@@ -65,7 +65,39 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (the Rust bindings do not name it); the test
+/// below checks the index against the option's documented default.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Allocator settings for a long-running service with a steady churn of short-lived deliveries, applied
+/// before the pipeline starts.
+///
+/// Both allocators hand memory that stays free for a while back to the kernel, and at a steady
+/// delivery rate the same memory is soon needed again: every page then costs a fault and the kernel's
+/// zeroing of it. A profile of a 300 000-event catch-up put ~9 % of hookline's CPU in page faults and
+/// `madvise`, from mimalloc's purge of free pages after 1 s (the delivery tasks are allocated by one
+/// thread and freed by others) and from glibc's trimming of the heaps librdkafka's threads receive
+/// fetch responses into (librdkafka allocates with the C library's malloc, not mimalloc).
+fn tune_allocators() {
+    // mimalloc keeps free pages for 10 s before purging (default 1 s); memory an idle or shrinking
+    // instance no longer needs is still returned. `MIMALLOC_PURGE_DELAY` in the environment wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is a plain store into mimalloc's option table.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    }
+    // glibc: allocations up to 32 MiB (librdkafka's fetch buffers) come from the heaps rather than
+    // their own mmap, and up to 64 MiB of free heap top is kept instead of trimmed. Setting these
+    // also turns off glibc's sliding thresholds, which start at 128 KiB.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the C allocator's tunables; it is called before librdkafka starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    tune_allocators();
     let config = match Config::load(args.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => return fail(2, format!("config error: {e}")),
@@ -296,5 +328,22 @@ fn verify_cmd(a: VerifyArgs) -> ExitCode {
     } else {
         println!("invalid");
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn purge_delay_option_index_names_the_purge_delay() {
+        // SAFETY: reading an option is a plain load from mimalloc's option table.
+        let got = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        let want = std::env::var("MIMALLOC_PURGE_DELAY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        assert_eq!(
+            got, want,
+            "index 15 is not mimalloc's purge_delay (default 1000 ms)"
+        );
     }
 }

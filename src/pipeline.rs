@@ -261,7 +261,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tracing::info!(topics = ?config.source.topics, group = %config.source.group, "hookline running");
     // Both consumers stop on the same signal, each draining its own in-flight deliveries; the shared
     // producer is flushed once both are done, so no hand-off of either is cut off.
-    tokio::join!(source.run(stop.clone()), tiers.run(stop));
+    // Each consumer runs as a task on the runtime's workers, not on this (blocking) thread: the delivery
+    // tasks a record fans out to are then spawned into the worker's own queue and run there, without a
+    // hand-off through the runtime's shared queue and a wake-up of another thread per record.
+    let source = tokio::spawn(source.run(stop.clone()));
+    let tiers = tokio::spawn(tiers.run(stop));
+    for (role, ended) in [("source", source.await), ("retry", tiers.await)] {
+        if let Err(e) = ended {
+            tracing::error!(role, error = %e, "consumer task failed");
+        }
+    }
     let flush = tokio::task::spawn_blocking(move || {
         dispatcher
             .publisher
