@@ -4,6 +4,8 @@
 //!   cargo bench --bench pipeline -- [--events N] [--subs M] [--matching K] [--partitions P]
 //!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
 //!                                   [--pairs N] [--compare-bin PATH] [--compare-config TOML]
+//!                                   [--endpoints E] [--event-bytes B] [--threads T] [--config TOML]
+//!                                   [--store sqlite|yaml]
 //!
 //! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
@@ -19,6 +21,14 @@
 //!   deliveries per CPU-second over it (median of the pairs): before/after figures from one run. With
 //!   `--compare-config TOML` (`\n` for newlines) and no `--compare-bin`, the compared run is this build
 //!   with that config appended, e.g. `'[receipts]\nenabled = true'`: the cost of a feature in one run.
+//!   Scale knobs: `--endpoints E` spreads the events over E receivers (each its own port, so its own
+//!   connection pool; event k goes to endpoint k mod E), `--matching K` is the fan-out (K subscriptions
+//!   per endpoint match each event), `--subs M` the cached subscriptions (the rest on other types),
+//!   `--event-bytes B` the event size, `--threads T` hookline's `[runtime] worker_threads` (and the bare
+//!   loop's), `--config TOML` extra config for every hookline run. The bare loop does the same work
+//!   (K signed POSTs per event to the event's endpoint). `--store sqlite` (the default) runs hookline on
+//!   an SQLite store with the attempt log on (one row per attempt, written in batches; rows written and
+//!   dropped are reported), `--store yaml` on a read-only YAML file (no attempt log).
 //! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
 //!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
 //!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
@@ -52,6 +62,16 @@ struct Args {
     /// Extra config (TOML) for the compared run: with it and without `--compare-bin`, this build is
     /// compared with itself under that config (e.g. `[receipts] enabled = true`).
     compare_config: Option<String>,
+    /// Distinct receivers (ports); event k goes to endpoint k mod `endpoints`.
+    endpoints: usize,
+    /// Event size in bytes (0: ~260 B, the historic default).
+    event_bytes: usize,
+    /// hookline's `[runtime] worker_threads` and the bare loop's threads (0: one per CPU).
+    threads: usize,
+    /// Extra config (TOML) for every hookline run.
+    config: String,
+    /// `sqlite` (attempt log on) or `yaml` (read-only, no attempt log).
+    store: String,
 }
 
 fn args() -> Args {
@@ -66,6 +86,11 @@ fn args() -> Args {
         pairs: 2,
         compare_bin: None,
         compare_config: None,
+        endpoints: 1,
+        event_bytes: 0,
+        threads: 0,
+        config: String::new(),
+        store: "sqlite".into(),
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -82,6 +107,11 @@ fn args() -> Args {
             "--pairs" => a.pairs = val.parse().expect("--pairs"),
             "--compare-bin" => a.compare_bin = Some(val),
             "--compare-config" => a.compare_config = Some(val.replace("\\n", "\n")),
+            "--endpoints" => a.endpoints = val.parse().expect("--endpoints"),
+            "--event-bytes" => a.event_bytes = val.parse().expect("--event-bytes"),
+            "--threads" => a.threads = val.parse().expect("--threads"),
+            "--config" => a.config = val.replace("\\n", "\n"),
+            "--store" => a.store = val,
             _ => {
                 i += 1;
                 continue;
@@ -93,6 +123,13 @@ fn args() -> Args {
         a.matching >= 1 && a.matching <= a.subs,
         "--matching must be 1..=--subs"
     );
+    assert!(a.endpoints >= 1, "--endpoints must be at least 1");
+    assert!(
+        a.store == "sqlite" || a.store == "yaml",
+        "--store must be sqlite or yaml"
+    );
+    // Every endpoint needs its K matching subscriptions.
+    a.subs = a.subs.max(a.endpoints * a.matching);
     a
 }
 
@@ -204,19 +241,71 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn subscriptions(a: &Args, url: &str) -> Vec<serde_json::Value> {
+/// Subscription `j * K + c` (c < K) is copy c on endpoint j, on type `bench.e<j>`; the rest are on
+/// types no event has.
+fn subscriptions(a: &Args, urls: &[String]) -> Vec<serde_json::Value> {
     (0..a.subs)
         .map(|i| {
-            let ty = if i < a.matching {
-                "bench.event".to_string()
+            let (ty, url) = if i < a.endpoints * a.matching {
+                let j = i / a.matching;
+                (format!("bench.e{j}"), urls[j].as_str())
             } else {
-                format!("other.type{i}")
+                (format!("other.type{i}"), urls[0].as_str())
             };
             let mut s = sub(i as u32 + 1, url, &[&ty]);
             s["max_in_flight"] = serde_json::json!(ENDPOINT_MAX_IN_FLIGHT);
             s
         })
         .collect()
+}
+
+/// The `[store]` section for one hookline run in `dir`: a YAML file, or a copy of the SQLite file
+/// `template` (migrated and imported once by `hookline` itself).
+fn store_for_run(
+    a: &Args,
+    dir: &std::path::Path,
+    subs: &[serde_json::Value],
+    template: Option<&std::path::Path>,
+) -> String {
+    match template {
+        Some(t) if a.store == "sqlite" => {
+            let db = dir.join("bench.db");
+            std::fs::copy(t, &db).expect("copy the SQLite template");
+            format!("[store]\nkind = \"sqlite\"\npath = \"{}\"\n", db.display())
+        }
+        _ => common::yaml_store(dir, subs),
+    }
+}
+
+/// An SQLite file holding `subs`, made with `hookline migrate` and `hookline subscriptions import`.
+fn sqlite_template(dir: &std::path::Path, subs: &[serde_json::Value]) -> std::path::PathBuf {
+    let db = dir.join("template.db");
+    let yaml = dir.join("subs.yaml");
+    std::fs::write(&yaml, serde_yaml_ng::to_string(subs).unwrap()).unwrap();
+    let cfg = dir.join("cli.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:1\"\n[source]\ntopics = [\"bench\"]\n[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n[store]\nkind = \"sqlite\"\npath = \"{}\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    for args in [
+        vec!["migrate", "--config", c],
+        vec![
+            "subscriptions",
+            "import",
+            yaml.to_str().unwrap(),
+            "--config",
+            c,
+        ],
+    ] {
+        let r = common::hookline_cli(&args, &[]);
+        assert_eq!(r.code, 0, "hookline {args:?}: {}", r.all());
+    }
+    db
 }
 
 fn machine() -> String {
@@ -238,21 +327,39 @@ async fn throughput(a: &Args) -> serde_json::Value {
     let broker = Broker::start();
     broker.create_topic("bench", a.partitions);
     let counter = Arc::new(Counter::default());
-    let addr = serve(counter.clone()).await;
-    let url = format!("http://{addr}/hook");
-    // Pre-produce, in chunks, ~300-byte events.
-    let pad = "x".repeat(200);
+    let mut urls = Vec::new();
+    for _ in 0..a.endpoints {
+        let addr = serve(counter.clone()).await;
+        urls.push(format!("http://{addr}/hook"));
+    }
+    let subs = subscriptions(a, &urls);
+    let work = tempfile::tempdir().unwrap();
+    let template = (a.store == "sqlite").then(|| sqlite_template(work.path(), &subs));
+    // Pre-produce, in chunks of at most ~32 MiB, events of `--event-bytes` (default ~260 B).
+    let skeleton = r#"{"id":"b000000","type":"bench.e0","data":{"k":000000,"pad":""}}"#.len();
+    let pad = "x".repeat(if a.event_bytes == 0 {
+        200
+    } else {
+        a.event_bytes.saturating_sub(skeleton)
+    });
+    let chunk = (32 << 20) / (pad.len() + skeleton);
     let mut i = 0;
     while i < a.events {
-        let n = (a.events - i).min(20_000);
+        let n = (a.events - i).min(chunk.clamp(1, 20_000));
         let recs: Vec<Record> = (i..i + n)
-            .map(|k| Record::json((k % a.partitions as usize) as i32, serde_json::json!({"id": format!("b{k}"), "type": "bench.event", "data": {"k": k, "pad": pad}})))
+            .map(|k| Record::json((k % a.partitions as usize) as i32, serde_json::json!({"id": format!("b{k}"), "type": format!("bench.e{}", k % a.endpoints), "data": {"k": k, "pad": pad}})))
             .collect();
         broker.produce("bench", &recs).await;
         i += n;
     }
     let expected = (a.events * a.matching) as u64;
+    let threads = if a.threads > 0 {
+        format!("[runtime]\nworker_threads = {}\n", a.threads)
+    } else {
+        String::new()
+    };
     let (mut hook, mut bare, mut other) = (Vec::new(), Vec::new(), Vec::new());
+    let mut attempt_rows = (0.0, 0.0);
     for pair in 0..a.pairs {
         // A: hookline, its own consumer group over the same events; C: the build to compare with.
         let compared = a.compare_bin.is_some() || a.compare_config.is_some();
@@ -273,13 +380,37 @@ async fn throughput(a: &Args) -> serde_json::Value {
                 cfg.contains("max_in_flight_per_partition"),
                 "source bound not set"
             );
+            let cfg = format!("{cfg}{threads}{}\n", a.config);
             let cfg = match (&a.compare_config, is_compare) {
                 (Some(extra), true) => format!("{cfg}{extra}\n"),
                 _ => cfg,
             };
             let env: Vec<(&str, &str)> = bin.iter().map(|b| ("HOOKLINE_BIN", b.as_str())).collect();
-            let mut h = Hookline::start_with_env(dir.path(), &cfg, &subscriptions(a, &url), &env);
+            let store = store_for_run(a, dir.path(), &subs, template.as_deref());
+            let mut h = Hookline::start_with_store(dir.path(), &cfg, &store, None, &env);
             let f = measure(h_pid(&h), &counter, expected, || h.log()).await;
+            if !is_compare && a.store == "sqlite" {
+                // The attempt log writes in batches behind the deliveries: let it drain.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let m = common::http()
+                        .get(format!("http://{}/metrics", h.admin))
+                        .send()
+                        .await
+                        .expect("metrics")
+                        .text()
+                        .await
+                        .unwrap_or_default();
+                    let written = common::metric_value(&m, "hookline_attempt_log_written_total");
+                    let dropped = common::metric_value(&m, "hookline_attempt_log_dropped_total");
+                    if written + dropped >= expected as f64 || Instant::now() > deadline {
+                        attempt_rows.0 += written;
+                        attempt_rows.1 += dropped;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             h.kill9();
             if is_compare {
                 other.push(f);
@@ -287,7 +418,7 @@ async fn throughput(a: &Args) -> serde_json::Value {
                 hook.push(f);
             }
         }
-        // B: the bare loop, one delivery per matching event to the same receiver.
+        // B: the bare loop, the same deliveries to the same receivers.
         counter.n.store(0, Ordering::Relaxed);
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
@@ -295,13 +426,15 @@ async fn throughput(a: &Args) -> serde_json::Value {
                 &broker.bootstrap(),
                 "bench",
                 &format!("bench-b{pair}"),
-                &url,
+                &urls.join(","),
                 &a.events.to_string(),
                 &(BOUND_PER_PARTITION * a.partitions as usize).to_string(),
+                &a.matching.to_string(),
+                &a.threads.to_string(),
             ])
             .spawn()
             .expect("bare loop process");
-        let f = measure(child.id(), &counter, a.events as u64, || {
+        let f = measure(child.id(), &counter, expected, || {
             "bare loop (no log)".into()
         })
         .await;
@@ -341,7 +474,11 @@ async fn throughput(a: &Args) -> serde_json::Value {
     serde_json::json!({
         "mode": "throughput",
         "events": a.events, "subscriptions": a.subs, "matching_per_event": a.matching, "partitions": a.partitions,
+        "endpoints": a.endpoints, "event_bytes": pad.len() + skeleton, "threads": a.threads, "store": a.store,
+        "extra_config": a.config,
         "deliveries": expected,
+        "attempt_rows_written": attempt_rows.0, "attempt_rows_dropped": attempt_rows.1,
+        "rss_at_first_delivery_mib": hook.iter().map(|f| f.first_rss_mib).fold(0.0, f64::max),
         "deliveries_per_s": median(hook.iter().map(|f| f.per_s).collect()).round(),
         "hookline_cpu_s_per_1000_deliveries": (1000.0 / hook_per_cpu_s * 10000.0).round() / 10000.0,
         "deliveries_per_hookline_cpu_s": hook_per_cpu_s.round(),
@@ -362,6 +499,8 @@ const ENDPOINT_MAX_IN_FLIGHT: usize = 256;
 const BOUND_PER_PARTITION: usize = 2000;
 
 struct Figures {
+    /// RSS when the first delivery arrived (subscriptions loaded, little in flight yet).
+    first_rss_mib: f64,
     per_s: f64,
     per_cpu_s: f64,
     rss_mib: f64,
@@ -375,6 +514,7 @@ async fn measure(pid: u32, counter: &Counter, expected: u64, log: impl Fn() -> S
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let cpu0 = cpu_seconds(pid);
+    let first_rss_mib = (status_kb(pid, "VmRSS:") as f64 / 1024.0).round();
     let t0 = Instant::now();
     let n0 = counter.n.load(Ordering::Relaxed);
     while counter.n.load(Ordering::Relaxed) < expected {
@@ -390,33 +530,56 @@ async fn measure(pid: u32, counter: &Counter, expected: u64, log: impl Fn() -> S
     let cpu = cpu_seconds(pid) - cpu0;
     let n = (counter.n.load(Ordering::Relaxed) - n0) as f64;
     Figures {
+        first_rss_mib,
         per_s: n / wall,
         per_cpu_s: n / cpu,
         rss_mib: (status_kb(pid, "VmHWM:") as f64 / 1024.0).round(),
     }
 }
 
-/// The bare loop (see the module docs), run as `--bare-loop BOOTSTRAP TOPIC GROUP URL EVENTS BOUND`.
+/// The bare loop (see the module docs), run as
+/// `--bare-loop BOOTSTRAP TOPIC GROUP URLS EVENTS BOUND FANOUT THREADS` (URLS comma-separated; event
+/// type `bench.e<j>` goes to the j-th, FANOUT signed POSTs per event).
 fn bare_loop_process(v: &[String]) {
-    let [bootstrap, topic, group, url, events, bound] = v else {
-        panic!("--bare-loop BOOTSTRAP TOPIC GROUP URL EVENTS BOUND");
+    let [
+        bootstrap,
+        topic,
+        group,
+        urls,
+        events,
+        bound,
+        fanout,
+        threads,
+    ] = v
+    else {
+        panic!("--bare-loop BOOTSTRAP TOPIC GROUP URLS EVENTS BOUND FANOUT THREADS");
     };
-    let (events, bound): (u64, usize) = (events.parse().unwrap(), bound.parse().unwrap());
-    // As many worker threads as hookline's default runtime (one per core).
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bare_loop(bootstrap, topic, group, url, events, bound));
+    let (events, bound, fanout, threads): (u64, usize, usize, usize) = (
+        events.parse().unwrap(),
+        bound.parse().unwrap(),
+        fanout.parse().unwrap(),
+        threads.parse().unwrap(),
+    );
+    // As many worker threads as hookline's runtime (default one per core).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        rt.worker_threads(threads);
+    }
+    let rt = rt.enable_all().build().unwrap();
+    let urls: Vec<&str> = urls.split(',').collect();
+    rt.block_on(bare_loop(
+        bootstrap, topic, group, &urls, events, bound, fanout,
+    ));
 }
 
 async fn bare_loop(
     bootstrap: &str,
     topic: &str,
     group: &str,
-    url: &str,
+    urls: &[&str],
     events: u64,
     bound: usize,
+    fanout: usize,
 ) {
     use base64::Engine;
     use hmac::{KeyInit, Mac};
@@ -429,7 +592,7 @@ async fn bare_loop(
         #[serde(borrow)]
         id: &'a str,
         #[serde(rename = "type", borrow)]
-        _ty: &'a str,
+        ty: &'a str,
     }
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -443,14 +606,23 @@ async fn bare_loop(
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let consumer = Arc::new(consumer);
-    let pool = Arc::new(Pool::new(url));
+    // Per endpoint: its connections, and requests out at once (hookline's subscriptions here allow
+    // 256 each, FANOUT of them per endpoint).
+    let pools: Arc<Vec<(Pool, tokio::sync::Semaphore)>> = Arc::new(
+        urls.iter()
+            .map(|u| {
+                (
+                    Pool::new(u),
+                    tokio::sync::Semaphore::new(ENDPOINT_MAX_IN_FLIGHT * fanout),
+                )
+            })
+            .collect(),
+    );
     let key = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).unwrap();
     // Per partition: offsets not yet finished, and the next offset after the highest seen.
     type Offsets = Arc<std::sync::Mutex<HashMap<i32, (BTreeSet<i64>, i64)>>>;
     let offsets: Offsets = Arc::default();
     let permits = Arc::new(tokio::sync::Semaphore::new(bound));
-    // Requests out at once to the endpoint: hookline's subscriptions here allow 256.
-    let requests = Arc::new(tokio::sync::Semaphore::new(ENDPOINT_MAX_IN_FLIGHT));
     let done = Arc::new(AtomicU64::new(0));
     {
         // Commit the lowest unfinished offset of each partition (or the next one when all finished).
@@ -486,41 +658,45 @@ async fn bare_loop(
             e.1 = e.1.max(o + 1);
         }
         let permit = permits.clone().acquire_owned().await.unwrap();
-        let (pool, key, offsets, done, requests) = (
-            pool.clone(),
-            key.clone(),
-            offsets.clone(),
-            done.clone(),
-            requests.clone(),
-        );
+        let (pools, key, offsets, done) =
+            (pools.clone(), key.clone(), offsets.clone(), done.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _request = requests.acquire().await;
             if let Ok(ev) = serde_json::from_slice::<Ev>(&body) {
-                let ts = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs()
-                    .to_string();
-                let mut mac = key;
-                mac.update(ev.id.as_bytes());
-                mac.update(b".");
-                mac.update(ts.as_bytes());
-                mac.update(b".");
-                mac.update(&body);
-                let sig = format!(
-                    "v1,{}",
-                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-                );
-                let req = Request::post(pool.path.as_str())
-                    .header(hyper::header::HOST, pool.host.as_str())
-                    .header(hyper::header::CONTENT_TYPE, "application/json")
-                    .header("webhook-id", ev.id)
-                    .header("webhook-timestamp", ts)
-                    .header("webhook-signature", sig)
-                    .body(http_body_util::Full::new(body.clone()))
-                    .unwrap();
-                let _ = pool.send(req).await;
+                let j: usize = ev
+                    .ty
+                    .strip_prefix("bench.e")
+                    .and_then(|j| j.parse().ok())
+                    .unwrap_or(0);
+                let (pool, requests) = &pools[j.min(pools.len() - 1)];
+                for _ in 0..fanout {
+                    let _request = requests.acquire().await;
+                    let ts = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        .to_string();
+                    let mut mac = key.clone();
+                    mac.update(ev.id.as_bytes());
+                    mac.update(b".");
+                    mac.update(ts.as_bytes());
+                    mac.update(b".");
+                    mac.update(&body);
+                    let sig = format!(
+                        "v1,{}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(mac.finalize().into_bytes())
+                    );
+                    let req = Request::post(pool.path.as_str())
+                        .header(hyper::header::HOST, pool.host.as_str())
+                        .header(hyper::header::CONTENT_TYPE, "application/json")
+                        .header("webhook-id", ev.id)
+                        .header("webhook-timestamp", ts)
+                        .header("webhook-signature", sig)
+                        .body(http_body_util::Full::new(body.clone()))
+                        .unwrap();
+                    let _ = pool.send(req).await;
+                }
             }
             offsets.lock().unwrap().get_mut(&p).map(|e| e.0.remove(&o));
             done.fetch_add(1, Ordering::Relaxed);
@@ -586,6 +762,7 @@ fn h_pid(h: &Hookline) -> u32 {
 }
 
 async fn latency(a: &Args) -> serde_json::Value {
+    assert_eq!(a.endpoints, 1, "latency mode measures one endpoint");
     let broker = Broker::start();
     // The broker stamps each record with its append time: the target is append → received, so the
     // producer's own queueing (linger, batching, its connection) is not counted against hookline.
@@ -600,7 +777,16 @@ async fn latency(a: &Args) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let cfg = base_config(&broker, &["bench"], "bench-lat")
         .replace("level = \"info\"", "level = \"warn\"");
-    let mut h = Hookline::start(dir.path(), &cfg, &subscriptions(a, &url));
+    let threads = if a.threads > 0 {
+        format!("[runtime]\nworker_threads = {}\n", a.threads)
+    } else {
+        String::new()
+    };
+    let cfg = format!("{cfg}{threads}{}\n", a.config);
+    let subs = subscriptions(a, std::slice::from_ref(&url));
+    let template = (a.store == "sqlite").then(|| sqlite_template(dir.path(), &subs));
+    let store = store_for_run(a, dir.path(), &subs, template.as_deref());
+    let mut h = Hookline::start_with_store(dir.path(), &cfg, &store, None, &[]);
     h.wait_ready(Duration::from_secs(30)).await;
     let pid = h.pid();
     // Warm up the connection pool and the consumer fetch path.
@@ -609,7 +795,7 @@ async fn latency(a: &Args) -> serde_json::Value {
             "bench",
             &[Record::json(
                 0,
-                serde_json::json!({"id": "warm", "type": "bench.event"}),
+                serde_json::json!({"id": "warm", "type": "bench.e0"}),
             )],
         )
         .await;
@@ -694,7 +880,7 @@ async fn latency(a: &Args) -> serde_json::Value {
             tokio::time::sleep(w).await;
         }
         let v = format!(
-            r#"{{"id":"l{k}","type":"bench.event","data":{{"t":{}}}}}"#,
+            r#"{{"id":"l{k}","type":"bench.e0","data":{{"t":{}}}}}"#,
             now_us()
         );
         let p = (k % a.partitions as usize) as i32;
@@ -747,6 +933,7 @@ async fn latency(a: &Args) -> serde_json::Value {
     serde_json::json!({
         "mode": "latency",
         "rate_per_s": a.rate, "seconds": a.seconds, "partitions": a.partitions, "matching_per_event": a.matching,
+        "store": a.store, "threads": a.threads, "extra_config": a.config,
         "received": l.len(), "expected": total * a.matching, "measured_from_append": from_append.len(),
         "p50_ms": pct_of(&from_append, 0.50), "p99_ms": pct_of(&from_append, 0.99),
         "max_ms": from_append.last().map_or(0.0, |m| *m as f64 / 1000.0),
