@@ -21,6 +21,9 @@ pub enum Command {
     /// List, create, import, enable or disable subscriptions directly in the store.
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
+    /// Create, list or revoke tenant-scoped API tokens directly in the store.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Re-publish dead-letter records (or the records of any topic hookline wrote), filtered, rate-limited,
     /// bounded by the end offsets at start, resumable.
     Replay(ReplayArgs),
@@ -50,6 +53,32 @@ pub struct ConfigArgs {
     /// Configuration file (TOML); `HOOKLINE_…` variables override it. Only [store] is used.
     #[arg(long, env = "HOOKLINE_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Make a token that sees and changes only one tenant's objects; prints its id and the token
+    /// (shown this once: the store keeps only its SHA-256).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// A label for listings.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. `90d` or `12h` (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print every token (id, tenant, name, created, expires); never the tokens themselves.
+    List(ConfigArgs),
+    /// Revoke a token: every instance refuses it from the next request on.
+    Revoke {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hookline::cli::{
-    Cli, Command, DlqCommand, ReplayArgs, RunArgs, SignArgs, SubscriptionsCommand, VerifyArgs,
+    Cli, Command, DlqCommand, ReplayArgs, RunArgs, SignArgs, SubscriptionsCommand, TokensCommand,
+    VerifyArgs,
 };
 use hookline::config::ConfigError;
 use hookline::config::{Config, LogFormat};
@@ -53,6 +54,18 @@ fn main() -> ExitCode {
             with_store(path.as_deref(), |c| async move {
                 manage::subscriptions(&c, cmd).await
             })
+        }
+        Command::Tokens(cmd) => {
+            let path = match &cmd {
+                TokensCommand::List(a) => a.config.clone(),
+                TokensCommand::Create { config, .. } | TokensCommand::Revoke { config, .. } => {
+                    config.config.clone()
+                }
+            };
+            with_store(
+                path.as_deref(),
+                |c| async move { manage::tokens(&c, cmd).await },
+            )
         }
         Command::Sign(args) => sign_cmd(args),
         Command::Verify(args) => verify_cmd(args),

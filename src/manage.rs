@@ -1,15 +1,16 @@
-//! Operator commands on the store: `hookline migrate` and `hookline subscriptions …` (DESIGN §8). They
+//! Operator commands on the store: `hookline migrate`, `hookline subscriptions …` and `hookline tokens
+//! …` (DESIGN §8). They
 //! write straight to the store; running instances pick the change up at their next revision poll.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::cli::SubscriptionsCommand;
+use crate::cli::{SubscriptionsCommand, TokensCommand};
 use crate::clock::now_ms;
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::matching::{Defaults, Subscription};
-use crate::model::{SubscriptionSpec, generate_secret, rfc3339_ms};
+use crate::model::{ApiToken, SubscriptionSpec, generate_secret, rfc3339_ms};
 use crate::pipeline::{RunError, defaults};
 use crate::store::{self, yaml};
 
@@ -135,6 +136,59 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             spec.updated_at = Some(rfc3339_ms(now_ms()));
             store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "{id} {}", if enable { "enabled" } else { "disabled" });
+        }
+    }
+    Ok(out)
+}
+
+/// `hookline tokens …`; returns what to print.
+pub async fn tokens(config: &Config, cmd: TokensCommand) -> Result<String, RunError> {
+    let store = store::open(config).await?;
+    let mut out = String::new();
+    match cmd {
+        TokensCommand::Create {
+            tenant,
+            name,
+            expires_in,
+            ..
+        } => {
+            if tenant.trim().is_empty() {
+                return Err(ConfigError::new("--tenant", "must not be empty").into());
+            }
+            let (record, token) =
+                ApiToken::issue(tenant, name, expires_in, now_ms()).map_err(RunError::runtime)?;
+            store.put_token(&record).await.map_err(RunError::runtime)?;
+            let _ = write!(
+                out,
+                "id: {}\ntenant: {}\ntoken: {token}",
+                record.id, record.tenant
+            );
+        }
+        TokensCommand::List(_) => {
+            let all = store.tokens().await.map_err(RunError::runtime)?;
+            let now = now_ms();
+            for t in &all {
+                let _ = writeln!(
+                    out,
+                    "{}  {:<12} {:<20} created {}  {}",
+                    t.id,
+                    t.tenant,
+                    t.name.as_deref().unwrap_or("-"),
+                    t.created_at,
+                    match t.expires_at_ms {
+                        None => "never expires".to_string(),
+                        Some(ms) if t.expired(now) => format!("expired {}", rfc3339_ms(ms)),
+                        Some(ms) => format!("expires {}", rfc3339_ms(ms)),
+                    }
+                );
+            }
+            let _ = write!(out, "{} tokens in {}", all.len(), store.describe());
+        }
+        TokensCommand::Revoke { id, .. } => {
+            if !store.delete_token(id).await.map_err(RunError::runtime)? {
+                return Err(RunError::Runtime(format!("no token {id}")));
+            }
+            let _ = write!(out, "{id} revoked");
         }
     }
     Ok(out)

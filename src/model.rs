@@ -250,6 +250,63 @@ pub fn generate_secret() -> Result<String, String> {
     random_key("whsec_")
 }
 
+/// A tenant-scoped API token as stored: only the SHA-256 of the token is kept (the token itself is
+/// shown once, when it is made). A request bearing it sees and changes only `tenant`'s objects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub id: Uuid,
+    pub tenant: String,
+    pub name: Option<String>,
+    /// Lower-case hex SHA-256 of the whole token string (`hlt_…`).
+    pub hash: String,
+    pub created_at: String,
+    /// Epoch milliseconds after which the token is refused; `None` never expires.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl ApiToken {
+    /// A new token of `tenant`, made at `now_ms`: the record to store and the token text, which is
+    /// shown once and never stored.
+    pub fn issue(
+        tenant: String,
+        name: Option<String>,
+        lifetime: Option<Duration>,
+        now_ms: u64,
+    ) -> Result<(ApiToken, String), String> {
+        let token = generate_api_token()?;
+        let record = ApiToken {
+            id: Uuid::new_v4(),
+            tenant,
+            name,
+            hash: api_token_hash(&token),
+            created_at: rfc3339_ms(now_ms),
+            expires_at_ms: lifetime.map(|d| now_ms.saturating_add(d.as_millis() as u64)),
+        };
+        Ok((record, token))
+    }
+
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|t| t <= now_ms)
+    }
+}
+
+/// A new API token: `hlt_` + URL-safe base64 of 32 random bytes (256 bits: a plain SHA-256 of it is
+/// enough to store, no slow hash needed).
+fn generate_api_token() -> Result<String, String> {
+    use base64::Engine;
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness available: {e}"))?;
+    Ok(format!(
+        "hlt_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+    ))
+}
+
+/// The stored form of a token: lower-case hex SHA-256 of its text.
+pub fn api_token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
 /// `prefix` + base64 of 32 random bytes (a new `whsec_` secret or `whsk_` seed).
 fn random_key(prefix: &str) -> Result<String, String> {
     use base64::Engine;

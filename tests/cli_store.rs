@@ -135,6 +135,78 @@ fn subscription_commands_on_sqlite() {
     assert!(out.contains("3 enabled subscriptions"), "{out}");
 }
 
+#[tokio::test]
+async fn token_commands_on_sqlite() {
+    use hookline::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let cfg = config(
+        dir.path(),
+        &format!("[store]\nkind = \"sqlite\"\npath = \"{}\"\n", db.display()),
+    );
+    let (code, out) = run(&["migrate"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(
+        &[
+            "tokens",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "ci",
+            "--expires-in",
+            "90d",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, 0, "{out}");
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .to_string()
+    };
+    let (id, token) = (field("id: "), field("token: "));
+    assert!(token.starts_with("hlt_") && token.len() >= 40, "{out}");
+    // What the store holds is the hash, which the API's lookup finds.
+    let store =
+        hookline::store::sqlite::SqliteStore::open(db.clone(), std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+    let stored = store
+        .token_by_hash(&hookline::model::api_token_hash(&token))
+        .await
+        .unwrap()
+        .expect("stored by hash");
+    assert_eq!(
+        (stored.id.to_string(), stored.tenant.as_str()),
+        (id.clone(), "acme")
+    );
+    assert!(stored.expires_at_ms.is_some());
+    assert!(
+        !std::fs::read(&db)
+            .unwrap()
+            .windows(token.len())
+            .any(|w| w == token.as_bytes())
+    );
+
+    let (code, out) = run(&["tokens", "list"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&id) && out.contains("acme") && out.contains("expires "),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "list printed a token");
+    let (code, out) = run(&["tokens", "revoke", &id], &cfg);
+    assert_eq!((code, out.trim()), (0, format!("{id} revoked").as_str()));
+    let (code, out) = run(&["tokens", "revoke", &id], &cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no token"), "{out}");
+    let (code, out) = run(&["tokens", "create", "--tenant", " "], &cfg);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--tenant"), "{out}");
+}
+
 #[test]
 fn migrate_refuses_the_yaml_store() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,7 +16,9 @@ use common::{Api, Broker, Hookline, base_config, rand_suffix};
 use futures_util::StreamExt;
 use hookline::clock::now_ms;
 use hookline::config::{Consistency, ScyllaConfig};
-use hookline::model::{OAuth2Spec, RetiredSecret, SubscriptionSpec, rfc3339_ms};
+use hookline::model::{
+    ApiToken, OAuth2Spec, RetiredSecret, SubscriptionSpec, api_token_hash, rfc3339_ms,
+};
 use hookline::store::scylla::ScyllaStore;
 use hookline::store::sqlite::SqliteStore;
 use hookline::store::yaml::YamlStore;
@@ -27,6 +29,50 @@ use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(30 * 86_400);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// API tokens: stored and found by hash, listed oldest first, revoked by id; the subscription revision
+/// does not move for them (instances do not reload subscriptions for a token).
+async fn tokens_conform(store: &dyn Store) {
+    let rev = store.revision().await.unwrap();
+    let before = store.tokens().await.unwrap().len();
+    let now = now_ms();
+    let (a, token_a) = ApiToken::issue("acme".into(), Some("ci".into()), None, now).unwrap();
+    let (b, _) = ApiToken::issue(
+        "beta".into(),
+        None,
+        Some(Duration::from_secs(3600)),
+        now + 1,
+    )
+    .unwrap();
+    store.put_token(&a).await.unwrap();
+    store.put_token(&b).await.unwrap();
+    assert_eq!(api_token_hash(&token_a), a.hash);
+    assert_eq!(
+        store.token_by_hash(&a.hash).await.unwrap().as_ref(),
+        Some(&a)
+    );
+    assert_eq!(
+        store.token_by_hash(&b.hash).await.unwrap().as_ref(),
+        Some(&b)
+    );
+    assert_eq!(
+        store
+            .token_by_hash(&api_token_hash("hlt_other"))
+            .await
+            .unwrap(),
+        None
+    );
+    let all = store.tokens().await.unwrap();
+    assert_eq!(all.len(), before + 2);
+    let pos = |id: Uuid| all.iter().position(|t| t.id == id).unwrap();
+    assert!(pos(a.id) < pos(b.id), "oldest first");
+    assert!(store.delete_token(a.id).await.unwrap());
+    assert!(!store.delete_token(a.id).await.unwrap(), "already revoked");
+    assert_eq!(store.token_by_hash(&a.hash).await.unwrap(), None);
+    assert!(store.delete_token(b.id).await.unwrap());
+    assert_eq!(store.tokens().await.unwrap().len(), before);
+    assert_eq!(store.revision().await.unwrap(), rev);
+}
 
 /// A subscription exercising every field (which ones are set varies with `i`).
 fn spec(i: u32) -> SubscriptionSpec {
@@ -150,6 +196,7 @@ async fn writable_suite(store: &dyn Store) -> Uuid {
     assert!(store.claimed(&key).await.unwrap());
     assert!(!store.claimed(&format!("{key}-never")).await.unwrap());
     assert!(store.claim(&format!("{key}-other")).await.unwrap());
+    tokens_conform(store).await;
     let rev0 = store.revision().await.unwrap();
     assert_eq!(
         store.revision().await.unwrap(),
@@ -380,8 +427,8 @@ fn migrated(node: &CqlNode, base: &str) -> (ScyllaConfig, tempfile::TempDir) {
     for _ in 0..2 {
         let out = node.migrate(&cli);
         assert!(
-            out.contains("16 schema statements applied"),
-            "CREATE KEYSPACE, 4 tables, 11 columns added later: {out}"
+            out.contains("17 schema statements applied"),
+            "CREATE KEYSPACE, 5 tables, 11 columns added later: {out}"
         );
     }
     (node.scylla_config(&ks), dir)
@@ -864,6 +911,13 @@ async fn yaml_store_read_paths_conform() {
         store.write_attempts(&[]).await,
         Err(StoreError::ReadOnly(_))
     ));
+    // No tokens in a read-only store, and none can be made.
+    let (t, _) = ApiToken::issue("acme".into(), None, None, now_ms()).unwrap();
+    assert!(matches!(
+        store.put_token(&t).await,
+        Err(StoreError::ReadOnly(_))
+    ));
+    assert!(store.tokens().await.unwrap().is_empty());
     // An edit of the file moves the revision.
     std::fs::write(&path, serde_yaml_ng::to_string(&specs[..3]).unwrap()).unwrap();
     assert_ne!(store.revision().await.unwrap(), rev);

@@ -2,7 +2,11 @@
 //!
 //! Every route is in one table ([`table`]); the router is built from it and a test compares it with the
 //! OpenAPI document, so the two cannot drift apart. Every `/v1` route requires `Authorization: Bearer
-//! <admin.token>` (compared in constant time). Bodies are parsed by hand rather than by a derived
+//! <token>`: the admin token (`admin.token`, compared in constant time) or a tenant-scoped token
+//! (`POST /v1/tokens`, stored as its SHA-256 and read from the store on every request, so a revocation
+//! applies at once on every instance). A tenant token is a [`Principal::Tenant`]: every handler scopes
+//! what it reads and writes to that tenant, answers 404 for another tenant's ids (their existence is
+//! not disclosed) and 403 for the admin-only routes (tokens). Bodies are parsed by hand rather than by a derived
 //! deserializer so that every error names its field: `{"error": "...", "field": "event_types[1]"}`.
 //! Syntax and type errors are 400, values that parse but are not acceptable are 422, and nothing is
 //! written unless the whole request is valid.
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -37,8 +41,9 @@ use crate::dispatch::log_result;
 use crate::matching::Subscription;
 use crate::matching::subscription::retry_schedule;
 use crate::model::{
-    Ed25519Key, Encoding, Event, OAuth2Spec, Origin, RetiredSecret, SigningKey, SubscriptionSpec,
-    generate_secret, generate_signing_key, parse_rfc3339_ms, rfc3339_ms, webhook_id,
+    ApiToken, Ed25519Key, Encoding, Event, OAuth2Spec, Origin, RetiredSecret, SigningKey,
+    SubscriptionSpec, api_token_hash, generate_secret, generate_signing_key, parse_rfc3339_ms,
+    rfc3339_ms, webhook_id,
 };
 use crate::registry::{Registry, WriteError};
 use crate::store::{AttemptRecord, StoreError};
@@ -71,6 +76,45 @@ impl ApiState {
     }
 }
 
+/// Who a request is from, decided by [`authenticate`] and handed to every handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The admin token: everything.
+    Admin,
+    /// A tenant-scoped token: only this tenant's subscriptions, attempts, dead letters and replays.
+    Tenant { tenant: String, token: Uuid },
+}
+
+impl Principal {
+    /// The tenant a request is limited to (`None` for the admin).
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => None,
+            Principal::Tenant { tenant, .. } => Some(tenant),
+        }
+    }
+
+    /// Whether this principal may see a subscription of `tenant`.
+    pub fn sees(&self, tenant: Option<&str>) -> bool {
+        match self.tenant() {
+            None => true,
+            Some(mine) => tenant == Some(mine),
+        }
+    }
+
+    /// 403 unless this is the admin.
+    fn admin_only(&self) -> Result<(), ApiError> {
+        match self {
+            Principal::Admin => Ok(()),
+            Principal::Tenant { .. } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                Some("authorization"),
+                "this route needs the admin token",
+            )),
+        }
+    }
+}
+
 /// Every API route: method, path (OpenAPI syntax), handler.
 pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
     vec![
@@ -96,6 +140,9 @@ pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             "/v1/subscriptions/{id}/attempts",
             get(attempts),
         ),
+        (Method::GET, "/v1/tokens", get(list_tokens)),
+        (Method::POST, "/v1/tokens", post(create_token)),
+        (Method::DELETE, "/v1/tokens/{id}", delete(revoke_token)),
     ]
 }
 
@@ -185,15 +232,7 @@ impl From<WriteError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-async fn authenticate(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let Some(expected) = s.token else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            Some("authorization"),
-            "the subscription API is disabled: set admin.token",
-        )
-        .into_response();
-    };
+async fn authenticate(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -201,23 +240,57 @@ async fn authenticate(State(s): State<ApiState>, req: Request, next: Next) -> Re
         .and_then(|v| {
             let (scheme, token) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    match given {
-        Some(t) if bool::from(Sha256::digest(t.as_bytes()).as_slice().ct_eq(&expected)) => {
+        })
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    match s.principal(given.as_deref()).await {
+        Ok(who) => {
+            req.extensions_mut().insert(who);
             next.run(req).await
         }
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            Some("authorization"),
-            "wrong bearer token",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            Some("authorization"),
-            "missing \"Authorization: Bearer <admin.token>\"",
-        )
-        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+impl ApiState {
+    /// The principal a bearer token stands for: the admin token, or a live tenant token in the store.
+    pub async fn principal(&self, given: Option<&str>) -> Result<Principal, ApiError> {
+        let unauthorized =
+            |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, Some("authorization"), m);
+        let Some(given) = given else {
+            return Err(unauthorized(
+                "missing \"Authorization: Bearer <token>\" (the admin token or a tenant token)",
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        if let Some(expected) = self.token
+            && bool::from(digest.as_slice().ct_eq(&expected))
+        {
+            return Ok(Principal::Admin);
+        }
+        if !given.starts_with("hlt_") {
+            return Err(unauthorized(if self.token.is_some() {
+                "wrong bearer token"
+            } else {
+                "admin.token is not set: only tenant tokens (hlt_…) are accepted"
+            }));
+        }
+        let hash = api_token_hash(given);
+        let found = self.registry.store.token_by_hash(&hash).await?;
+        match found {
+            // The store found it by hash; the comparison is repeated in constant time anyway.
+            Some(t) if bool::from(t.hash.as_bytes().ct_eq(hash.as_bytes())) => {
+                if t.expired(now_ms()) {
+                    Err(unauthorized("token expired"))
+                } else {
+                    Ok(Principal::Tenant {
+                        tenant: t.tenant,
+                        token: t.id,
+                    })
+                }
+            }
+            _ => Err(unauthorized("unknown or revoked token")),
+        }
     }
 }
 
@@ -513,11 +586,13 @@ impl ApiState {
         Ok(())
     }
 
-    async fn existing(&self, id: Uuid) -> Result<SubscriptionSpec, ApiError> {
+    /// The subscription `id` if `who` may see it; another tenant's is "not found", like a missing one.
+    async fn existing(&self, who: &Principal, id: Uuid) -> Result<SubscriptionSpec, ApiError> {
         self.registry
             .store
             .get(id)
             .await?
+            .filter(|spec| who.sees(spec.tenant.as_deref()))
             .ok_or(ApiError::not_found(id))
     }
 }
@@ -605,22 +680,76 @@ fn view(spec: &SubscriptionSpec, tiers: &[(Box<str>, Duration)]) -> Map<String, 
     }
 }
 
+/// A tenant token's subscriptions belong to its tenant: a new one gets it, and `tenant` cannot be
+/// set to another (`before`: the stored tenant, for an update).
+fn confine(
+    who: &Principal,
+    spec: &mut SubscriptionSpec,
+    before: Option<&Option<String>>,
+) -> Result<(), ApiError> {
+    let Some(mine) = who.tenant() else {
+        return Ok(());
+    };
+    let given_other = spec.tenant.as_deref().is_some_and(|t| t != mine);
+    let cleared = before.is_some() && spec.tenant.is_none();
+    if given_other || cleared {
+        return Err(ApiError::invalid(
+            "tenant",
+            format!("a token of tenant {mine:?} manages only that tenant's subscriptions"),
+        ));
+    }
+    spec.tenant = Some(mine.to_string());
+    Ok(())
+}
+
 fn ok(status: StatusCode, body: impl serde::Serialize) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn list(State(s): State<ApiState>, Query(q): Query<BTreeMap<String, String>>) -> ApiResult {
+async fn list(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
     let (limit, cursor) = query_params(&q, 100)?;
-    let page = s.registry.store.page(cursor.as_deref(), limit).await?;
     let tiers = &s.registry.cache.defaults().tiers;
-    let items: Vec<_> = page.items.iter().map(|x| view(x, tiers)).collect();
+    // A tenant's page is the store's pages filtered to its subscriptions: whole store pages are
+    // taken while they fit in `limit`, and the cursor is the one of the first page not taken (store
+    // cursors are opaque), so nothing is skipped. A page may then hold fewer than `limit` items;
+    // `next_cursor` is null only at the end.
+    let mut items = Vec::new();
+    let mut cursor = cursor;
+    let mut scanned = 0usize;
+    loop {
+        let page = s.registry.store.page(cursor.as_deref(), limit).await?;
+        let mine: Vec<_> = page
+            .items
+            .iter()
+            .filter(|x| who.sees(x.tenant.as_deref()))
+            .map(|x| view(x, tiers))
+            .collect();
+        if !items.is_empty() && items.len() + mine.len() > limit as usize {
+            break;
+        }
+        items.extend(mine);
+        scanned += page.items.len();
+        cursor = page.next;
+        // Bounded work per request: at most ten store pages' worth of subscriptions.
+        if cursor.is_none() || items.len() >= limit as usize || scanned >= 10 * limit as usize {
+            break;
+        }
+    }
     Ok(ok(
         StatusCode::OK,
-        json!({"items": items, "next_cursor": page.next}),
+        json!({"items": items, "next_cursor": cursor}),
     ))
 }
 
-async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
+async fn create(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let fields = body_object(&body, false)?;
     for required in ["url", "event_types"] {
         if !fields.contains_key(required) {
@@ -630,6 +759,7 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
     let mut spec = SubscriptionSpec::new(String::new(), Vec::new(), Vec::new(), now_ms());
     let given_secrets = fields.contains_key("secrets");
     apply(&mut spec, fields, true)?;
+    confine(&who, &mut spec, None)?;
     // One HMAC secret is made unless the request gave secrets or asked for Ed25519 keys instead.
     if !given_secrets && spec.signing_keys.is_empty() {
         spec.secrets = vec![
@@ -650,20 +780,30 @@ async fn create(State(s): State<ApiState>, body: Bytes) -> ApiResult {
     Ok(resp)
 }
 
-async fn read(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
-    let spec = s.existing(parse_id(&id)?).await?;
+async fn read(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let spec = s.existing(&who, parse_id(&id)?).await?;
     Ok(ok(
         StatusCode::OK,
         view(&spec, &s.registry.cache.defaults().tiers),
     ))
 }
 
-async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn update(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let id = parse_id(&id)?;
     let fields = body_object(&body, false)?;
-    let mut spec = s.existing(id).await?;
+    let mut spec = s.existing(&who, id).await?;
     let before = spec.clone();
     apply(&mut spec, fields, false)?;
+    confine(&who, &mut spec, Some(&before.tenant))?;
     s.validate(&spec).await?;
     spec.updated_at = Some(rfc3339_ms(now_ms()));
     s.registry.put(spec.clone()).await?;
@@ -675,8 +815,15 @@ async fn update(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
     ))
 }
 
-async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+async fn remove(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let id = parse_id(&id)?;
+    if who.tenant().is_some() {
+        s.existing(&who, id).await?;
+    }
     if !s.registry.delete(id).await? {
         return Err(ApiError::not_found(id));
     }
@@ -740,11 +887,16 @@ fn rotate_into(
     *current = vec![new.to_string()];
 }
 
-async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn rotate(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let id = parse_id(&id)?;
     let (grace, given) =
         rotation_request(&s, &body, "secret", |v| SigningKey::parse(v).map(|_| ()))?;
-    let mut spec = s.existing(id).await?;
+    let mut spec = s.existing(&who, id).await?;
     let secret = match given {
         Some(x) => x,
         None => generate_secret()
@@ -770,6 +922,7 @@ async fn rotate(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
 /// grace period, so receivers can add the new public key before the old one stops.
 async fn rotate_signing_key(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
@@ -777,7 +930,7 @@ async fn rotate_signing_key(
     let (grace, given) = rotation_request(&s, &body, "signing_key", |v| {
         Ed25519Key::parse(v).map(|_| ())
     })?;
-    let mut spec = s.existing(id).await?;
+    let mut spec = s.existing(&who, id).await?;
     let key = match given {
         Some(x) => x,
         None => generate_signing_key()
@@ -803,7 +956,12 @@ async fn rotate_signing_key(
 /// Bytes of the receiver's response shown by a test delivery.
 const EXCERPT_BYTES: usize = 512;
 
-async fn test(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn test(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let id = parse_id(&id)?;
     let fields = body_object(&body, true)?;
     let mut event_type = "hookline.test".to_string();
@@ -815,7 +973,7 @@ async fn test(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) ->
             _ => return Err(ApiError::bad(&k, "unknown field")),
         }
     }
-    let spec = s.existing(id).await?;
+    let spec = s.existing(&who, id).await?;
     let sub = Subscription::prepare(spec, s.registry.cache.defaults())
         .map_err(|e| ApiError::invalid(&e.field, e.message))?;
     let event_id = format!("test_{}", Uuid::new_v4().simple());
@@ -877,7 +1035,11 @@ fn attempt_view(a: &AttemptRecord) -> Value {
     })
 }
 
-async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+async fn health(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let id = parse_id(&id)?;
     let cached = s.registry.cache.index().get(&id);
     // Health is wanted most when things are failing: with the store down, answer from the cache.
@@ -889,6 +1051,9 @@ async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult 
             None => return Err(e.into()),
         },
     };
+    if !who.sees(spec.tenant.as_deref()) {
+        return Err(ApiError::not_found(id));
+    }
     let breaker = match &cached {
         Some(sub) => sub.endpoint.state().as_str(),
         None => "disabled",
@@ -943,12 +1108,13 @@ async fn health(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult 
 
 async fn attempts(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let (limit, cursor) = query_params(&q, 50)?;
-    s.existing(id).await?;
+    s.existing(&who, id).await?;
     let page = s
         .registry
         .store
@@ -959,4 +1125,124 @@ async fn attempts(
         StatusCode::OK,
         json!({"items": items, "next_cursor": page.next}),
     ))
+}
+
+fn token_view(t: &ApiToken) -> Value {
+    json!({
+        "id": t.id,
+        "tenant": t.tenant,
+        "name": t.name,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at_ms.map(rfc3339_ms),
+        "expired": t.expired(now_ms()),
+    })
+}
+
+/// Longest `expires_in` accepted: ten years.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 86_400;
+
+/// `expires_in`: seconds, or a duration such as `"90d"` or `"12h"`.
+fn lifetime(v: &Value) -> Result<Duration, ApiError> {
+    const F: &str = "expires_in";
+    let d = match v {
+        Value::Number(_) => Duration::from_secs(want_uint(v, F, MAX_TOKEN_LIFETIME_SECS)?),
+        Value::String(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad(
+                F,
+                format!("{text:?} is not a duration (\"90d\", \"12h\"): {e}"),
+            )
+        })?,
+        other => {
+            return Err(ApiError::bad(
+                F,
+                format!(
+                    "must be seconds or a duration string, got {}",
+                    json_type(other)
+                ),
+            ));
+        }
+    };
+    if d.is_zero() || d.as_secs() > MAX_TOKEN_LIFETIME_SECS {
+        return Err(ApiError::invalid(
+            F,
+            "must be at least 1 second and at most 10 years",
+        ));
+    }
+    Ok(d)
+}
+
+/// Makes a tenant token; the token is in this response only (the store keeps its SHA-256).
+async fn create_token(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    who.admin_only()?;
+    let fields = body_object(&body, false)?;
+    let (mut tenant, mut name, mut expires) = (None, None, None);
+    for (k, v) in fields {
+        match k.as_str() {
+            "tenant" => tenant = Some(want_string(v, &k)?),
+            "name" if v.is_null() => {}
+            "name" => name = Some(want_string(v, &k)?),
+            "expires_in" if v.is_null() => {}
+            "expires_in" => expires = Some(lifetime(&v)?),
+            _ => return Err(ApiError::bad(&k, "unknown field")),
+        }
+    }
+    let tenant = tenant.ok_or_else(|| ApiError::bad("tenant", "is required"))?;
+    if tenant.trim().is_empty() {
+        return Err(ApiError::invalid("tenant", "must not be empty"));
+    }
+    let (record, token) = ApiToken::issue(tenant, name, expires, now_ms())
+        .map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, m))?;
+    s.registry.store.put_token(&record).await?;
+    tracing::info!(token = %record.id, tenant = %record.tenant, "API token created");
+    let mut body = token_view(&record);
+    if let Value::Object(m) = &mut body {
+        m.insert("token".into(), json!(token));
+    }
+    let mut resp = ok(StatusCode::CREATED, body);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/tokens/{}", record.id)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+async fn list_tokens(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    who.admin_only()?;
+    if let Some(k) = q.keys().next() {
+        return Err(ApiError::bad(k, "unknown query parameter"));
+    }
+    let items: Vec<Value> = s
+        .registry
+        .store
+        .tokens()
+        .await?
+        .iter()
+        .map(token_view)
+        .collect();
+    Ok(ok(StatusCode::OK, json!({ "items": items })))
+}
+
+async fn revoke_token(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    who.admin_only()?;
+    let id = parse_id(&id)?;
+    if !s.registry.store.delete_token(id).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no token {id}"),
+        ));
+    }
+    tracing::info!(token = %id, "API token revoked");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::config::{Config, ConfigError, StoreKind};
-use crate::model::SubscriptionSpec;
+use crate::model::{ApiToken, SubscriptionSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,6 +126,33 @@ pub trait Store: Send + Sync {
     /// Whether `key` was claimed (by anyone), without claiming it. A read-only store answers `false`.
     async fn claimed(&self, key: &str) -> Result<bool, StoreError> {
         let _ = key;
+        Ok(false)
+    }
+
+    /// Stores a new tenant-scoped API token (its hash). A read-only store refuses.
+    async fn put_token(&self, token: &ApiToken) -> Result<(), StoreError> {
+        let _ = token;
+        Err(StoreError::ReadOnly(format!(
+            "{} is read-only: API tokens need a writable store (sqlite or scylla)",
+            self.describe()
+        )))
+    }
+
+    /// Every API token (expired ones included), oldest first. A read-only store has none.
+    async fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// The token whose hash is `hash`, if any. Every authenticated request with a token other than
+    /// the admin token reads it, so a revocation is seen by every instance at once.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let _ = hash;
+        Ok(None)
+    }
+
+    /// Revokes (deletes) a token; `false` when there was none.
+    async fn delete_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        let _ = id;
         Ok(false)
     }
 }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
 use crate::clock::now_ms;
 use crate::config::{Consistency, ScyllaConfig};
-use crate::model::{RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
+use crate::model::{ApiToken, RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
 
 /// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.
 pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
@@ -131,6 +131,34 @@ struct Statements {
     attempts: PreparedStatement,
     claim: PreparedStatement,
     claimed: PreparedStatement,
+    put_token: PreparedStatement,
+    tokens: PreparedStatement,
+    token: PreparedStatement,
+    delete_token: PreparedStatement,
+}
+
+/// hash, id, tenant, name, created_at, expires_at
+type TokenRow = (
+    String,
+    Uuid,
+    String,
+    Option<String>,
+    String,
+    Option<CqlTimestamp>,
+);
+
+const TOKEN_COLUMNS: &str = "hash, id, tenant, name, created_at, expires_at";
+
+fn token_of(r: TokenRow) -> ApiToken {
+    let (hash, id, tenant, name, created_at, expires) = r;
+    ApiToken {
+        id,
+        tenant,
+        name,
+        hash,
+        created_at,
+        expires_at_ms: expires.map(|t| t.0.max(0) as u64),
+    }
 }
 
 pub struct ScyllaStore {
@@ -272,6 +300,16 @@ impl ScyllaStore {
             ))
             .await?,
             claimed: prep("SELECT key FROM claims WHERE key = ?".into()).await?,
+            put_token: prep(format!(
+                "INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            tokens: prep(format!("SELECT {TOKEN_COLUMNS} FROM api_tokens")).await?,
+            token: prep(format!(
+                "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?"
+            ))
+            .await?,
+            delete_token: prep("DELETE FROM api_tokens WHERE hash = ?".into()).await?,
         };
         // Consistency per statement (README, "ScyllaDB consistency"): the subscriptions and the revision
         // register at store.scylla.consistency for reads and writes alike, so that a poll that sees a
@@ -284,6 +322,12 @@ impl ScyllaStore {
             &mut st.delete,
             &mut st.revision,
             &mut st.bump,
+            // Tokens like subscriptions: a revocation written at this level is seen by the next
+            // request's read on any instance.
+            &mut st.put_token,
+            &mut st.tokens,
+            &mut st.token,
+            &mut st.delete_token,
         ] {
             stmt.set_consistency(subs);
         }
@@ -697,6 +741,67 @@ impl Store for ScyllaStore {
             .into_rows_result()
             .map_err(StoreError::unavailable)?;
         Ok(res.rows_num() > 0)
+    }
+
+    async fn put_token(&self, t: &ApiToken) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.st.put_token,
+                (
+                    &t.hash,
+                    t.id,
+                    &t.tenant,
+                    &t.name,
+                    &t.created_at,
+                    t.expires_at_ms.map(|m| CqlTimestamp(m as i64)),
+                ),
+            )
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let mut rows = self
+            .session
+            .execute_iter(self.st.tokens.clone(), ())
+            .await
+            .map_err(StoreError::unavailable)?
+            .rows_stream::<TokenRow>()
+            .map_err(StoreError::unavailable)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().await {
+            out.push(token_of(r.map_err(StoreError::unavailable)?));
+        }
+        out.sort_by(|a, b| (&a.created_at, a.id).cmp(&(&b.created_at, b.id)));
+        Ok(out)
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.st.token, (hash,))
+            .await
+            .map_err(StoreError::unavailable)?
+            .into_rows_result()
+            .map_err(StoreError::unavailable)?;
+        Ok(res
+            .maybe_first_row::<TokenRow>()
+            .map_err(StoreError::unavailable)?
+            .map(token_of))
+    }
+
+    async fn delete_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        // Keyed by hash (what every request looks up); revocation by id is an admin action over
+        // a small table.
+        let Some(t) = self.tokens().await?.into_iter().find(|t| t.id == id) else {
+            return Ok(false);
+        };
+        self.session
+            .execute_unpaged(&self.st.delete_token, (&t.hash,))
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(true)
     }
 
     async fn expire_attempts(&self) -> Result<u64, StoreError> {

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, paged};
 use crate::clock::now_ms;
-use crate::model::SubscriptionSpec;
+use crate::model::{ApiToken, SubscriptionSpec};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -64,6 +64,14 @@ CREATE INDEX IF NOT EXISTS delivery_attempts_by_subscription
     ON delivery_attempts (subscription_id, at_ms DESC, seq DESC);
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_time ON delivery_attempts (at_ms);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    name TEXT,
+    created_at TEXT NOT NULL,
+    expires_at_ms INTEGER
+);
 CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO revision (id, value) VALUES (0, 0);
 ";
@@ -199,6 +207,26 @@ impl SqliteStore {
         .await
         .map_err(StoreError::unavailable)?
     }
+}
+
+/// One `api_tokens` row (an id that is not a UUID is invalid content, not an outage).
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ApiToken, StoreError>> {
+    let id: String = r.get(0)?;
+    let expires: Option<i64> = r.get(5)?;
+    Ok(match Uuid::parse_str(&id) {
+        Ok(uuid) => Ok(ApiToken {
+            id: uuid,
+            hash: r.get(1)?,
+            tenant: r.get(2)?,
+            name: r.get(3)?,
+            created_at: r.get(4)?,
+            expires_at_ms: expires.map(|m| m.max(0) as u64),
+        }),
+        Err(_) => Err(StoreError::Invalid {
+            at: format!("api_tokens {id:?}"),
+            message: "id is not a UUID".into(),
+        }),
+    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -553,6 +581,80 @@ impl Store for SqliteStore {
                 )
                 .map_err(StoreError::unavailable)?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_token(&self, t: &ApiToken) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO api_tokens (id, hash, tenant, name, created_at, expires_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.id.to_string(),
+                    t.hash,
+                    t.tenant,
+                    t.name,
+                    t.created_at,
+                    t.expires_at_ms.map(|m| m as i64)
+                ],
+            )
+            .map_err(StoreError::unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT id, hash, tenant, name, created_at, expires_at_ms FROM api_tokens \
+                     ORDER BY created_at, id",
+                )
+                .map_err(StoreError::unavailable)?;
+            let rows = st
+                .query_map([], token_row)
+                .map_err(StoreError::unavailable)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r.map_err(StoreError::unavailable)??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let hash = hash.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT id, hash, tenant, name, created_at, expires_at_ms FROM api_tokens \
+                     WHERE hash = ?1",
+                )
+                .map_err(StoreError::unavailable)?;
+            let mut rows = st
+                .query_map(params![hash], token_row)
+                .map_err(StoreError::unavailable)?;
+            match rows.next() {
+                Some(r) => Ok(Some(r.map_err(StoreError::unavailable)??)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM api_tokens WHERE id = ?1",
+                    params![id.to_string()],
+                )
+                .map_err(StoreError::unavailable)?;
+            Ok(n == 1)
         })
         .await
     }
