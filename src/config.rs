@@ -18,6 +18,22 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 /// A configuration problem. The message always starts with the setting's dotted path.
+/// Why a command (`run`, `replay`, …) stopped with an error. Config errors exit 2, the rest 1.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl RunError {
+    /// A runtime failure (exit 1) described by `e`.
+    pub fn runtime(e: impl std::fmt::Display) -> RunError {
+        RunError::Runtime(e.to_string())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{setting}: {message}")]
 pub struct ConfigError {

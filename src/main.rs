@@ -15,7 +15,6 @@ use hookline::config::ConfigError;
 use hookline::config::{Config, LogFormat};
 use hookline::deliver::sign;
 use hookline::manage;
-use hookline::model::Pattern;
 use hookline::model::{Ed25519Key, SigningKey, generate_signing_key, parse_public_key};
 use hookline::pipeline::{self, RunError};
 use hookline::replay;
@@ -142,30 +141,20 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn replay_cmd(c: &Config, a: ReplayArgs) -> Result<String, RunError> {
-    let now = hookline::clock::now_ms();
-    let time = |flag: &str, v: &Option<String>| -> Result<Option<u64>, RunError> {
-        v.as_deref()
-            .map(|t| replay::parse_time(t, now))
-            .transpose()
-            .map_err(|m| RunError::Config(ConfigError::new(flag, m)))
-    };
-    let event_type = a
-        .event_type
-        .as_deref()
-        .map(Pattern::parse)
-        .transpose()
-        .map_err(|m| RunError::Config(ConfigError::new("--event-type", m)))?;
-    let filters = replay::Filters {
+    let (filters, filter_text) = replay::FilterArgs {
         subscription: a.subscription,
-        event_type,
+        event_type: a.event_type.clone(),
         reason: a.reason.clone(),
-        since_ms: time("--since", &a.since)?,
-        until_ms: time("--until", &a.until)?,
-    };
-    let filter_text = format!(
-        "{:?} {:?} {:?} {:?} {:?}",
-        a.subscription, a.event_type, a.reason, a.since, a.until
-    );
+        since: a.since.clone(),
+        until: a.until.clone(),
+    }
+    .parse(hookline::clock::now_ms())
+    .map_err(|(field, m)| {
+        RunError::Config(ConfigError::new(
+            format!("--{}", field.replace('_', "-")),
+            m,
+        ))
+    })?;
     let s = replay::replay(
         c,
         replay::ReplayRequest {
@@ -178,6 +167,7 @@ async fn replay_cmd(c: &Config, a: ReplayArgs) -> Result<String, RunError> {
             dry_run: a.dry_run,
             group: a.group,
             sample: a.sample,
+            id: None,
         },
     )
     .await?;

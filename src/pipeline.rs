@@ -21,21 +21,7 @@ use crate::source::{Role, Source};
 use crate::store::attempts::AttemptLog;
 use crate::store::{self, StoreError};
 
-/// Why `run` stopped with an error. Config errors exit 2, the rest 1.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("config error: {0}")]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Runtime(String),
-}
-
-impl RunError {
-    /// A runtime failure (exit 1) described by `e`.
-    pub fn runtime(e: impl std::fmt::Display) -> RunError {
-        RunError::Runtime(e.to_string())
-    }
-}
+pub use crate::config::RunError;
 
 pub fn defaults(config: &Config) -> Defaults {
     let b = &config.delivery.breaker;
@@ -227,8 +213,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             registry,
             deliverer.clone(),
             policy,
-            config.admin.token.as_deref(),
-            config.admin.rotation_grace,
+            Arc::new(config.clone()),
+            stop.clone(),
         ),
     ));
     let admin_stop = stop.clone();

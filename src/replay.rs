@@ -28,14 +28,13 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::clock::now_ms;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, RunError};
 use crate::decode::{RawRecord, decode};
 use crate::kafka::topic_partitions;
 use crate::model::{Origin, Pattern, parse_rfc3339_ms};
-use crate::pipeline::RunError;
 use crate::retry::Topics;
 use crate::retry::headers as h;
-use crate::retry::publish::producer_config;
+use crate::retry::publish::{DlqReason, producer_config};
 use crate::store::{self, Store};
 
 /// Which records a replay takes. All given filters must hold.
@@ -48,6 +47,59 @@ pub struct Filters {
     pub since_ms: Option<u64>,
     /// Dead-lettered before.
     pub until_ms: Option<u64>,
+    /// Only records of these subscriptions (a tenant's: the API sets it for tenant tokens).
+    pub only: Option<std::collections::HashSet<Uuid>>,
+}
+
+/// The filters as given, by the CLI's flags or the API's fields (same names without `--`).
+#[derive(Debug, Clone, Default)]
+pub struct FilterArgs {
+    pub subscription: Option<Uuid>,
+    pub event_type: Option<String>,
+    pub reason: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+impl FilterArgs {
+    /// The filters, and the text that names a replay's default consumer group (the same filters
+    /// from the CLI or the API resume the same replay). Errors name the filter (`since`, …).
+    pub fn parse(&self, now_ms: u64) -> Result<(Filters, String), (&'static str, String)> {
+        let time = |name: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|t| parse_time(t, now_ms))
+                .transpose()
+                .map_err(|m| (name, m))
+        };
+        let event_type = self
+            .event_type
+            .as_deref()
+            .map(Pattern::parse)
+            .transpose()
+            .map_err(|m| ("event_type", m))?;
+        if let Some(r) = &self.reason
+            && !DlqReason::ALL.iter().any(|k| k.as_str() == r)
+        {
+            let all: Vec<&str> = DlqReason::ALL.iter().map(|k| k.as_str()).collect();
+            return Err((
+                "reason",
+                format!("{r:?} is not a reason: one of {}", all.join(", ")),
+            ));
+        }
+        let filters = Filters {
+            subscription: self.subscription,
+            event_type,
+            reason: self.reason.clone(),
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            only: None,
+        };
+        let text = format!(
+            "{:?} {:?} {:?} {:?} {:?}",
+            self.subscription, self.event_type, self.reason, self.since, self.until
+        );
+        Ok((filters, text))
+    }
 }
 
 /// What hookline knows about one dead-letter record.
@@ -75,6 +127,11 @@ impl Filters {
     pub fn matches(&self, r: &DlqRecord) -> bool {
         if let Some(s) = self.subscription
             && r.subscription != Some(s)
+        {
+            return false;
+        }
+        if let Some(only) = &self.only
+            && !r.subscription.is_some_and(|s| only.contains(&s))
         {
             return false;
         }
@@ -308,42 +365,16 @@ pub struct Stats {
 }
 
 pub async fn stats(config: &Config, topic: Option<String>) -> Result<Stats, RunError> {
-    let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers);
-    let topic = topic.unwrap_or(topics.dlq);
-    let c = consumer(config, &format!("{}.dlq-stats", config.source.group))?;
-    let b = bounds(&c, &topic, false).await?;
-    let mut s = Stats {
-        topic: topic.clone(),
-        ..Stats::default()
-    };
-    let (mut oldest, mut newest) = (u64::MAX, 0u64);
-    read_bounded(&c, &topic, &b, async |m| {
-        let r = describe(m);
-        s.records += 1;
-        *s.by_reason
-            .entry(r.reason.unwrap_or_else(|| "(none)".into()))
-            .or_default() += 1;
-        *s.by_subscription
-            .entry(
-                r.subscription
-                    .map_or_else(|| "(none)".into(), |u| u.to_string()),
-            )
-            .or_default() += 1;
-        *s.by_event_type
-            .entry(r.event_type.unwrap_or_else(|| "(not decodable)".into()))
-            .or_default() += 1;
-        if let Some(t) = r.timestamp_ms {
-            oldest = oldest.min(t);
-            newest = newest.max(t);
-        }
-        Ok(true)
+    let l = list(config, topic, &Filters::default(), None, 0, u64::MAX).await?;
+    Ok(Stats {
+        topic: l.topic,
+        records: l.matched,
+        by_reason: l.by_reason,
+        by_subscription: l.by_subscription,
+        by_event_type: l.by_event_type,
+        oldest: l.oldest,
+        newest: l.newest,
     })
-    .await?;
-    if s.records > 0 && newest > 0 {
-        s.oldest = Some(crate::model::rfc3339_ms(oldest));
-        s.newest = Some(crate::model::rfc3339_ms(newest));
-    }
-    Ok(s)
 }
 
 impl std::fmt::Display for Stats {
@@ -368,6 +399,164 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// A page of dead letters with the counts of everything that matched (`GET /v1/dead-letters`).
+#[derive(Debug, Default, Serialize)]
+pub struct Listing {
+    pub topic: String,
+    /// Records read (the whole topic up to its end offsets at the start of the request, or the
+    /// first `max_scan` of them: then `truncated`).
+    pub scanned: u64,
+    pub truncated: bool,
+    pub matched: u64,
+    pub by_reason: BTreeMap<String, u64>,
+    pub by_subscription: BTreeMap<String, u64>,
+    pub by_event_type: BTreeMap<String, u64>,
+    pub oldest: Option<String>,
+    pub newest: Option<String>,
+    /// Matching records after the cursor, in (partition, offset) order.
+    pub items: Vec<DlqEntry>,
+    /// `<partition>:<offset>` of the last item when more matched after it.
+    pub next_cursor: Option<String>,
+}
+
+/// One dead-letter record as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqEntry {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<String>,
+    pub reason: Option<String>,
+    pub subscription: Option<String>,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub origin_topic: Option<String>,
+    /// Header values as text (invalid UTF-8 replaced), each cut at 256 bytes.
+    pub headers: BTreeMap<String, String>,
+    pub body_bytes: usize,
+    /// The first [`EXCERPT_BYTES`] of the value, as text.
+    pub body_excerpt: String,
+}
+
+/// Records one API listing request reads at most.
+pub const MAX_SCAN: u64 = 1_000_000;
+/// Bytes of a record's value shown in a listing.
+pub const EXCERPT_BYTES: usize = 512;
+
+fn cut(b: &[u8], n: usize) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(n)]).into_owned()
+}
+
+/// `<partition>:<offset>`: the position a listing page ended at.
+pub fn parse_cursor(c: &str) -> Option<(i32, i64)> {
+    let (p, o) = c.split_once(':')?;
+    Some((p.parse().ok()?, o.parse().ok()?))
+}
+
+/// `GET /v1/dead-letters` and `hookline dlq stats`: counts over the records of `topic` (default the
+/// dead-letter topic) that match `filters` (reading at most `max_scan`), and the first `limit` of them
+/// after `cursor`.
+pub async fn list(
+    config: &Config,
+    topic: Option<String>,
+    filters: &Filters,
+    cursor: Option<(i32, i64)>,
+    limit: usize,
+    max_scan: u64,
+) -> Result<Listing, RunError> {
+    let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers);
+    let topic = topic.unwrap_or(topics.dlq);
+    let c = consumer(config, &format!("{}.dlq-stats", config.source.group))?;
+    let b = bounds(&c, &topic, false).await?;
+    let mut l = Listing {
+        topic: topic.clone(),
+        ..Listing::default()
+    };
+    let (mut oldest, mut newest) = (u64::MAX, 0u64);
+    // The `limit + 1` smallest positions after the cursor (one more tells whether a next page exists).
+    let mut page: BTreeMap<(i32, i64), DlqEntry> = BTreeMap::new();
+    read_bounded(&c, &topic, &b, async |m| {
+        if l.scanned >= max_scan {
+            l.truncated = true;
+            return Ok(false);
+        }
+        l.scanned += 1;
+        let r = describe(m);
+        if !filters.matches(&r) {
+            return Ok(true);
+        }
+        l.matched += 1;
+        *l.by_reason
+            .entry(r.reason.clone().unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
+        *l.by_subscription
+            .entry(
+                r.subscription
+                    .map_or_else(|| "(none)".into(), |u| u.to_string()),
+            )
+            .or_default() += 1;
+        *l.by_event_type
+            .entry(
+                r.event_type
+                    .clone()
+                    .unwrap_or_else(|| "(not decodable)".into()),
+            )
+            .or_default() += 1;
+        if let Some(t) = r.timestamp_ms {
+            oldest = oldest.min(t);
+            newest = newest.max(t);
+        }
+        let pos = (r.partition, r.offset);
+        let after = cursor.is_none_or(|c| pos > c);
+        let fits = page.len() <= limit || page.last_key_value().is_some_and(|(k, _)| pos < *k);
+        if after && fits {
+            let value = m.payload().unwrap_or_default();
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|hd| (hd.key.to_string(), cut(hd.value.unwrap_or_default(), 256)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            page.insert(
+                pos,
+                DlqEntry {
+                    partition: r.partition,
+                    offset: r.offset,
+                    timestamp: r.timestamp_ms.map(crate::model::rfc3339_ms),
+                    reason: r.reason,
+                    subscription: r.subscription.map(|u| u.to_string()),
+                    event_id: r.event_id,
+                    event_type: r.event_type,
+                    origin_topic: r.origin_topic,
+                    headers,
+                    body_bytes: value.len(),
+                    body_excerpt: cut(value, EXCERPT_BYTES),
+                },
+            );
+            if page.len() > limit + 1 {
+                page.pop_last();
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    if l.matched > 0 && newest > 0 {
+        l.oldest = Some(crate::model::rfc3339_ms(oldest));
+        l.newest = Some(crate::model::rfc3339_ms(newest));
+    }
+    let more = page.len() > limit;
+    l.items = page.into_values().take(limit).collect();
+    l.next_cursor = more
+        .then(|| {
+            l.items
+                .last()
+                .map(|e| format!("{}:{}", e.partition, e.offset))
+        })
+        .flatten();
+    Ok(l)
+}
+
 /// What `hookline replay` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ReplayRequest {
@@ -381,10 +570,27 @@ pub struct ReplayRequest {
     pub dry_run: bool,
     pub group: Option<String>,
     pub sample: usize,
+    /// The replay's id (a new one when `None`): the API hands it out before the replay starts.
+    pub id: Option<Uuid>,
 }
 
-/// The outcome of a replay.
-#[derive(Debug, Default, Serialize)]
+impl ReplayRequest {
+    /// The consumer group this replay reads with (given, or derived from what it replays).
+    pub fn group_name(&self, config: &Config) -> String {
+        let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers);
+        let from = self.from.clone().unwrap_or(topics.dlq);
+        let to = self
+            .to
+            .clone()
+            .unwrap_or_else(|| format!("retry.{}", config.retry.tiers[0]));
+        self.group
+            .clone()
+            .unwrap_or_else(|| default_group(config, &from, &to, &self.filter_text))
+    }
+}
+
+/// The outcome of a replay (and its progress while it runs).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub replay_id: String,
     pub from: String,
@@ -406,7 +612,7 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DlqSample {
     pub partition: i32,
     pub offset: i64,
@@ -601,7 +807,35 @@ fn commit(c: &StreamConsumer, topic: &str, next: &BTreeMap<i32, i64>) -> Result<
         .map_err(|e| RunError::runtime(format!("committing the replay position: {e}")))
 }
 
+/// `hookline replay`: stops on SIGINT/SIGTERM (committing what it finished), shows progress on the
+/// terminal or in log lines.
 pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunError> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::shutdown::on_signal(stop.clone());
+    let mut progress: Option<Progress> = None;
+    let r = run(config, req, None, stop, |s| {
+        progress
+            .get_or_insert_with(|| Progress::new(s.in_range))
+            .update(s)
+    })
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    r
+}
+
+/// One replay, the CLI's and the API's: reads `req.from` up to the end offsets taken at start,
+/// re-publishes what matches, commits what it finished to the replay's group, and stops early (with
+/// `interrupted`) when `stop` fires. `store` answers whether a record's subscription still exists
+/// (opened from the config when `None` and needed). `on_progress` sees the summary after every record.
+pub async fn run(
+    config: &Config,
+    req: ReplayRequest,
+    store: Option<Arc<dyn Store>>,
+    stop: tokio_util::sync::CancellationToken,
+    mut on_progress: impl FnMut(&Summary),
+) -> Result<Summary, RunError> {
     let started = Instant::now();
     let topics = Topics::new(&config.retry.topic_prefix, &config.retry.tiers);
     let from = req.from.clone().unwrap_or_else(|| topics.dlq.clone());
@@ -611,13 +845,11 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
         .unwrap_or_else(|| format!("retry.{}", config.retry.tiers[0]));
     let target = Target::parse(&to_text, &topics, &config.retry.tiers)
         .map_err(|m| ConfigError::new("--to", m))?;
-    let group = req
-        .group
-        .clone()
-        .unwrap_or_else(|| default_group(config, &from, &to_text, &req.filter_text));
-    let store: Option<Arc<dyn Store>> = match target {
-        Target::Tier(..) => Some(store::open(config).await?),
-        Target::Source => None,
+    let group = req.group_name(config);
+    let store: Option<Arc<dyn Store>> = match (target.clone(), store) {
+        (Target::Tier(..), Some(s)) => Some(s),
+        (Target::Tier(..), None) => Some(store::open(config).await?),
+        (Target::Source, _) => None,
     };
     let c = consumer(config, &group)?;
     let producer: FutureProducer = producer_config(config)
@@ -625,7 +857,7 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
         .create()
         .map_err(|e| RunError::runtime(format!("kafka producer: {e}")))?;
     let b = bounds(&c, &from, true).await?;
-    let replay_id = Uuid::new_v4().to_string();
+    let replay_id = req.id.unwrap_or_else(Uuid::new_v4).to_string();
     let mut s = Summary {
         replay_id: replay_id.clone(),
         from: from.clone(),
@@ -642,9 +874,7 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
     let limiter = req.rate.and_then(NonZeroU32::new).map(|r| {
         governor::RateLimiter::direct(governor::Quota::per_second(r).allow_burst(NonZeroU32::MIN))
     });
-    let stop = tokio_util::sync::CancellationToken::new();
-    crate::shutdown::on_signal(stop.clone());
-    let mut progress = Progress::new(s.in_range);
+    on_progress(&s);
     let mut known: HashMap<Uuid, bool> = HashMap::new();
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_commit = Instant::now();
@@ -744,17 +974,17 @@ pub async fn replay(config: &Config, req: ReplayRequest) -> Result<Summary, RunE
             commit(&c, &from, &next)?;
             last_commit = Instant::now();
         }
-        progress.update(&s);
+        on_progress(&s);
         Ok(true)
     })
     .await;
-    progress.finish();
     // What was finished is committed even when the run failed part-way.
     if !req.dry_run {
         commit(&c, &from, &next)?;
     }
     result?;
     s.seconds = started.elapsed().as_secs_f64();
+    on_progress(&s);
     tracing::info!(replay_id = %replay_id, scanned = s.scanned, matched = s.matched, replayed = s.replayed, skipped = s.skipped, interrupted = s.interrupted, "replay finished");
     Ok(s)
 }
@@ -786,7 +1016,12 @@ mod tests {
             reason: Some("exhausted".into()),
             since_ms: Some(1_000_000),
             until_ms: Some(1_000_001),
+            only: None,
         };
+        assert!(f.matches(&r));
+        f.only = Some([Uuid::from_u128(2)].into());
+        assert!(!f.matches(&r), "only the listed subscriptions");
+        f.only = Some([Uuid::from_u128(1)].into());
         assert!(f.matches(&r));
         f.until_ms = Some(1_000_000);
         assert!(!f.matches(&r), "until is exclusive");
@@ -839,6 +1074,55 @@ mod tests {
                 .unwrap_err()
                 .contains("retry.1m")
         );
+    }
+
+    #[test]
+    fn filter_args_name_the_field_at_fault() {
+        let ok = FilterArgs {
+            event_type: Some("order.*".into()),
+            reason: Some("gone".into()),
+            since: Some("2h".into()),
+            ..FilterArgs::default()
+        };
+        let (f, text) = ok.parse(10_000_000).unwrap();
+        assert_eq!(f.since_ms, Some(10_000_000 - 7_200_000));
+        assert_eq!(
+            text,
+            ok.parse(99_999_999).unwrap().1,
+            "the group text is the filters as given"
+        );
+        for (bad, field) in [
+            (
+                FilterArgs {
+                    reason: Some("lost".into()),
+                    ..FilterArgs::default()
+                },
+                "reason",
+            ),
+            (
+                FilterArgs {
+                    event_type: Some("or*der".into()),
+                    ..FilterArgs::default()
+                },
+                "event_type",
+            ),
+            (
+                FilterArgs {
+                    since: Some("yesterday".into()),
+                    ..FilterArgs::default()
+                },
+                "since",
+            ),
+            (
+                FilterArgs {
+                    until: Some("soon".into()),
+                    ..FilterArgs::default()
+                },
+                "until",
+            ),
+        ] {
+            assert_eq!(bad.parse(0).unwrap_err().0, field);
+        }
     }
 
     #[test]

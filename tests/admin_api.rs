@@ -546,7 +546,7 @@ async fn auth_validation_and_documented_routes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 16);
+    assert_eq!(checked, 19);
 
     // Bad input: 4xx naming the field, nothing written.
     let rx = Receiver::ok().await;

@@ -65,6 +65,21 @@ async fn a_subscription(a: &Api, url: &str) -> String {
     s["id"].as_str().unwrap().to_string()
 }
 
+/// Waits until a replay is no longer running (the API allows a few at once per instance).
+async fn replay_done(api: &Api, id: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let (st, r) = api.get(&format!("/v1/replays/{id}")).await;
+        assert_eq!(st, 200, "{r}");
+        if r["state"] != "running" {
+            assert_eq!(r["state"], "finished", "{r}");
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_only_the_expected_principals() {
     let env = SqliteEnv::new(1);
@@ -149,6 +164,17 @@ async fn every_route_answers_only_the_expected_principals() {
         let sub_a = a_subscription(&api_a, &url).await;
         // A token to revoke, per row.
         let (spare_token, _) = make_token(&admin, "acme", None).await;
+        // A (dry-run) replay of tenant A's, per row; finished before the row starts.
+        let (st, r) = api_a
+            .call(
+                Method::POST,
+                "/v1/dead-letters/replay",
+                Some(json!({"dry_run": true})),
+            )
+            .await;
+        assert_eq!(st, 202, "{r}");
+        let replay_a = r["id"].as_str().unwrap().to_string();
+        replay_done(&admin, &replay_a).await;
         let cases: Vec<(Method, &str, String, Option<Value>)> = vec![
             (
                 Method::GET,
@@ -204,6 +230,24 @@ async fn every_route_answers_only_the_expected_principals() {
                 format!("/v1/subscriptions/{sub_a}/attempts"),
                 None,
             ),
+            (
+                Method::GET,
+                "/v1/dead-letters",
+                "/v1/dead-letters".into(),
+                None,
+            ),
+            (
+                Method::POST,
+                "/v1/dead-letters/replay",
+                "/v1/dead-letters/replay".into(),
+                Some(json!({"dry_run": true})),
+            ),
+            (
+                Method::GET,
+                "/v1/replays/{id}",
+                format!("/v1/replays/{replay_a}"),
+                None,
+            ),
             (Method::GET, "/v1/tokens", "/v1/tokens".into(), None),
             (
                 Method::POST,
@@ -228,16 +272,16 @@ async fn every_route_answers_only_the_expected_principals() {
         for (method, route, path, body) in cases {
             let (st, resp) = caller.call(method.clone(), &path, body.clone()).await;
             let admin_only = route.starts_with("/v1/tokens");
-            let names_a = route.contains("{id}") && route.starts_with("/v1/subscriptions");
+            let names_a = route.contains("{id}") && !admin_only;
             let expected: &[u16] = match who {
                 Who::Nobody | Who::Expired | Who::Revoked => &[401],
-                Who::Admin => &[200, 201, 204],
+                Who::Admin => &[200, 201, 202, 204],
                 Who::TenantA if admin_only => &[403],
-                Who::TenantA => &[200, 201, 204],
+                Who::TenantA => &[200, 201, 202, 204],
                 Who::TenantB if admin_only => &[403],
                 // Another tenant's id is "not found", exactly like an id that does not exist.
                 Who::TenantB if names_a => &[404],
-                Who::TenantB => &[200, 201],
+                Who::TenantB => &[200, 201, 202],
             };
             assert!(
                 expected.contains(&st),
@@ -260,12 +304,17 @@ async fn every_route_answers_only_the_expected_principals() {
                 404 => {
                     // The same answer as for an id that never existed (no "forbidden" leak).
                     let missing = uuid::Uuid::new_v4().to_string();
+                    let own = if route.starts_with("/v1/replays") {
+                        &replay_a
+                    } else {
+                        &sub_a
+                    };
                     let (st2, resp2) = caller
-                        .call(method.clone(), &path.replace(&sub_a, &missing), body)
+                        .call(method.clone(), &path.replace(own, &missing), body)
                         .await;
                     assert_eq!(st2, 404);
                     assert_eq!(
-                        resp["error"].as_str().unwrap().replace(&sub_a, "X"),
+                        resp["error"].as_str().unwrap().replace(own, "X"),
                         resp2["error"].as_str().unwrap().replace(&missing, "X")
                     );
                 }
@@ -289,6 +338,9 @@ async fn every_route_answers_only_the_expected_principals() {
                     }
                     _ => assert!(tenants.contains(&"acme") && tenants.contains(&"beta")),
                 }
+            }
+            if route == "/v1/dead-letters/replay" && st == 202 {
+                replay_done(&caller, resp["id"].as_str().unwrap()).await;
             }
             if method == Method::POST && route == "/v1/subscriptions" && st == 201 {
                 let forced = match who {

@@ -16,7 +16,7 @@
 //! (`whpk_…`). The OAuth2 client secret, the client certificate's key and `secret_headers` values are
 //! write-only: reads show the OAuth2 settings without the secret and the secret headers' names.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +31,11 @@ use axum::routing::{MethodRouter, delete, get, patch, post};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::now_ms;
+use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::deliver::outcome::{AttemptResult, classify};
 use crate::deliver::policy::AddressPolicy;
@@ -46,6 +48,7 @@ use crate::model::{
     rfc3339_ms, webhook_id,
 };
 use crate::registry::{Registry, WriteError};
+use crate::replay::{self, FilterArgs, ReplayRequest, Summary};
 use crate::store::{AttemptRecord, StoreError};
 
 #[derive(Clone)]
@@ -53,9 +56,28 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub deliverer: Arc<Deliverer>,
     pub policy: AddressPolicy,
-    /// SHA-256 of `admin.token`; `None` disables the API (every request is refused).
+    /// SHA-256 of `admin.token`; `None`: only tenant tokens are accepted.
     token: Option<[u8; 32]>,
     pub rotation_grace: Duration,
+    /// For the dead-letter routes (Kafka settings, topics, tiers).
+    config: Arc<Config>,
+    /// Replays started through the API on this instance, by id.
+    replays: Arc<std::sync::Mutex<HashMap<Uuid, ReplayJob>>>,
+    /// Fires at shutdown: running replays stop and commit what they finished.
+    stop: CancellationToken,
+    /// Dead-letter listings reading at once (each reads the topic on a blocking-pool thread).
+    listings: Arc<tokio::sync::Semaphore>,
+}
+
+/// A replay started by `POST /v1/dead-letters/replay`, as `GET /v1/replays/{id}` shows it.
+#[derive(Debug, Clone)]
+struct ReplayJob {
+    tenant: Option<String>,
+    group: String,
+    state: &'static str,
+    error: Option<String>,
+    summary: Summary,
+    started_at: String,
 }
 
 impl ApiState {
@@ -63,15 +85,23 @@ impl ApiState {
         registry: Arc<Registry>,
         deliverer: Arc<Deliverer>,
         policy: AddressPolicy,
-        token: Option<&str>,
-        rotation_grace: Duration,
+        config: Arc<Config>,
+        stop: CancellationToken,
     ) -> ApiState {
         ApiState {
             registry,
             deliverer,
             policy,
-            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
-            rotation_grace,
+            token: config
+                .admin
+                .token
+                .as_deref()
+                .map(|t| Sha256::digest(t.as_bytes()).into()),
+            rotation_grace: config.admin.rotation_grace,
+            config,
+            replays: Arc::default(),
+            stop,
+            listings: Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
         }
     }
 }
@@ -140,6 +170,9 @@ pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             "/v1/subscriptions/{id}/attempts",
             get(attempts),
         ),
+        (Method::GET, "/v1/dead-letters", get(dead_letters)),
+        (Method::POST, "/v1/dead-letters/replay", post(start_replay)),
+        (Method::GET, "/v1/replays/{id}", get(replay_status)),
         (Method::GET, "/v1/tokens", get(list_tokens)),
         (Method::POST, "/v1/tokens", post(create_token)),
         (Method::DELETE, "/v1/tokens/{id}", delete(revoke_token)),
@@ -1245,4 +1278,325 @@ async fn revoke_token(
     }
     tracing::info!(token = %id, "API token revoked");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+impl ApiState {
+    /// The subscriptions a tenant token may see dead letters and replays of (`None`: the admin, all).
+    async fn visible_subscriptions(
+        &self,
+        who: &Principal,
+    ) -> Result<Option<HashSet<Uuid>>, ApiError> {
+        let Some(tenant) = who.tenant() else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.registry
+                .store
+                .list()
+                .await?
+                .into_iter()
+                .filter(|s| s.tenant.as_deref() == Some(tenant))
+                .map(|s| s.id)
+                .collect(),
+        ))
+    }
+
+    /// Filters from request fields, scoped to what `who` may see; another tenant's subscription id
+    /// is "not found".
+    async fn dlq_filters(
+        &self,
+        who: &Principal,
+        args: &FilterArgs,
+    ) -> Result<(replay::Filters, String), ApiError> {
+        let (mut filters, mut text) = args.parse(now_ms()).map_err(|(f, m)| {
+            if f == "event_type" || f == "reason" {
+                ApiError::invalid(f, m)
+            } else {
+                ApiError::bad(f, m)
+            }
+        })?;
+        if let Some(only) = self.visible_subscriptions(who).await? {
+            if let Some(id) = args.subscription
+                && !only.contains(&id)
+            {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    Some("subscription"),
+                    format!("no subscription {id}"),
+                ));
+            }
+            filters.only = Some(only);
+            // A tenant's replay has its own consumer group.
+            text.push_str(&format!(" tenant={:?}", who.tenant().unwrap_or_default()));
+        }
+        Ok((filters, text))
+    }
+}
+
+/// A filter field: a string (`subscription` a UUID).
+fn filter_args(
+    mut get: impl FnMut(&str) -> Result<Option<String>, ApiError>,
+) -> Result<FilterArgs, ApiError> {
+    let subscription = get("subscription")?
+        .map(|v| {
+            Uuid::parse_str(&v)
+                .map_err(|_| ApiError::bad("subscription", format!("{v:?} is not a UUID")))
+        })
+        .transpose()?;
+    Ok(FilterArgs {
+        subscription,
+        event_type: get("event_type")?,
+        reason: get("reason")?,
+        since: get("since")?,
+        until: get("until")?,
+    })
+}
+
+const FILTER_FIELDS: [&str; 5] = ["subscription", "event_type", "reason", "since", "until"];
+
+fn runtime_error(e: crate::config::RunError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
+}
+
+/// Counts by reason, subscription and event type of the matching dead letters, and a page of them
+/// (headers and a body excerpt).
+async fn dead_letters(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    for k in q.keys() {
+        if !FILTER_FIELDS.contains(&k.as_str()) && k != "limit" && k != "cursor" {
+            return Err(ApiError::bad(k, "unknown query parameter"));
+        }
+    }
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::bad("limit", "must be an integer in 1..=1000"))?,
+        None => 50,
+    };
+    let cursor = q
+        .get("cursor")
+        .map(|c| {
+            replay::parse_cursor(c)
+                .ok_or_else(|| ApiError::bad("cursor", "is not a cursor this API returned"))
+        })
+        .transpose()?;
+    let args = filter_args(|k| Ok(q.get(k).cloned()))?;
+    let (filters, _) = s.dlq_filters(&who, &args).await?;
+    // Not a `Send` future (see start_replay): read on a blocking-pool thread, a few at a time.
+    let _turn = s
+        .listings
+        .acquire()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string()))?;
+    let (config, handle) = (s.config.clone(), tokio::runtime::Handle::current());
+    let listing = tokio::task::spawn_blocking(move || {
+        handle.block_on(replay::list(
+            &config,
+            None,
+            &filters,
+            cursor,
+            limit,
+            replay::MAX_SCAN,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()))?
+    .map_err(runtime_error)?;
+    Ok(ok(StatusCode::OK, listing))
+}
+
+/// Dead-letter listings read at once per instance; more wait their turn.
+const MAX_LISTINGS: usize = 2;
+
+/// Running API replays at once, per instance.
+const MAX_RUNNING_REPLAYS: usize = 4;
+
+/// Starts a replay of the matching dead letters (the CLI's `hookline replay`, same implementation and
+/// same consumer group for the same filters, so either resumes the other); answers its id at once.
+async fn start_replay(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    let mut fields = body_object(&body, true)?;
+    let mut text = |k: &str| -> Result<Option<String>, ApiError> {
+        match fields.remove(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => want_string(v, k).map(Some),
+        }
+    };
+    let args = filter_args(&mut text)?;
+    let to = text("to")?;
+    let rate = match fields.remove("rate") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(want_uint(&v, "rate", 1_000_000)? as u32).filter(|r| *r > 0),
+    };
+    let limit = match fields.remove("limit") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(want_uint(&v, "limit", u64::MAX >> 1)?),
+    };
+    let dry_run = match fields.remove("dry_run") {
+        None | Some(Value::Null) => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| ApiError::bad("dry_run", "must be true or false"))?,
+    };
+    if let Some(k) = fields.keys().next() {
+        return Err(ApiError::bad(k, "unknown field"));
+    }
+    // Re-publishing to the origin topic re-matches every subscription, other tenants' included.
+    if who.tenant().is_some() && to.as_deref() == Some("source") {
+        return Err(ApiError::invalid(
+            "to",
+            "a tenant token replays to a retry tier (\"retry.<tier>\"), not to the source topic",
+        ));
+    }
+    let topics = crate::retry::Topics::new(&s.config.retry.topic_prefix, &s.config.retry.tiers);
+    if let Some(t) = &to {
+        replay::Target::parse(t, &topics, &s.config.retry.tiers)
+            .map_err(|m| ApiError::invalid("to", m))?;
+    }
+    let (filters, filter_text) = s.dlq_filters(&who, &args).await?;
+    let id = Uuid::new_v4();
+    let req = ReplayRequest {
+        from: None,
+        to,
+        filters,
+        filter_text,
+        rate,
+        limit,
+        dry_run,
+        group: None,
+        sample: 10,
+        id: Some(id),
+    };
+    let group = req.group_name(&s.config);
+    let job = ReplayJob {
+        tenant: who.tenant().map(String::from),
+        group: group.clone(),
+        state: "running",
+        error: None,
+        summary: Summary {
+            replay_id: id.to_string(),
+            group: group.clone(),
+            dry_run,
+            ..Summary::default()
+        },
+        started_at: rfc3339_ms(now_ms()),
+    };
+    {
+        let mut jobs = s.replays.lock().unwrap_or_else(|p| p.into_inner());
+        let running: Vec<_> = jobs.values().filter(|j| j.state == "running").collect();
+        // Two replays reading with one group would send the same records twice (a dry run commits
+        // nothing and may run beside anything).
+        if !dry_run
+            && let Some(other) = running
+                .iter()
+                .find(|j| j.group == group && !j.summary.dry_run)
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                Some("group"),
+                format!(
+                    "replay {} with the same filters and target is still running",
+                    other.summary.replay_id
+                ),
+            ));
+        }
+        if running.len() >= MAX_RUNNING_REPLAYS {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                format!("{MAX_RUNNING_REPLAYS} replays are running on this instance; wait for one"),
+            ));
+        }
+        jobs.insert(id, job.clone());
+    }
+    tracing::info!(replay_id = %id, dry_run, "replay started through the API");
+    let (config, jobs, stop) = (s.config.clone(), s.replays.clone(), s.stop.clone());
+    let store = s.registry.store.clone();
+    // The replay's reading loop borrows each Kafka message across awaits, which makes its future
+    // not `Send`: it runs on a blocking-pool thread, driven by this runtime's I/O and timers.
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let progress_jobs = jobs.clone();
+        let mut last = std::time::Instant::now();
+        let result = handle.block_on(replay::run(&config, req, Some(store), stop, |sum| {
+            // Progress at most every 100 ms (the summary is cloned under a lock).
+            if last.elapsed() >= Duration::from_millis(100) || sum.seconds > 0.0 {
+                last = std::time::Instant::now();
+                if let Some(j) = progress_jobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&id)
+                {
+                    j.summary = sum.clone();
+                }
+            }
+        }));
+        let mut jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = jobs.get_mut(&id) {
+            match result {
+                Ok(sum) => {
+                    j.state = if sum.interrupted {
+                        "interrupted"
+                    } else {
+                        "finished"
+                    };
+                    j.summary = sum;
+                }
+                Err(e) => {
+                    j.state = "failed";
+                    j.error = Some(e.to_string());
+                }
+            }
+        }
+    });
+    let mut resp = ok(StatusCode::ACCEPTED, replay_view(id, &job));
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/replays/{id}")) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+fn replay_view(id: Uuid, j: &ReplayJob) -> Value {
+    json!({
+        "id": id,
+        "state": j.state,
+        "error": j.error,
+        "started_at": j.started_at,
+        "group": j.group,
+        "dry_run": j.summary.dry_run,
+        "summary": j.summary,
+    })
+}
+
+/// Progress and summary of an API replay started on this instance (since it started; a replay
+/// interrupted by a restart is resumed by starting the same request again).
+async fn replay_status(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    let job = s
+        .replays
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned()
+        .filter(|j| who.tenant().is_none() || j.tenant.as_deref() == who.tenant())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                Some("id"),
+                format!("no replay {id} on this instance"),
+            )
+        })?;
+    Ok(ok(StatusCode::OK, replay_view(id, &job)))
 }

@@ -232,6 +232,6 @@ mod tests {
             undocumented.is_empty() && unserved.is_empty(),
             "served but not in schemas/openapi.yaml: {undocumented:?}; documented but not served: {unserved:?}"
         );
-        assert_eq!(served.len(), 13);
+        assert_eq!(served.len(), 19);
     }
 }

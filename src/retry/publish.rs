@@ -31,6 +31,13 @@ pub enum DlqReason {
 }
 
 impl DlqReason {
+    pub const ALL: [DlqReason; 4] = [
+        DlqReason::Exhausted,
+        DlqReason::Rejected,
+        DlqReason::Gone,
+        DlqReason::InvalidEvent,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DlqReason::Exhausted => "exhausted",
