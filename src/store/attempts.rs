@@ -69,6 +69,10 @@ impl AttemptLog {
 /// A store write slower than this counts as failed (its records are dropped).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the writer waits for a batch to fill once it has records: one store write (one SQLite
+/// commit) per batch instead of one per handful of records; the rows appear at most this much later.
+const LINGER: Duration = Duration::from_millis(20);
+
 async fn write_loop(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<AttemptRecord>,
@@ -79,7 +83,7 @@ async fn write_loop(
     let mut buf = Vec::with_capacity(batch);
     let mut failing = false;
     loop {
-        let n = tokio::select! {
+        let mut n = tokio::select! {
             n = rx.recv_many(&mut buf, batch) => n,
             _ = stop.cancelled() => {
                 // Write what is queued, then stop.
@@ -87,6 +91,22 @@ async fn write_loop(
                 0
             }
         };
+        if n > 0 && buf.len() < batch {
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while buf.len() < batch {
+                let room = batch - buf.len();
+                tokio::select! {
+                    more = rx.recv_many(&mut buf, room) => {
+                        if more == 0 {
+                            n = 0; // closed: write what there is, then stop
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
         if !buf.is_empty() {
             let len = buf.len() as u64;
             match tokio::time::timeout(WRITE_TIMEOUT, store.write_attempts(&buf)).await {
@@ -151,6 +171,8 @@ mod tests {
     struct Slow {
         gate: tokio::sync::Semaphore,
         written: Mutex<Vec<AttemptRecord>>,
+        /// Sizes of the store writes, in order.
+        batches: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
@@ -187,6 +209,7 @@ mod tests {
                 .await
                 .map_err(|_| StoreError::BadCursor)?;
             self.written.lock().unwrap().extend_from_slice(batch);
+            self.batches.lock().unwrap().push(batch.len());
             Ok(())
         }
         async fn attempts(
@@ -221,6 +244,7 @@ mod tests {
         let store = Arc::new(Slow {
             gate: tokio::sync::Semaphore::new(0),
             written: Mutex::default(),
+            batches: Mutex::default(),
         });
         let metrics = Arc::new(Metrics::new());
         let cfg = StoreConfig {
@@ -247,5 +271,55 @@ mod tests {
         let written = store.written.lock().unwrap().len() as u64;
         assert_eq!(written + dropped, 100);
         assert_eq!(metrics.attempt_log_written.get(), written);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_arriving_within_the_linger_share_one_write() {
+        let store = Arc::new(Slow {
+            gate: tokio::sync::Semaphore::new(1000),
+            written: Mutex::default(),
+            batches: Mutex::default(),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let cfg = StoreConfig {
+            attempt_batch: 500,
+            ..StoreConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let (log, writer) = AttemptLog::start(store.clone(), &cfg, metrics.clone(), stop.clone());
+        let settle = async || {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        for i in 0..3 {
+            log.record(rec(i));
+        }
+        settle().await;
+        tokio::time::advance(LINGER / 2).await;
+        settle().await;
+        assert!(
+            store.batches.lock().unwrap().is_empty(),
+            "written before the linger ended"
+        );
+        for i in 3..5 {
+            log.record(rec(i));
+        }
+        tokio::time::advance(LINGER).await;
+        settle().await;
+        assert_eq!(
+            *store.batches.lock().unwrap(),
+            vec![5],
+            "one write for the five"
+        );
+        // A full batch does not wait.
+        for i in 0..500 {
+            log.record(rec(i));
+        }
+        settle().await;
+        assert_eq!(*store.batches.lock().unwrap(), vec![5, 500]);
+        stop.cancel();
+        writer.await.unwrap();
+        assert_eq!(metrics.attempt_log_written.get(), 505);
     }
 }
