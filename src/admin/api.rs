@@ -266,7 +266,7 @@ impl From<WriteError> for ApiError {
 type ApiResult = Result<Response, ApiError>;
 
 async fn authenticate(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let given = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -276,7 +276,19 @@ async fn authenticate(State(s): State<ApiState>, mut req: Request, next: Next) -
         })
         .filter(|t| !t.is_empty())
         .map(str::to_string);
-    match s.principal(given.as_deref()).await {
+    // Without a bearer token, the console's session cookie: ambient authority, so changes must also
+    // prove they come from the console page (super::console).
+    let cookie = match &bearer {
+        Some(_) => None,
+        None => super::console::session_token(req.headers()),
+    };
+    if let Some(session) = &cookie
+        && let Err(m) = super::console::check_csrf(req.method(), req.headers(), session)
+    {
+        return ApiError::new(StatusCode::FORBIDDEN, Some(super::console::CSRF_HEADER), m)
+            .into_response();
+    }
+    match s.principal(bearer.as_deref().or(cookie.as_deref())).await {
         Ok(who) => {
             req.extensions_mut().insert(who);
             next.run(req).await

@@ -1,8 +1,10 @@
 //! The admin HTTP server: `/healthz` (process alive), `/readyz` (joined the group, cache loaded, store
-//! reachable) and `/metrics`, open to anyone who can reach the port; and the subscription API under `/v1`
-//! ([`api`], DESIGN §11), behind the bearer token.
+//! reachable) and `/metrics`, open to anyone who can reach the port; the subscription API under `/v1`
+//! ([`api`], DESIGN §11), behind a bearer token or the console's session; and the web console
+//! ([`console`], `/console`), whose page and assets are open and whose data all comes from `/v1`.
 
 pub mod api;
+pub mod console;
 
 use std::sync::Arc;
 
@@ -97,11 +99,12 @@ pub fn routes() -> Vec<(Method, &'static str)> {
 
 pub fn router(state: AdminState) -> Router {
     let api = api::router(state.api.clone());
+    let console = console::router(state.api.clone());
     let mut r = Router::new();
     for (_, path, handler) in open_table() {
         r = r.route(path, handler);
     }
-    r.with_state(state).merge(api)
+    r.with_state(state).merge(console).merge(api)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
