@@ -1,7 +1,10 @@
 use std::io::Read;
 
 // glibc malloc showed ~12 % of delivery CPU (arena growth, free lists across threads); mimalloc's
-// thread-local heaps fit the allocate-on-one-task, free-on-another pattern of deliveries.
+// thread-local heaps fit the allocate-on-one-task, free-on-another pattern of deliveries. With the
+// crate's `override` feature, mimalloc also defines `malloc`/`free` for the whole process, so the C
+// code (librdkafka: produced messages allocated on a tokio worker and freed by its broker thread) uses
+// it too: with receipts on, glibc's `_int_malloc`/`_int_free` had been ~11 % of hookline's CPU.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
@@ -88,23 +91,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// delivery rate the same memory is soon needed again: every page then costs a fault and the kernel's
 /// zeroing of it. A profile of a 300 000-event catch-up put ~9 % of hookline's CPU in page faults and
 /// `madvise`, from mimalloc's purge of free pages after 1 s (the delivery tasks are allocated by one
-/// thread and freed by others) and from glibc's trimming of the heaps librdkafka's threads receive
-/// fetch responses into (librdkafka allocates with the C library's malloc, not mimalloc).
+/// thread and freed by others, and librdkafka's fetch buffers come from mimalloc too).
 fn tune_allocators() {
     // mimalloc keeps free pages for 10 s before purging (default 1 s); memory an idle or shrinking
     // instance no longer needs is still returned. `MIMALLOC_PURGE_DELAY` in the environment wins.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: setting an option is a plain store into mimalloc's option table.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
-    }
-    // glibc: allocations up to 32 MiB (librdkafka's fetch buffers) come from the heaps rather than
-    // their own mmap, and up to 64 MiB of free heap top is kept instead of trimmed. Setting these
-    // also turns off glibc's sliding thresholds, which start at 128 KiB.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the C allocator's tunables; it is called before librdkafka starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
 

@@ -94,24 +94,31 @@ function ratio(w) {
   return n === 0 ? "–" : Math.round(100 * w.successes / n) + " %";
 }
 
-async function subscriptionsPage() {
+async function subscriptionsPage(cursor) {
   const v = view("Subscriptions");
-  const list = await api("GET", "/v1/subscriptions?limit=100");
-  const rows = [];
-  for (const s of list.items) {
-    let h = null;
-    try { h = await api("GET", "/v1/subscriptions/" + s.id + "/health"); } catch (_) { /* shown as – */ }
-    rows.push([
+  const list = await api("GET", "/v1/subscriptions?limit=100" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+  // Health of the page's subscriptions, ten requests at a time.
+  const health = new Array(list.items.length).fill(null);
+  for (let i = 0; i < list.items.length; i += 10) {
+    await Promise.all(list.items.slice(i, i + 10).map((s, k) =>
+      api("GET", "/v1/subscriptions/" + s.id + "/health").then(h => { health[i + k] = h; }).catch(() => { /* shown as – */ })));
+  }
+  const rows = list.items.map((s, i) => {
+    const h = health[i];
+    return [
       el("a", { href: "#/subscriptions/" + s.id, class: "mono", text: s.id.slice(0, 8) }),
       s.tenant, s.url, s.event_types.join(", "), s.enabled ? "enabled" : "disabled",
       h ? h.breaker : null, h ? ratio(h.window) : null,
       h && h.concurrency ? h.concurrency.limit + " / " + h.concurrency.max : null,
       h ? h.pending : null,
-    ]);
-  }
+    ];
+  });
   v.append(table(["Subscription", "Tenant", "URL", "Event types", "State", "Breaker", "Recent success",
-    "Concurrency (limit / max)", "Queued"], rows, list.items.length + " subscriptions"));
-  if (list.next_cursor) v.append(el("p", { class: "muted", text: "Showing the first 100." }));
+    "Concurrency (limit / max)", "Queued"], rows, list.items.length + " subscriptions" + (cursor || list.next_cursor ? " on this page" : "")));
+  const pager = el("div", { class: "row" });
+  if (cursor) pager.append(el("button", { type: "button", class: "secondary", text: "First page", onclick: () => subscriptionsPage() }));
+  if (list.next_cursor) pager.append(el("button", { type: "button", class: "secondary", text: "Next page", onclick: () => subscriptionsPage(list.next_cursor) }));
+  v.append(pager);
   const url = el("input", { id: "new-url", type: "url", required: true, size: 40 });
   const types = el("input", { id: "new-types", required: true, value: "*" });
   const form = el("form", {
