@@ -104,6 +104,7 @@ pub struct OtlpExport {
     pub url: url::Url,
     pub service_name: String,
     pub timeout: Duration,
+    pub batch_delay: Duration,
 }
 
 /// `[tracing]`: spans of delivery attempts over OTLP/HTTP.
@@ -119,6 +120,9 @@ pub struct TracingConfig {
     /// Bound of one export request.
     #[serde(default = "default_export_timeout", with = "humantime_serde_compat")]
     pub export_timeout: Duration,
+    /// How long the exporter waits for a batch (512 spans) to fill before sending what it has.
+    #[serde(default = "default_batch_delay", with = "humantime_serde_compat")]
+    pub batch_delay: Duration,
 }
 
 impl Default for TracingConfig {
@@ -127,8 +131,13 @@ impl Default for TracingConfig {
             otlp_endpoint: None,
             service_name: default_service_name(),
             export_timeout: default_export_timeout(),
+            batch_delay: default_batch_delay(),
         }
     }
+}
+
+fn default_batch_delay() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_service_name() -> String {
@@ -1360,10 +1369,17 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.tracing.batch_delay.is_zero() {
+            return Err(ConfigError::new(
+                "tracing.batch_delay",
+                "must be greater than 0",
+            ));
+        }
         Ok(Some(OtlpExport {
             url,
             service_name: self.tracing.service_name.clone(),
             timeout: self.tracing.export_timeout,
+            batch_delay: self.tracing.batch_delay,
         }))
     }
 

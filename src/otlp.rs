@@ -14,7 +14,7 @@
 //! (parent-based sampling); their `traceparent`, if any, is forwarded unchanged.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
@@ -135,12 +135,14 @@ impl Tracer {
     }
 }
 
-/// Starts the exporter task; returns the delivery path's [`Tracer`]. The task ends when every
-/// `Tracer` is dropped, after exporting what was queued.
+/// Starts the exporter task; returns the delivery path's [`Tracer`]. The task ends when `stop` fires
+/// (at shutdown, after the last deliveries: it exports what is queued at once, without waiting for a
+/// batch to fill) or when every `Tracer` is dropped.
 pub fn start(
     cfg: OtlpExport,
     exported: Counter,
     dropped: Counter,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Result<(Arc<Tracer>, tokio::task::JoinHandle<()>), String> {
     let target = Target::from_url(&cfg.url)?;
     // The collector is the operator's own infrastructure, not a tenant's endpoint: the delivery
@@ -158,18 +160,37 @@ pub fn start(
     let task = tokio::spawn(async move {
         let mut batch: Vec<SpanRecord> = Vec::with_capacity(BATCH);
         let mut failing = false;
-        loop {
-            let first = match rx.recv().await {
-                Some(s) => s,
-                None => return,
+        let mut last = false;
+        while !last {
+            let first = tokio::select! {
+                s = rx.recv() => s,
+                _ = stop.cancelled() => None,
             };
-            batch.push(first);
-            let until = tokio::time::Instant::now() + Duration::from_secs(1);
-            while batch.len() < BATCH {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(s)) => batch.push(s),
-                    Ok(None) | Err(_) => break,
+            match first {
+                Some(s) => batch.push(s),
+                None => last = true,
+            }
+            let until = tokio::time::Instant::now() + cfg.batch_delay;
+            while batch.len() < BATCH && !last {
+                tokio::select! {
+                    got = tokio::time::timeout_at(until, rx.recv()) => match got {
+                        Ok(Some(s)) => batch.push(s),
+                        Ok(None) => last = true,
+                        Err(_) => break,
+                    },
+                    _ = stop.cancelled() => last = true,
                 }
+            }
+            if last {
+                // Shutting down: what is queued now goes out in this (last) export.
+                while batch.len() < BATCH
+                    && let Ok(s) = rx.try_recv()
+                {
+                    batch.push(s);
+                }
+            }
+            if batch.is_empty() {
+                continue;
             }
             let body = Bytes::from(encode(&cfg.service_name, &batch));
             let deadline = tokio::time::Instant::now() + cfg.timeout;

@@ -142,18 +142,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .set(t.delay.as_secs_f64());
     }
     let tier_delays = tiers.into_iter().map(|t| t.delay).collect();
-    // Attempt spans over OTLP when configured; the exporter task ends with the last Tracer.
-    let tracer = match config.otlp()? {
+    // Attempt spans over OTLP when configured; the exporter exports what is queued when `trace_stop`
+    // fires, after the last deliveries (below).
+    let trace_stop = CancellationToken::new();
+    let (tracer, trace_task) = match config.otlp()? {
         Some(cfg) => {
-            let (t, _task) = crate::otlp::start(
+            let (t, task) = crate::otlp::start(
                 cfg,
                 metrics.spans_exported.clone(),
                 metrics.spans_dropped.clone(),
+                trace_stop.clone(),
             )
             .map_err(|e| RunError::Config(ConfigError::new("tracing.otlp_endpoint", e)))?;
-            Some(t)
+            (Some(t), Some(task))
         }
-        None => None,
+        None => (None, None),
     };
     // Operational events: one reporter for the dispatcher (message.exhausted) and the registry
     // (endpoint.disabled / endpoint.enabled).
@@ -263,6 +266,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .flush(std::time::Duration::from_secs(5))
     });
     let _ = tokio::time::timeout(std::time::Duration::from_secs(6), flush).await;
+    trace_stop.cancel();
+    if let Some(t) = trace_task {
+        // The last export is bounded by tracing.export_timeout; this bound is a backstop.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(12), t).await;
+    }
     log_stop.cancel();
     if let Some(w) = log_writer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), w).await;

@@ -449,3 +449,49 @@ async fn attempt_spans_reach_an_otlp_collector_and_a_down_collector_costs_nothin
     h.sigterm();
     h.wait_exit(Duration::from_secs(20));
 }
+
+/// Spans still queued at shutdown are exported before hookline exits on SIGTERM, not lost: here the
+/// exporter would wait 60 s for a batch to fill (`tracing.batch_delay`), far beyond the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_queued_at_shutdown_are_exported_before_exit() {
+    let broker = Broker::shared();
+    let topic = broker.topic("otlp-stop", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = dir.path().join("spans.jsonl");
+    let mut col = collector(port, &out);
+    let rx = Receiver::ok().await;
+    let cfg = base_config(broker, &[topic.as_str()], "otlp-stop")
+        + &format!(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nbatch_delay = \"60s\"\n"
+        );
+    let mut h = Hookline::start(dir.path(), &cfg, &[sub(1, &rx.url(), &["t"])]);
+    h.wait_ready(Duration::from_secs(30)).await;
+    let records: Vec<Record> = (0..5)
+        .map(|i| {
+            let mut r = Record::json(0, plain_event(i, "t", None));
+            r.headers = vec![(
+                "traceparent".into(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            )];
+            r
+        })
+        .collect();
+    broker.produce(&topic, &records).await;
+    rx.wait_acked(&ids(0..5), Duration::from_secs(30)).await;
+    // At once: the exporter is still waiting for its batch to fill.
+    h.sigterm();
+    let (status, took) = h.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        h.log()
+    );
+    assert_eq!(
+        spans(&out).len(),
+        5,
+        "spans lost at shutdown; exit took {took:?}"
+    );
+    let _ = col.kill();
+    let _ = col.wait();
+}
