@@ -224,12 +224,21 @@ async fn kill9_leaves_no_outcome_without_a_receipt() {
     receiver
         .wait_acked(&ids(0..N), Duration::from_secs(120))
         .await;
-    let got = receipts(broker, &prefix, N, Duration::from_secs(60)).await;
-    let receipted: HashSet<String> = got
-        .iter()
-        .filter(|(v, _)| v["outcome"] == "delivered")
-        .map(|(v, _)| v["event_id"].as_str().unwrap().to_string())
-        .collect();
+    // A delivery's receipt is produced after the receiver answered: read until every event has one
+    // (duplicates from the redelivery after the kill make the record count alone no measure).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (got, receipted) = loop {
+        let got = receipts(broker, &prefix, N, Duration::from_secs(60)).await;
+        let receipted: HashSet<String> = got
+            .iter()
+            .filter(|(v, _)| v["outcome"] == "delivered")
+            .map(|(v, _)| v["event_id"].as_str().unwrap().to_string())
+            .collect();
+        if receipted.len() >= N || Instant::now() > deadline {
+            break (got, receipted);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let acked: HashSet<String> = receiver.acked_ids().into_iter().collect();
     let missing: Vec<&String> = acked.difference(&receipted).collect();
     println!(
