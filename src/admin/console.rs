@@ -119,24 +119,29 @@ pub fn session_token(headers: &HeaderMap) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// Whether the request's `Origin`, when the browser sends one, is this server's own (`Host`).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host))
+}
+
 /// Whether a cookie-authenticated request may change state: a matching `X-CSRF-Token` and, when the
 /// browser names the page's origin, this server's own (`Host`). `Err` names what is wrong.
 pub fn check_csrf(method: &Method, headers: &HeaderMap, session: &str) -> Result<(), &'static str> {
     if method == Method::GET || method == Method::HEAD {
         return Ok(());
     }
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let same = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-            .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host));
-        if !same {
-            return Err("a request from another origin cannot use the console session");
-        }
+    if !same_origin(headers) {
+        return Err("a request from another origin cannot use the console session");
     }
     let given = headers
         .get(CSRF_HEADER)
@@ -180,18 +185,12 @@ fn cookie(value: &str, max_age: u64) -> HeaderValue {
 /// `POST /console/session {"token": …}`: checks the token like the API does and sets the cookie.
 async fn sign_in(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     // The sign-in form posts from this origin only.
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !origin.ends_with(&format!("//{host}")) || host.is_empty() {
-            return error(
-                StatusCode::FORBIDDEN,
-                "origin",
-                "sign in from the console's own page",
-            );
-        }
+    if !same_origin(&headers) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "origin",
+            "sign in from the console's own page",
+        );
     }
     let token = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(m)) => match m.get("token") {
