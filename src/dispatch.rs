@@ -75,6 +75,28 @@ impl Dispatcher {
     }
 
     async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior, spill: &mut Spill) {
+        let a = self.attempt(event, sub, prior, spill).await;
+        match self.verdict(sub, prior, &a) {
+            (Verdict::Delivered, _) => self.delivered(event, sub, prior, &a).await,
+            (Verdict::Tier { tier, deferred }, p) => {
+                let failure = self.failure(event, sub, p, &a);
+                self.to_tier(&failure, tier, deferred).await;
+            }
+            (Verdict::Dead(reason), p) => {
+                let failure = self.failure(event, sub, p, &a);
+                self.dead_letter(&failure, sub, reason).await;
+            }
+        }
+    }
+
+    /// One attempt (admission, request, breaker, metrics, attempt log, failing streak); settles nothing.
+    pub async fn attempt(
+        &self,
+        event: &Event,
+        sub: &Subscription,
+        prior: Prior,
+        spill: &mut Spill,
+    ) -> Attempted {
         let attempt_no = prior.attempts + 1;
         let started_ms = if self.attempt_log.enabled() || self.publisher.receipts() {
             now_ms()
@@ -180,103 +202,146 @@ impl Dispatcher {
                 error: (outcome != Outcome::Delivered).then(|| result.last_error()),
             });
         }
-        if outcome == Outcome::Delivered {
-            self.metrics.delivered.inc();
-            if let Some(ts) = event.origin.timestamp_ms {
-                let age_ms = now_ms() as i64 - ts;
-                self.metrics
-                    .end_to_end
-                    .observe(age_ms.max(0) as f64 / 1000.0);
-            }
-            tracing::debug!(
-                status = result.last_status(),
-                took_ms = took.as_millis() as u64,
-                "delivered"
-            );
-            if self.publisher.receipts() {
-                self.publisher
-                    .publish_receipt(&Receipt {
-                        event,
-                        subscription_id: &sub.id_str,
-                        tenant: sub.tenant.as_deref(),
-                        outcome: Terminal::Delivered,
-                        attempts: attempt_no,
-                        first_attempt_ms: prior.first_failure_ms.unwrap_or(started_ms),
-                        last_attempt_ms: now_ms(),
-                        last_status: result.last_status(),
-                    })
-                    .await;
-            }
-            return;
+        Attempted {
+            result,
+            outcome,
+            took,
+            started_ms,
         }
+    }
+
+    /// What to do after attempt `a`, and the delivery's history including it (attempts unchanged by
+    /// a deferral, which costs none unless `max_deferrals` were spent).
+    pub fn verdict(&self, sub: &Subscription, prior: Prior, a: &Attempted) -> (Verdict, Prior) {
+        if a.outcome == Outcome::Delivered {
+            return (Verdict::Delivered, prior);
+        }
+        let attempt_no = prior.attempts + 1;
         // A delivery deferred `max_deferrals` times already counts this one as an attempt: deferrals
         // cost no attempt, but they must not cycle without end.
-        let spilled = matches!(result, AttemptResult::Deferred(_));
+        let spilled = matches!(a.result, AttemptResult::Deferred(_));
         let deferred = spilled && prior.deferrals < self.max_deferrals;
-        let failure = Failure {
-            event,
-            subscription_id: &sub.id_str,
+        let p = Prior {
             attempts: if deferred { prior.attempts } else { attempt_no },
             deferrals: prior.deferrals + u32::from(spilled),
-            first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
-            last: &result,
+            first_failure_ms: Some(prior.first_failure_ms.unwrap_or_else(now_ms)),
         };
-        tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
-        let dead = match outcome {
+        tracing::debug!(status = a.result.last_status(), error = %a.result.last_error(), "not delivered");
+        let v = match a.outcome {
             // A deferral goes to the first tier whose delay covers the endpoint's expected wait (a
             // rate-limited backlog then comes back about when it can be sent, instead of cycling
             // through the first tier again and again).
-            Outcome::Retry { .. } if deferred => {
-                let tier = deferral_tier(sub.endpoint.expected_wait(), &self.tier_delays);
-                self.to_tier(&failure, tier, true).await;
-                None
-            }
+            Outcome::Retry { .. } if deferred => Verdict::Tier {
+                tier: deferral_tier(sub.endpoint.expected_wait(), &self.tier_delays),
+                deferred: true,
+            },
             Outcome::Retry { retry_after } => {
-                match next_tier(failure.attempts, retry_after, &self.tier_delays, &sub.retry) {
-                    Next::Tier(t) => {
-                        self.to_tier(&failure, t, false).await;
-                        None
-                    }
-                    Next::DeadLetter => Some(DlqReason::Exhausted),
+                match next_tier(p.attempts, retry_after, &self.tier_delays, &sub.retry) {
+                    Next::Tier(t) => Verdict::Tier {
+                        tier: t,
+                        deferred: false,
+                    },
+                    Next::DeadLetter => Verdict::Dead(DlqReason::Exhausted),
                 }
             }
-            Outcome::Gone => {
-                if let Some(r) = &self.registry {
-                    r.disable_gone(sub.id);
-                }
-                Some(DlqReason::Gone)
-            }
-            Outcome::Rejected | Outcome::Delivered => Some(DlqReason::Rejected),
+            Outcome::Gone => Verdict::Dead(DlqReason::Gone),
+            Outcome::Rejected | Outcome::Delivered => Verdict::Dead(DlqReason::Rejected),
         };
-        if let Some(reason) = dead {
-            self.publisher.publish_dead(&failure, reason).await;
-            // The operator's own webhook reports nothing about itself (no loop of events about events).
-            if let (DlqReason::Exhausted, Some(r), false) = (
-                reason,
-                &self.reporter,
-                sub.id == crate::config::OPERATOR_SUBSCRIPTION,
-            ) {
-                r.report(
-                    crate::operational::Kind::MessageExhausted,
-                    format!(
-                        "{}:{}",
-                        sub.id_str,
-                        event.webhook_id.to_str().unwrap_or_default()
-                    ),
-                    &sub.id_str,
-                    sub.tenant.as_deref(),
-                    serde_json::json!({
-                        "event_id": &*event.id,
-                        "event_type": &*event.event_type,
-                        "attempts": failure.attempts,
-                        "last_status": result.last_status(),
-                        "last_error": result.last_error(),
-                    }),
-                );
-            }
-            self.receipt_of_dead(&failure, sub.tenant.as_deref(), reason)
+        (v, p)
+    }
+
+    /// The failure record of attempt `a` with history `p` (from [`Dispatcher::verdict`]).
+    pub fn failure<'a>(
+        &self,
+        event: &'a Event,
+        sub: &'a Subscription,
+        p: Prior,
+        a: &'a Attempted,
+    ) -> Failure<'a> {
+        Failure {
+            event,
+            subscription_id: &sub.id_str,
+            attempts: p.attempts,
+            deferrals: p.deferrals,
+            first_failure_ms: p.first_failure_ms.unwrap_or_else(now_ms),
+            last: &a.result,
+        }
+    }
+
+    /// Settles a delivered attempt: metrics, end-to-end time, receipt.
+    pub async fn delivered(&self, event: &Event, sub: &Subscription, prior: Prior, a: &Attempted) {
+        let attempt_no = prior.attempts + 1;
+        self.metrics.delivered.inc();
+        if let Some(ts) = event.origin.timestamp_ms {
+            let age_ms = now_ms() as i64 - ts;
+            self.metrics
+                .end_to_end
+                .observe(age_ms.max(0) as f64 / 1000.0);
+        }
+        tracing::debug!(
+            status = a.result.last_status(),
+            took_ms = a.took.as_millis() as u64,
+            "delivered"
+        );
+        if self.publisher.receipts() {
+            self.publisher
+                .publish_receipt(&Receipt {
+                    event,
+                    subscription_id: &sub.id_str,
+                    tenant: sub.tenant.as_deref(),
+                    outcome: Terminal::Delivered,
+                    attempts: attempt_no,
+                    first_attempt_ms: prior.first_failure_ms.unwrap_or(a.started_ms),
+                    last_attempt_ms: now_ms(),
+                    last_status: a.result.last_status(),
+                })
                 .await;
         }
+    }
+
+    /// Dead-letters a failed delivery (a 410 also disables the subscription), reports an exhausted
+    /// message, and publishes the receipt; returns once Kafka acknowledged them.
+    pub async fn dead_letter(&self, failure: &Failure<'_>, sub: &Subscription, reason: DlqReason) {
+        if reason == DlqReason::Gone
+            && let Some(r) = &self.registry
+        {
+            r.disable_gone(sub.id);
+        }
+        let event = failure.event;
+        let result = failure.last;
+        self.publisher.publish_dead(failure, reason).await;
+        // The operator's own webhook reports nothing about itself (no loop of events about events).
+        if let (DlqReason::Exhausted, Some(r), false) = (
+            reason,
+            &self.reporter,
+            sub.id == crate::config::OPERATOR_SUBSCRIPTION,
+        ) {
+            r.report(
+                crate::operational::Kind::MessageExhausted,
+                format!(
+                    "{}:{}",
+                    sub.id_str,
+                    event.webhook_id.to_str().unwrap_or_default()
+                ),
+                &sub.id_str,
+                sub.tenant.as_deref(),
+                serde_json::json!({
+                    "event_id": &*event.id,
+                    "event_type": &*event.event_type,
+                    "attempts": failure.attempts,
+                    "last_status": result.last_status(),
+                    "last_error": result.last_error(),
+                }),
+            );
+        }
+        self.receipt_of_dead(failure, sub.tenant.as_deref(), reason)
+            .await;
+    }
+
+    /// The due time (epoch ms) of a retry from tier `tier` made now (jittered like a tier record's).
+    pub fn due_for(&self, tier: usize) -> u64 {
+        let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
+        now_ms() + delay.as_millis() as u64
     }
 
     /// The receipt of a dead-lettered delivery (when receipts are on), after its dead-letter record.
@@ -332,12 +397,32 @@ impl Dispatcher {
     }
 
     async fn to_tier(&self, failure: &Failure<'_>, tier: usize, local: bool) {
-        let delay = jittered(self.tier_delays[tier], self.jitter, fastrand::f64());
-        let due = now_ms() + delay.as_millis() as u64;
+        let due = self.due_for(tier);
         self.publisher
             .publish_retry(failure, tier, due, local)
             .await;
     }
+}
+
+/// One attempt's result, as [`Dispatcher::attempt`] returns it.
+pub struct Attempted {
+    pub result: AttemptResult,
+    pub outcome: Outcome,
+    pub took: Duration,
+    /// Epoch ms when it started (0 unless the attempt log or receipts need it).
+    pub started_ms: u64,
+}
+
+/// What follows an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Retry from this tier (`deferred`: no attempt was spent; stay on this instance).
+    Tier {
+        tier: usize,
+        deferred: bool,
+    },
+    Dead(DlqReason),
 }
 
 /// The attempt log's `result` for one attempt.

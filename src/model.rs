@@ -126,6 +126,17 @@ pub struct SubscriptionSpec {
     /// Attempts in all (1 = no retry): the first `max_attempts - 1` tiers. Not with `retry_tiers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// `"key"`: events with the same ordering key are delivered one at a time, in offset order, and a
+    /// failing key parks only itself (ARCHITECTURE.md, ordered delivery). Default `"none"`.
+    #[serde(default, skip_serializing_if = "OrderingMode::is_none")]
+    pub ordering: OrderingMode,
+    /// Where the ordering key comes from: `record_key` (default), `subject`, or `data.<dotted.path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
+    /// What an ordered key does after one of its events is dead-lettered: `continue` (default) with
+    /// its next event, or `hold` until an operator releases it.
+    #[serde(default, skip_serializing_if = "OnDeadLetter::is_continue")]
+    pub on_dead_letter: OnDeadLetter,
     /// Client certificate chain (PEM) for mutual TLS; with `tls_client_key`. Write-only in the API
     /// (which shows `tls_client_cert_expires_at`), redacted in debug output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,10 +186,104 @@ impl SubscriptionSpec {
             oauth2: None,
             retry_tiers: None,
             max_attempts: None,
+            ordering: OrderingMode::None,
+            ordering_key: None,
+            on_dead_letter: OnDeadLetter::Continue,
             tls_client_cert: None,
             tls_client_key: None,
             created_at: Some(now.clone()),
             updated_at: Some(now),
+        }
+    }
+}
+
+/// A subscription's `ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingMode {
+    #[default]
+    None,
+    Key,
+}
+
+impl OrderingMode {
+    pub fn is_none(&self) -> bool {
+        *self == OrderingMode::None
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderingMode::None => "none",
+            OrderingMode::Key => "key",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OrderingMode> {
+        match s {
+            "none" => Some(OrderingMode::None),
+            "key" => Some(OrderingMode::Key),
+            _ => None,
+        }
+    }
+}
+
+/// A subscription's `on_dead_letter` (ordered subscriptions only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    #[default]
+    Continue,
+    Hold,
+}
+
+impl OnDeadLetter {
+    pub fn is_continue(&self) -> bool {
+        *self == OnDeadLetter::Continue
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDeadLetter::Continue => "continue",
+            OnDeadLetter::Hold => "hold",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OnDeadLetter> {
+        match s {
+            "continue" => Some(OnDeadLetter::Continue),
+            "hold" => Some(OnDeadLetter::Hold),
+            _ => None,
+        }
+    }
+}
+
+/// Where an ordered subscription's ordering key comes from (`ordering_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The Kafka record key (default).
+    RecordKey,
+    /// The CloudEvents `subject`.
+    Subject,
+    /// A field of the event's `data`, by dotted path (`data.customer.id` → `["customer", "id"]`).
+    Data(Vec<String>),
+}
+
+impl KeySource {
+    /// Parses `ordering_key`; `None` (unset) is the record key.
+    pub fn parse(s: Option<&str>) -> Result<KeySource, String> {
+        match s {
+            None | Some("record_key") => Ok(KeySource::RecordKey),
+            Some("subject") => Ok(KeySource::Subject),
+            Some(p) => {
+                let path = p.strip_prefix("data.").ok_or_else(|| {
+                    format!("{p:?} is not record_key, subject or data.<dotted.path>")
+                })?;
+                let parts: Vec<String> = path.split('.').map(str::to_owned).collect();
+                if parts.iter().any(String::is_empty) {
+                    return Err(format!("{p:?}: empty segment in the path"));
+                }
+                Ok(KeySource::Data(parts))
+            }
         }
     }
 }
@@ -364,6 +469,9 @@ impl std::fmt::Debug for SubscriptionSpec {
             .field("oauth2", &self.oauth2)
             .field("retry_tiers", &self.retry_tiers)
             .field("max_attempts", &self.max_attempts)
+            .field("ordering", &self.ordering)
+            .field("ordering_key", &self.ordering_key)
+            .field("on_dead_letter", &self.on_dead_letter)
             .field(
                 "tls_client_cert",
                 &self.tls_client_cert.as_ref().map(|_| "<redacted>"),

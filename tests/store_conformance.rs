@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use hookline::clock::now_ms;
 use hookline::config::{Consistency, ScyllaConfig};
 use hookline::model::{
-    ApiToken, OAuth2Spec, RetiredSecret, SubscriptionSpec, api_token_hash, rfc3339_ms,
+    ApiToken, OAuth2Spec, OnDeadLetter, OrderingMode, RetiredSecret, SubscriptionSpec,
+    api_token_hash, rfc3339_ms,
 };
 use hookline::store::scylla::ScyllaStore;
 use hookline::store::sqlite::SqliteStore;
@@ -152,6 +153,21 @@ fn spec(i: u32) -> SubscriptionSpec {
         }),
         retry_tiers: (i % 6 == 1).then(|| vec!["1m".to_string(), "30m".to_string()]),
         max_attempts: (i % 6 == 3).then_some(2),
+        ordering: if i % 5 == 2 {
+            OrderingMode::Key
+        } else {
+            OrderingMode::None
+        },
+        ordering_key: match i % 15 {
+            2 => Some("subject".to_string()),
+            7 => Some("data.customer.id".to_string()),
+            _ => None,
+        },
+        on_dead_letter: if i % 10 == 7 {
+            OnDeadLetter::Hold
+        } else {
+            OnDeadLetter::Continue
+        },
         created_at: Some(rfc3339_ms(t)),
         updated_at: Some(rfc3339_ms(t + u64::from(i))),
     }

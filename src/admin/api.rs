@@ -43,9 +43,9 @@ use crate::dispatch::log_result;
 use crate::matching::Subscription;
 use crate::matching::subscription::retry_schedule;
 use crate::model::{
-    ApiToken, Ed25519Key, Encoding, Event, OAuth2Spec, Origin, RetiredSecret, SigningKey,
-    SubscriptionSpec, api_token_hash, generate_secret, generate_signing_key, parse_rfc3339_ms,
-    rfc3339_ms, webhook_id,
+    ApiToken, Ed25519Key, Encoding, Event, OAuth2Spec, OnDeadLetter, OrderingMode, Origin,
+    RetiredSecret, SigningKey, SubscriptionSpec, api_token_hash, generate_secret,
+    generate_signing_key, parse_rfc3339_ms, rfc3339_ms, webhook_id,
 };
 use crate::registry::{Registry, WriteError};
 use crate::replay::{self, FilterArgs, ReplayRequest, Summary};
@@ -475,6 +475,20 @@ fn apply(
             "retry_tiers" => spec.retry_tiers = Some(want_strings(v, f)?),
             "max_attempts" if null => spec.max_attempts = None,
             "max_attempts" => spec.max_attempts = Some(want_uint(&v, f, u32::MAX as u64)? as u32),
+            "ordering" if null => spec.ordering = OrderingMode::None,
+            "ordering" => {
+                let s = want_string(v, f)?;
+                spec.ordering = OrderingMode::parse(&s)
+                    .ok_or_else(|| ApiError::bad(f, format!("{s:?} is not none or key")))?;
+            }
+            "ordering_key" if null => spec.ordering_key = None,
+            "ordering_key" => spec.ordering_key = Some(want_string(v, f)?),
+            "on_dead_letter" if null => spec.on_dead_letter = OnDeadLetter::Continue,
+            "on_dead_letter" => {
+                let s = want_string(v, f)?;
+                spec.on_dead_letter = OnDeadLetter::parse(&s)
+                    .ok_or_else(|| ApiError::bad(f, format!("{s:?} is not continue or hold")))?;
+            }
             // Write-only: replaced as a whole, cleared with null.
             "secret_headers" if null => spec.secret_headers.clear(),
             "secret_headers" => spec.secret_headers = string_map(v, f)?,
@@ -712,6 +726,12 @@ fn view(spec: &SubscriptionSpec, tiers: &[(Box<str>, Duration)]) -> Map<String, 
         })),
         "retry_tiers": spec.retry_tiers,
         "max_attempts": spec.max_attempts,
+        "ordering": spec.ordering.as_str(),
+        "ordering_key": match spec.ordering {
+            OrderingMode::Key => Some(spec.ordering_key.as_deref().unwrap_or("record_key")),
+            OrderingMode::None => None,
+        },
+        "on_dead_letter": spec.on_dead_letter.as_str(),
         // The tiers a failed delivery goes through, in order (null if retry.tiers no longer has them).
         "retry_schedule": schedule,
         // The certificate and key are never shown; when the certificate expires is.

@@ -23,7 +23,8 @@ use crate::deliver::identity::ClientIdentity;
 use crate::deliver::oauth::TokenSource;
 use crate::deliver::share::GroupShare;
 use crate::model::{
-    Ed25519Key, Pattern, RetiredSecret, SigningKey, SpecError, SubscriptionSpec, parse_rfc3339_ms,
+    Ed25519Key, KeySource, OnDeadLetter, OrderingMode, Pattern, RetiredSecret, SigningKey,
+    SpecError, SubscriptionSpec, parse_rfc3339_ms,
 };
 
 /// A subscription prepared for the hot path: URL parsed, keys derived, headers built, once per load.
@@ -45,7 +46,17 @@ pub struct Subscription {
     pub retry: Box<[usize]>,
     /// Breaker episodes as this instance knows them, for operational events (kept across reloads).
     pub breaker_episodes: Arc<crate::operational::BreakerEpisodes>,
+    /// `ordering: key`: where each event's ordering key comes from, and whether a dead-lettered event
+    /// holds its key (`on_dead_letter: hold`). `None`: unordered.
+    pub ordering: Option<Ordered>,
     pub spec: SubscriptionSpec,
+}
+
+/// An ordered subscription's settings, prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordered {
+    pub key: KeySource,
+    pub hold: bool,
 }
 
 /// Values used where a subscription leaves a field unset (from `[delivery]`), and the instance's share of
@@ -243,6 +254,22 @@ impl Subscription {
             Ed25519Key::parse,
         )?;
         let retry = retry_schedule(&spec, &defaults.tiers)?;
+        let ordering = match spec.ordering {
+            OrderingMode::Key => Some(Ordered {
+                key: KeySource::parse(spec.ordering_key.as_deref())
+                    .map_err(|m| SpecError::new("ordering_key", m))?,
+                hold: spec.on_dead_letter == OnDeadLetter::Hold,
+            }),
+            OrderingMode::None => {
+                if spec.ordering_key.is_some() {
+                    return Err(SpecError::new("ordering_key", "needs ordering: key"));
+                }
+                if spec.on_dead_letter != OnDeadLetter::Continue {
+                    return Err(SpecError::new("on_dead_letter", "needs ordering: key"));
+                }
+                None
+            }
+        };
         let filter = match &spec.filter {
             Some(f) => Some(
                 Filter::compile(f)
@@ -367,6 +394,7 @@ impl Subscription {
             )),
             retry,
             breaker_episodes: Arc::default(),
+            ordering,
             spec,
         })
     }

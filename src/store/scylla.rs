@@ -32,7 +32,10 @@ use uuid::Uuid;
 use super::{AttemptRecord, Page, Store, StoreError, attempt_live, day_of};
 use crate::clock::now_ms;
 use crate::config::{Consistency, ScyllaConfig};
-use crate::model::{ApiToken, RetiredSecret, SubscriptionSpec, parse_rfc3339_ms, rfc3339_ms};
+use crate::model::{
+    ApiToken, OnDeadLetter, OrderingMode, RetiredSecret, SubscriptionSpec, parse_rfc3339_ms,
+    rfc3339_ms,
+};
 
 /// The schema, with `{{keyspace}}` and `{{replication}}` placeholders.
 pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
@@ -40,7 +43,8 @@ pub const SCHEMA: &str = include_str!("../../schemas/scylla.cql");
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
     adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
-    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at";
+    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at, \
+    ordering, ordering_key, on_dead_letter";
 const ATTEMPT_COLUMNS: &str =
     "at, seq, event_id, event_type, attempt, result, status_code, duration_ms, error";
 
@@ -74,6 +78,9 @@ struct SpecRow {
     max_attempts: Option<i32>,
     disabled_reason: Option<String>,
     disabled_at: Option<CqlTimestamp>,
+    ordering: Option<String>,
+    ordering_key: Option<String>,
+    on_dead_letter: Option<String>,
 }
 
 /// A `subscriptions` row as written (bound by column name).
@@ -106,6 +113,9 @@ struct SpecValues<'a> {
     max_attempts: Option<i32>,
     disabled_reason: Option<&'a str>,
     disabled_at: Option<CqlTimestamp>,
+    ordering: Option<&'a str>,
+    ordering_key: Option<&'a str>,
+    on_dead_letter: Option<&'a str>,
 }
 
 type AttemptRow = (
@@ -460,6 +470,21 @@ fn from_row(r: SpecRow) -> Result<SubscriptionSpec, StoreError> {
         max_attempts: r.max_attempts.map(|v| v.max(0) as u32),
         disabled_reason: r.disabled_reason,
         disabled_at: r.disabled_at.map(|t| rfc3339_ms(t.0.max(0) as u64)),
+        ordering: match r.ordering.as_deref() {
+            None => OrderingMode::None,
+            Some(v) => OrderingMode::parse(v).ok_or_else(|| StoreError::Invalid {
+                at: format!("subscription {id}.ordering"),
+                message: format!("unknown value {v:?}"),
+            })?,
+        },
+        ordering_key: r.ordering_key,
+        on_dead_letter: match r.on_dead_letter.as_deref() {
+            None => OnDeadLetter::Continue,
+            Some(v) => OnDeadLetter::parse(v).ok_or_else(|| StoreError::Invalid {
+                at: format!("subscription {id}.on_dead_letter"),
+                message: format!("unknown value {v:?}"),
+            })?,
+        },
     })
 }
 
@@ -577,6 +602,9 @@ impl Store for ScyllaStore {
             max_attempts: i32_of(s.max_attempts),
             disabled_reason: s.disabled_reason.as_deref(),
             disabled_at: ts(&s.disabled_at, "disabled_at", s.id)?,
+            ordering: (!s.ordering.is_none()).then(|| s.ordering.as_str()),
+            ordering_key: s.ordering_key.as_deref(),
+            on_dead_letter: (!s.on_dead_letter.is_continue()).then(|| s.on_dead_letter.as_str()),
         };
         self.session
             .execute_unpaged(&self.st.put, values)
@@ -832,6 +860,9 @@ mod tests {
                 ("hl", "subscriptions", "max_attempts"),
                 ("hl", "subscriptions", "disabled_reason"),
                 ("hl", "subscriptions", "disabled_at"),
+                ("hl", "subscriptions", "ordering"),
+                ("hl", "subscriptions", "ordering_key"),
+                ("hl", "subscriptions", "on_dead_letter"),
             ]
         );
         assert_eq!(added_column("alter table a.b drop c"), None);

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{AttemptRecord, Page, Store, StoreError, paged};
 use crate::clock::now_ms;
-use crate::model::{ApiToken, SubscriptionSpec};
+use crate::model::{ApiToken, OnDeadLetter, OrderingMode, SubscriptionSpec};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -46,7 +46,10 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     retry_tiers TEXT,
     max_attempts INTEGER,
     disabled_reason TEXT,
-    disabled_at TEXT
+    disabled_at TEXT,
+    ordering TEXT,
+    ordering_key TEXT,
+    on_dead_letter TEXT
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY,
@@ -120,6 +123,18 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
         "disabled_at",
         "ALTER TABLE subscriptions ADD COLUMN disabled_at TEXT",
     ),
+    (
+        "ordering",
+        "ALTER TABLE subscriptions ADD COLUMN ordering TEXT",
+    ),
+    (
+        "ordering_key",
+        "ALTER TABLE subscriptions ADD COLUMN ordering_key TEXT",
+    ),
+    (
+        "on_dead_letter",
+        "ALTER TABLE subscriptions ADD COLUMN on_dead_letter TEXT",
+    ),
 ];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
@@ -136,7 +151,8 @@ fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
 const COLUMNS: &str = "id, tenant, url, event_types, filter, secrets, retired_secrets, enabled, \
     rate_limit_per_sec, burst, max_in_flight, timeout_ms, headers, created_at, updated_at, \
     adaptive_concurrency, tls_client_cert, tls_client_key, signing_keys, retired_signing_keys, \
-    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at";
+    secret_headers, oauth2, retry_tiers, max_attempts, disabled_reason, disabled_at, \
+    ordering, ordering_key, on_dead_letter";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -269,6 +285,14 @@ fn from_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A column holding a value this version does not know.
+fn corrupt(id: &str, field: &str, v: &str) -> StoreError {
+    StoreError::Invalid {
+        at: format!("subscription {id}.{field}"),
+        message: format!("unknown value {v:?}"),
+    }
+}
+
 /// A nullable JSON column.
 fn optional_json<T: serde::de::DeserializeOwned>(
     r: &rusqlite::Row<'_>,
@@ -332,6 +356,15 @@ fn row_to_spec(r: &rusqlite::Row<'_>) -> Result<SubscriptionSpec, StoreError> {
         max_attempts: r.get(23).map_err(get)?,
         disabled_reason: r.get(24).map_err(get)?,
         disabled_at: r.get(25).map_err(get)?,
+        ordering: match r.get::<_, Option<String>>(26).map_err(get)?.as_deref() {
+            None => OrderingMode::None,
+            Some(v) => OrderingMode::parse(v).ok_or_else(|| corrupt(&id, "ordering", v))?,
+        },
+        ordering_key: r.get(27).map_err(get)?,
+        on_dead_letter: match r.get::<_, Option<String>>(28).map_err(get)?.as_deref() {
+            None => OnDeadLetter::Continue,
+            Some(v) => OnDeadLetter::parse(v).ok_or_else(|| corrupt(&id, "on_dead_letter", v))?,
+        },
     })
 }
 
@@ -423,7 +456,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT OR REPLACE INTO subscriptions ({COLUMNS}) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+                     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
                 ),
                 params![
                     s.id.to_string(),
@@ -452,6 +485,9 @@ impl Store for SqliteStore {
                     s.max_attempts,
                     s.disabled_reason,
                     s.disabled_at,
+                    (!s.ordering.is_none()).then(|| s.ordering.as_str()),
+                    s.ordering_key,
+                    (!s.on_dead_letter.is_continue()).then(|| s.on_dead_letter.as_str()),
                 ],
             )
             .map_err(StoreError::unavailable)?;
