@@ -14,6 +14,7 @@ pub mod matching;
 pub mod metrics;
 pub mod model;
 pub mod operational;
+pub mod order;
 pub mod otlp;
 pub mod pipeline;
 pub mod proxy;

@@ -131,6 +131,10 @@ pub struct Metrics {
     pub deferrals: Family<ReasonLabel, Counter>,
     /// Per assigned partition: how long its oldest unfinished record has held the commit (0 when none).
     pub commit_delay_seconds: Family<TopicPartitionLabels, FloatGauge>,
+    /// Ordered delivery: times a key parked; keys parked on this instance; age of the oldest.
+    pub parked: Counter,
+    pub parked_keys: Gauge,
+    pub parked_oldest_age_seconds: FloatGauge,
 }
 
 impl Metrics {
@@ -345,6 +349,24 @@ impl Metrics {
             "Deliveries handed to a retry tier without an attempt because they blocked their partition",
             deferrals.clone(),
         );
+        let parked = Counter::default();
+        r.register(
+            "hookline_ordered_parked",
+            "Times an ordered key parked (its event failed, was deferred, or was held after a dead letter)",
+            parked.clone(),
+        );
+        let parked_keys = Gauge::default();
+        r.register(
+            "hookline_parked_keys",
+            "Ordered keys parked in the partitions this instance owns",
+            parked_keys.clone(),
+        );
+        let parked_oldest_age_seconds = FloatGauge::default();
+        r.register(
+            "hookline_parked_oldest_age_seconds",
+            "Seconds since the longest-parked key of this instance parked (0 when none)",
+            parked_oldest_age_seconds.clone(),
+        );
         let commit_delay_seconds = Family::<TopicPartitionLabels, FloatGauge>::default();
         r.register(
             "hookline_commit_delay_seconds",
@@ -380,7 +402,7 @@ impl Metrics {
         for s in ["closed", "open", "half_open"] {
             let _ = endpoints.get_or_create(&StateLabel { state: s.into() });
         }
-        for reason in ["exhausted", "rejected", "gone", "invalid_event"] {
+        for reason in ["exhausted", "rejected", "gone", "invalid_event", "skipped"] {
             let _ = dlq_published.get_or_create(&ReasonLabel {
                 reason: reason.into(),
             });
@@ -389,6 +411,9 @@ impl Metrics {
             registry: r,
             deferrals,
             commit_delay_seconds,
+            parked,
+            parked_keys,
+            parked_oldest_age_seconds,
             attempt_log_written,
             attempt_log_dropped,
             subscriptions_disabled_gone,

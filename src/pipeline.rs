@@ -218,7 +218,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             policy,
             Arc::new(config.clone()),
             stop.clone(),
-        ),
+        )
+        .with_order(crate::admin::api::OrderApi {
+            source: source.handle(),
+            producer: dispatcher.publisher.producer(),
+            prefix: config.retry.topic_prefix.clone(),
+            topics: config.source.topics.clone(),
+        }),
     ));
     let admin_stop = stop.clone();
     tokio::spawn(async move {

@@ -546,7 +546,7 @@ async fn auth_validation_and_documented_routes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 19);
+    assert_eq!(checked, 22);
 
     // Bad input: 4xx naming the field, nothing written.
     let rx = Receiver::ok().await;
@@ -756,6 +756,36 @@ async fn auth_validation_and_documented_routes() {
             422,
             "max_attempts",
         ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "ordering": "sorted"}),
+            400,
+            "ordering",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "ordering_key": "subject"}),
+            422,
+            "ordering_key",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "ordering": "key", "ordering_key": "data."}),
+            422,
+            "ordering_key",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "ordering": "key", "ordering_key": "header.x"}),
+            422,
+            "ordering_key",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "on_dead_letter": "hold"}),
+            422,
+            "on_dead_letter",
+        ),
+        (
+            json!({"url": url, "event_types": ["a.b"], "ordering": "key", "on_dead_letter": "pause"}),
+            400,
+            "on_dead_letter",
+        ),
     ];
     for (body, status, field) in &cases {
         let (st, e) = api.post("/v1/subscriptions", body.clone()).await;
@@ -901,6 +931,35 @@ async fn auth_validation_and_documented_routes() {
         ),
         (&json!(null), &json!([]), &json!(["1s", "2s", "3s"]))
     );
+    // Ordering: unordered by default; set, shown, and cleared again.
+    assert_eq!(
+        (&w["ordering"], &w["ordering_key"], &w["on_dead_letter"]),
+        (&json!("none"), &json!(null), &json!("continue"))
+    );
+    let (st, w) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({"ordering": "key", "ordering_key": "data.customer.id", "on_dead_letter": "hold"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    let (_, read) = api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(
+        (
+            &read["ordering"],
+            &read["ordering_key"],
+            &read["on_dead_letter"]
+        ),
+        (&json!("key"), &json!("data.customer.id"), &json!("hold"))
+    );
+    let (st, w) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({"ordering": null, "ordering_key": null, "on_dead_letter": null}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    assert_eq!(w["ordering"], "none");
     // Pagination of the listing.
     for i in 0..4 {
         let (st, _) = api

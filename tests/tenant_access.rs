@@ -232,6 +232,25 @@ async fn every_route_answers_only_the_expected_principals() {
             ),
             (
                 Method::GET,
+                "/v1/subscriptions/{id}/parked-keys",
+                format!("/v1/subscriptions/{sub_a}/parked-keys"),
+                None,
+            ),
+            // A request naming an event that is not parked: written, and ignored by the owner.
+            (
+                Method::POST,
+                "/v1/subscriptions/{id}/parked-keys/release",
+                format!("/v1/subscriptions/{sub_a}/parked-keys/release"),
+                Some(json!({"key": "k1", "topic": env.topic, "partition": 0, "offset": 0})),
+            ),
+            (
+                Method::POST,
+                "/v1/subscriptions/{id}/parked-keys/skip",
+                format!("/v1/subscriptions/{sub_a}/parked-keys/skip"),
+                Some(json!({"key": "k1", "topic": env.topic, "partition": 0, "offset": 0})),
+            ),
+            (
+                Method::GET,
                 "/v1/dead-letters",
                 "/v1/dead-letters".into(),
                 None,

@@ -51,6 +51,9 @@ use crate::registry::{Registry, WriteError};
 use crate::replay::{self, FilterArgs, ReplayRequest, Summary};
 use crate::store::{AttemptRecord, StoreError};
 
+mod parked;
+pub use parked::OrderApi;
+
 #[derive(Clone)]
 pub struct ApiState {
     pub registry: Arc<Registry>,
@@ -67,6 +70,8 @@ pub struct ApiState {
     stop: CancellationToken,
     /// Dead-letter listings reading at once (each reads the topic on a blocking-pool thread).
     listings: Arc<tokio::sync::Semaphore>,
+    /// Parked keys of ordered subscriptions (`None` in tools without a source).
+    order: Option<OrderApi>,
 }
 
 /// A replay started by `POST /v1/dead-letters/replay`, as `GET /v1/replays/{id}` shows it.
@@ -102,7 +107,14 @@ impl ApiState {
             replays: Arc::default(),
             stop,
             listings: Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
+            order: None,
         }
+    }
+
+    /// The same, serving the parked keys of the partitions `order.source` owns.
+    pub fn with_order(mut self, order: OrderApi) -> ApiState {
+        self.order = Some(order);
+        self
     }
 }
 
@@ -165,6 +177,21 @@ pub fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
         ),
         (Method::POST, "/v1/subscriptions/{id}/test", post(test)),
         (Method::GET, "/v1/subscriptions/{id}/health", get(health)),
+        (
+            Method::GET,
+            "/v1/subscriptions/{id}/parked-keys",
+            get(parked::list),
+        ),
+        (
+            Method::POST,
+            "/v1/subscriptions/{id}/parked-keys/release",
+            post(parked::release),
+        ),
+        (
+            Method::POST,
+            "/v1/subscriptions/{id}/parked-keys/skip",
+            post(parked::skip),
+        ),
         (
             Method::GET,
             "/v1/subscriptions/{id}/attempts",

@@ -187,6 +187,17 @@ fn refresh_scrape_gauges(s: &AdminState) {
             })
             .set(held_ms as f64 / 1000.0);
     }
+    // Ordered delivery: keys parked in the partitions owned here, and how long the oldest has been.
+    let mono = crate::clock::mono_ms();
+    let (mut parked, mut oldest) = (0i64, 0u64);
+    for o in s.source.orders() {
+        for v in o.parked_lanes() {
+            parked += 1;
+            oldest = oldest.max(mono.saturating_sub(v.parked_at));
+        }
+    }
+    m.parked_keys.set(parked);
+    m.parked_oldest_age_seconds.set(oldest as f64 / 1000.0);
     // Time lag: age of the oldest unfinished record of each partition assigned here (0 when none).
     let now = now_ms() as i64;
     m.lag_seconds.clear();
@@ -235,6 +246,6 @@ mod tests {
             undocumented.is_empty() && unserved.is_empty(),
             "served but not in schemas/openapi.yaml: {undocumented:?}; documented but not served: {unserved:?}"
         );
-        assert_eq!(served.len(), 19);
+        assert_eq!(served.len(), 22);
     }
 }

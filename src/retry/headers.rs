@@ -19,6 +19,10 @@ pub const DEFERRALS: &str = "hookline-deferrals";
 /// On a dead-letter record whose value was left out because it exceeded `source.max_event_bytes` by more
 /// than 512 KiB: the original value's size in bytes (the origin headers point at the source record).
 pub const VALUE_OMITTED: &str = "hookline-value-omitted";
+/// On a parked-topic record (ordered delivery): `event` (an event of a parked key), `hold:<reason>` (the
+/// marker of a dead-lettered event holding its key, `on_dead_letter: hold`), or an operator's `release`
+/// / `skip` of the key at `hookline-origin-offset`.
+pub const PARKED: &str = "hookline-parked";
 /// The run of `hookline replay` that re-published a record.
 pub const REPLAY_ID: &str = "hookline-replay-id";
 

@@ -28,14 +28,17 @@ pub enum DlqReason {
     Rejected,
     Gone,
     InvalidEvent,
+    /// An ordered key's retrying head given up by an operator (`skip`), so its key moves on.
+    Skipped,
 }
 
 impl DlqReason {
-    pub const ALL: [DlqReason; 4] = [
+    pub const ALL: [DlqReason; 5] = [
         DlqReason::Exhausted,
         DlqReason::Rejected,
         DlqReason::Gone,
         DlqReason::InvalidEvent,
+        DlqReason::Skipped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl DlqReason {
             DlqReason::Rejected => "rejected",
             DlqReason::Gone => "gone",
             DlqReason::InvalidEvent => "invalid_event",
+            DlqReason::Skipped => "skipped",
         }
     }
 }
@@ -128,6 +132,7 @@ impl Publisher {
             .create()
             .map_err(|e| format!("admin client: {e}"))?;
         self.create_missing(config, &admin).await?;
+        ensure_parked(config, &admin).await?;
         for (topic, count) in self.topics.tiers.iter().zip(&self.tier_partitions) {
             let n = topic_partitions(admin.inner(), topic, Duration::from_secs(10))
                 .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?
@@ -196,7 +201,7 @@ impl Publisher {
     /// Hands a failed delivery to retry tier `tier`, due at `due_ms`. `local`: prefer a tier partition
     /// this instance consumes (deferrals: the work stays where its share of the limits was granted).
     pub async fn publish_retry(&self, f: &Failure<'_>, tier: usize, due_ms: u64, local: bool) {
-        let headers = delivery_headers(f, Some(due_ms), None);
+        let headers = delivery_headers(f, Some(due_ms), None, true);
         // The key is the subscription (DESIGN §5), but the partition is chosen here, not by hashing the
         // key: otherwise one subscription's retries — a rate-limited endpoint's deferred backlog above
         // all — would all land on one partition and be delivered by one instance at its share of the
@@ -228,7 +233,7 @@ impl Publisher {
     /// Dead-letters a failed delivery. `hookline-due-ms` on a dead-letter record is the time it was
     /// dead-lettered (a replay sets a new one).
     pub async fn publish_dead(&self, f: &Failure<'_>, reason: DlqReason) {
-        let headers = delivery_headers(f, Some(crate::clock::now_ms()), Some(reason));
+        let headers = delivery_headers(f, Some(crate::clock::now_ms()), Some(reason), true);
         self.send(
             &self.topics.dlq,
             Some(f.subscription_id.as_bytes()),
@@ -239,6 +244,42 @@ impl Publisher {
         .await;
         self.metrics.dlq_counter(reason.as_str()).inc();
         self.metrics.dead_lettered.inc();
+    }
+
+    /// Appends an ordered event (or a hold marker, or an operator's control record) to partition
+    /// `partition` of the parked topic `topic` (the one of its source partition): key = the ordering
+    /// key, value = the event body, headers = the original ones plus this delivery's `hookline-*` (its
+    /// source offset in `hookline-origin-offset`, its attempts and due time, and `hookline-parked` =
+    /// `kind`). Returns once Kafka acknowledged it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_parked(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        event: &Event,
+        subscription_id: &str,
+        prior: crate::model::Prior,
+        due_ms: u64,
+        kind: &str,
+        last: Option<&AttemptResult>,
+    ) {
+        let waiting = AttemptResult::Refused(String::new());
+        let f = Failure {
+            event,
+            subscription_id,
+            attempts: prior.attempts,
+            deferrals: prior.deferrals,
+            first_failure_ms: prior.first_failure_ms.unwrap_or(0),
+            last: last.unwrap_or(&waiting),
+        };
+        let mut hs = delivery_headers(&f, Some(due_ms), None, last.is_some());
+        hs = hs.insert(Header {
+            key: h::PARKED,
+            value: Some(kind.as_bytes()),
+        });
+        self.send(topic, Some(key), Some(partition), &event.body, hs)
+            .await;
     }
 
     /// The idempotent producer, for other records hookline writes (operational events).
@@ -365,6 +406,110 @@ impl Publisher {
     }
 }
 
+/// Creates the parked topic of every source topic (ordered delivery: `<prefix>.parked.<topic>`, as many
+/// partitions as the source topic, since parked partition p belongs to source partition p) and grows
+/// one that has fewer partitions than its source.
+async fn ensure_parked(
+    config: &Config,
+    admin: &AdminClient<DefaultClientContext>,
+) -> Result<(), String> {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    // Partition counts from the listing of all topics: a metadata request naming a missing topic may
+    // make the broker auto-create it with its default partition count.
+    let counts = || -> Result<std::collections::HashMap<String, usize>, String> {
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| format!("cannot read topic metadata: {e}"))?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| (t.name().to_string(), t.partitions().len()))
+            .collect())
+    };
+    let have = counts()?;
+    let mut grow = Vec::new();
+    let mut create = Vec::new();
+    for source in &config.source.topics {
+        let Some(&n) = have.get(source) else {
+            continue;
+        };
+        let parked = crate::order::parked_topic(&config.retry.topic_prefix, source);
+        match have.get(&parked) {
+            Some(&p) if p >= n => {}
+            Some(_) => grow.push((parked, n)),
+            None => create.push((parked, n)),
+        }
+    }
+    if (!grow.is_empty() || !create.is_empty()) && !config.retry.create_topics {
+        let names: Vec<&str> = grow
+            .iter()
+            .chain(&create)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        return Err(format!(
+            "parked topics missing or with fewer partitions than their source topics: {} (create them, or set retry.create_topics = true)",
+            names.join(", ")
+        ));
+    }
+    if !create.is_empty() {
+        let new: Vec<NewTopic<'_>> = create
+            .iter()
+            .map(|(t, n)| {
+                NewTopic::new(
+                    t,
+                    *n as i32,
+                    TopicReplication::Fixed(config.retry.replication_factor),
+                )
+            })
+            .collect();
+        let results = admin
+            .create_topics(&new, &opts)
+            .await
+            .map_err(|e| format!("creating parked topics: {e}"))?;
+        for r in results {
+            match r {
+                Ok(t) => tracing::info!(topic = %t, "created topic"),
+                // Made meanwhile (another instance, or the broker's auto-creation): its partitions
+                // are checked below.
+                Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    if let Some((_, n)) = create.iter().find(|(c, _)| *c == t) {
+                        grow.push((t, *n));
+                    }
+                }
+                Err((t, e)) => return Err(format!("creating topic {t}: {e}")),
+            }
+        }
+    }
+    if !grow.is_empty() {
+        let now = counts()?;
+        let grow: Vec<(String, usize)> = grow
+            .into_iter()
+            .filter(|(t, n)| now.get(t).is_some_and(|p| p < n))
+            .collect();
+        let new: Vec<rdkafka::admin::NewPartitions<'_>> = grow
+            .iter()
+            .map(|(t, n)| rdkafka::admin::NewPartitions::new(t, *n))
+            .collect();
+        if !new.is_empty() {
+            let results = admin
+                .create_partitions(&new, &opts)
+                .await
+                .map_err(|e| format!("adding partitions to parked topics: {e}"))?;
+            for r in results {
+                match r {
+                    Ok(t) => {
+                        tracing::info!(topic = %t, "grew parked topic to its source topic's partitions")
+                    }
+                    Err((t, e)) => return Err(format!("adding partitions to {t}: {e}")),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The tier partitions the local retry consumer owns, per tier index.
 #[derive(Debug, Default)]
 pub struct LocalTiers {
@@ -433,6 +578,7 @@ fn delivery_headers(
     f: &Failure<'_>,
     due_ms: Option<u64>,
     reason: Option<DlqReason>,
+    failed: bool,
 ) -> OwnedHeaders {
     let e = f.event;
     let mut hs = OwnedHeaders::new_with_capacity(e.headers.len() + 12);
@@ -456,19 +602,23 @@ fn delivery_headers(
         .insert(Header {
             key: h::ATTEMPT,
             value: Some(attempts.as_bytes()),
-        })
-        .insert(Header {
-            key: h::FIRST_FAILURE_MS,
-            value: Some(first.as_bytes()),
-        })
-        .insert(Header {
-            key: h::LAST_STATUS,
-            value: Some(status.as_bytes()),
-        })
-        .insert(Header {
-            key: h::LAST_ERROR,
-            value: Some(err.as_bytes()),
         });
+    // An ordered event waiting behind its key has not failed (no attempt yet): no failure headers.
+    if failed {
+        hs = hs
+            .insert(Header {
+                key: h::FIRST_FAILURE_MS,
+                value: Some(first.as_bytes()),
+            })
+            .insert(Header {
+                key: h::LAST_STATUS,
+                value: Some(status.as_bytes()),
+            })
+            .insert(Header {
+                key: h::LAST_ERROR,
+                value: Some(err.as_bytes()),
+            });
+    }
     if f.deferrals > 0 {
         let d = f.deferrals.to_string();
         hs = hs.insert(Header {

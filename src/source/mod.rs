@@ -53,6 +53,7 @@ use crate::matching::cache::Cache;
 use crate::metrics::Metrics;
 use crate::model::Prior;
 use crate::model::{Event, Origin};
+use crate::order::{Control, OJob, OrderContext, PartitionOrder};
 use crate::retry::publish::LocalTiers;
 use crate::retry::tier;
 use crate::spill::{self, Spill, SpillPoint, SpillReason};
@@ -136,6 +137,19 @@ struct PartitionState {
     spill: watch::Sender<SpillPoint>,
     /// Retry records not yet due, oldest first; the partition is paused while `max_held` are held.
     held: std::collections::VecDeque<Held>,
+    /// Source role: the partition's ordered deliveries (per-key lanes) and its parked partition.
+    order: Option<Arc<PartitionOrder>>,
+    parked: ParkedPart,
+}
+
+/// The parked partition of a source partition (same number, in the source topic's parked topic), read
+/// by the source's owner.
+struct ParkedPart {
+    tracker: PartitionTracker,
+    paused: bool,
+    /// The offset whose reading makes the lanes ready (the last one the parked partition had at
+    /// assignment); `None` once ready.
+    ready_at: Option<i64>,
 }
 
 impl PartitionState {
@@ -146,6 +160,12 @@ impl PartitionState {
             paused_at_ms: 0,
             spill: spill::channel(),
             held: Default::default(),
+            order: None,
+            parked: ParkedPart {
+                tracker: PartitionTracker::new(),
+                paused: false,
+                ready_at: None,
+            },
         }
     }
 }
@@ -170,6 +190,8 @@ struct Pushed {
     spill: watch::Sender<SpillPoint>,
     /// The partition just went over a bound and must be paused in librdkafka.
     pause: bool,
+    /// The partition's ordered deliveries.
+    order: Option<Arc<PartitionOrder>>,
 }
 
 impl State {
@@ -203,6 +225,7 @@ impl State {
             completions,
             pause,
             spill: part.spill.clone(),
+            order: part.order.clone(),
         })
     }
 
@@ -264,6 +287,60 @@ struct SourceContext {
     /// Cleared when the consumer this context belongs to was replaced after a fatal error: its last
     /// rebalance callbacks (from its close) must not touch the state its successor now owns.
     live: Arc<AtomicBool>,
+    /// Source role: ordered delivery (the parked partitions follow the source partitions).
+    order: Option<Arc<OrderLink>>,
+}
+
+/// What the source role needs for ordered delivery: the consumer of the parked partitions (assigned
+/// by hand, the parked partitions of exactly the source partitions owned here, committing under
+/// `<group>.parked`) and the parked topic of each source topic.
+struct OrderLink {
+    consumer: Arc<StreamConsumer>,
+    ctx: Arc<OrderContext>,
+    /// Source topic → its parked topic.
+    parked_of: HashMap<Arc<str>, Arc<str>>,
+    /// Parked topic → its source topic.
+    source_of: HashMap<Arc<str>, Arc<str>>,
+}
+
+impl OrderLink {
+    /// Where the lanes of a newly assigned parked partition must read to before they start anything:
+    /// `None` when there is nothing after the committed offset (ready at once). When the broker
+    /// cannot say, the whole partition is read (from the committed offset) before — the last offset is
+    /// asked again by housekeeping.
+    fn ready_at(&self, topic: &str, partition: i32) -> Result<Option<i64>, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(5))?
+            .elements()
+            .first()
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        let (low, high) =
+            self.consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))?;
+        let from = committed.unwrap_or(low).max(low);
+        Ok((high > from).then_some(high - 1))
+    }
+
+    /// Commits the parked partitions' finished prefixes now.
+    fn commit(&self, offsets: &[(Arc<str>, i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in offsets {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let _ = self.consumer.store_offsets(&tpl);
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "commit of parked partitions failed; their next owner may repeat deliveries");
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -378,6 +455,7 @@ impl ConsumerContext for SourceContext {
         };
         let mut st = lock(&self.state);
         let mut commit = TopicPartitionList::new();
+        let mut parked = Vec::new();
         for k in &keys {
             if let Some(mut p) = st.parts.remove(k) {
                 p.tracker.advance();
@@ -386,9 +464,36 @@ impl ConsumerContext for SourceContext {
                 }
                 st.records -= p.tracker.len();
                 st.bytes -= p.tracker.bytes();
+                // Ordered deliveries stop here; the parked partition's finished prefix is committed
+                // and it goes with its source partition.
+                if let Some(order) = p.order.take() {
+                    order.revoke();
+                    p.parked.tracker.advance();
+                    parked.push((
+                        order.parked_topic.clone(),
+                        k.1,
+                        p.parked.tracker.committable(),
+                    ));
+                }
             }
         }
         drop(st);
+        if let Some(link) = &self.order
+            && !parked.is_empty()
+        {
+            let done: Vec<_> = parked
+                .iter()
+                .filter_map(|(t, p, o)| o.map(|o| (t.clone(), *p, o)))
+                .collect();
+            link.commit(&done);
+            let mut tpl = TopicPartitionList::new();
+            for (t, p, _) in &parked {
+                tpl.add_partition(t, *p);
+            }
+            if let Err(e) = link.consumer.incremental_unassign(&tpl) {
+                tracing::warn!(error = %e, "unassigning parked partitions failed");
+            }
+        }
         if commit.count() > 0 {
             let _ = consumer.store_offsets(&commit);
             if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
@@ -409,14 +514,60 @@ impl ConsumerContext for SourceContext {
         }
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // Ordered delivery: each source partition brings its parked partition, read from its
+                // committed offset; its lanes start nothing until that read reached the end the
+                // parked partition has now.
+                let mut orders = HashMap::new();
+                let mut parked_tpl = TopicPartitionList::new();
+                if let Some(link) = &self.order {
+                    for e in tpl.elements() {
+                        let Some(t) = self.topic(e.topic()) else {
+                            continue;
+                        };
+                        let Some(pt) = link.parked_of.get(&t) else {
+                            continue;
+                        };
+                        let ready_at = match link.ready_at(pt, e.partition()) {
+                            Ok(r) => r,
+                            Err(err) => {
+                                tracing::warn!(topic = %pt, partition = e.partition(), error = %err, "parked partition bounds unknown; its ordered keys wait until it was read");
+                                Some(i64::MAX)
+                            }
+                        };
+                        let order = PartitionOrder::new(
+                            link.ctx.clone(),
+                            t.clone(),
+                            e.partition(),
+                            pt.clone(),
+                            ready_at.is_none(),
+                        );
+                        orders.insert((t, e.partition()), (order, ready_at));
+                        let _ = parked_tpl.add_partition_offset(pt, e.partition(), Offset::Stored);
+                    }
+                }
                 let mut st = lock(&self.state);
                 st.joined = true;
                 for e in tpl.elements() {
                     if let Some(t) = self.topic(e.topic()) {
-                        st.parts.insert((t, e.partition()), PartitionState::new());
+                        let key = (t, e.partition());
+                        let mut ps = PartitionState::new();
+                        if let Some((order, ready_at)) = orders.remove(&key) {
+                            ps.order = Some(order);
+                            ps.parked.ready_at = ready_at;
+                        }
+                        st.parts.insert(key, ps);
                     }
                 }
                 drop(st);
+                if let Some(link) = &self.order
+                    && parked_tpl.count() > 0
+                {
+                    if let Err(e) = link.consumer.incremental_assign(&parked_tpl) {
+                        tracing::error!(error = %e, "assigning parked partitions failed; ordered keys of these partitions wait");
+                    } else {
+                        let _ = link.consumer.resume(&parked_tpl);
+                    }
+                }
                 // librdkafka keeps a partition's pause flag across rebalances; a newly assigned partition
                 // starts unpaused in our state, so make librdkafka agree.
                 if tpl.count() > 0 {
@@ -461,6 +612,15 @@ impl SourceHandle {
             .collect()
     }
 
+    /// The ordered deliveries of the partitions owned here.
+    pub fn orders(&self) -> Vec<Arc<PartitionOrder>> {
+        lock(&self.state)
+            .parts
+            .values()
+            .filter_map(|p| p.order.clone())
+            .collect()
+    }
+
     /// Per assigned partition: the timestamp (epoch ms) of the oldest record taken and not finished
     /// (held retry records included), `None` when nothing is unfinished.
     pub fn oldest_unfinished(&self) -> Vec<(Arc<str>, i32, Option<i64>)> {
@@ -497,6 +657,8 @@ pub struct Source {
     metrics: Arc<Metrics>,
     /// The operational events topic, when this source feeds the operator's webhook from it.
     operational: Option<Arc<str>>,
+    /// Source role: ordered delivery's parked partitions.
+    order: Option<Arc<OrderLink>>,
 }
 
 /// A consumer made from `config`, subscribed to `names`.
@@ -546,6 +708,27 @@ pub fn consumer_config(config: &Config, role: Role) -> ClientConfig {
     config.kafka_client(&defaults, &forced)
 }
 
+/// The consumer of the parked partitions: assigned by hand, committing (stored offsets, auto-commit)
+/// under `<group>.parked`, which no member ever joins.
+fn parked_consumer_config(config: &Config) -> ClientConfig {
+    let commit_ms = config.source.commit_interval.as_millis().to_string();
+    let group = format!("{}.parked", config.source.group);
+    config.kafka_client(
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("client.id", "hookline-parked"),
+            ("enable.partition.eof", "false"),
+            ("queued.max.messages.kbytes", "16384"),
+        ],
+        &[
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.commit.interval.ms", commit_ms.as_str()),
+        ],
+    )
+}
+
 impl Source {
     pub fn new(
         config: &Config,
@@ -568,7 +751,31 @@ impl Source {
             _ => None,
         };
         let topics: Vec<Arc<str>> = names.iter().map(|t| Arc::from(t.as_str())).collect();
+        let order = if role == Role::Source {
+            let mut parked_of = HashMap::new();
+            let mut source_of = HashMap::new();
+            for t in &config.source.topics {
+                let src: Arc<str> = Arc::from(t.as_str());
+                let pt: Arc<str> =
+                    Arc::from(crate::order::parked_topic(&config.retry.topic_prefix, t).as_str());
+                parked_of.insert(src.clone(), pt.clone());
+                source_of.insert(pt, src);
+            }
+            let consumer: StreamConsumer = parked_consumer_config(config).create()?;
+            Some(Arc::new(OrderLink {
+                consumer: Arc::new(consumer),
+                ctx: Arc::new(OrderContext {
+                    dispatcher: dispatcher.clone(),
+                    cache: cache.clone(),
+                }),
+                parked_of,
+                source_of,
+            }))
+        } else {
+            None
+        };
         let ctx = SourceContext {
+            order: order.clone(),
             role,
             state: state.clone(),
             topics: topics.clone(),
@@ -606,6 +813,7 @@ impl Source {
             dispatcher,
             metrics,
             operational,
+            order,
         })
     }
 
@@ -636,11 +844,21 @@ impl Source {
         let retry = self.role == Role::Retry;
         let mut lag_stop = stop.child_token();
         let mut lag_task = self.spawn_lag(&lag_stop);
+        let parked = self.order.as_ref().map(|l| l.consumer.clone());
         loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => self.housekeeping(),
+                msg = async {
+                    match &parked {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match msg {
+                    Ok(m) => self.handle_parked(&m),
+                    Err(e) => tracing::warn!(error = %e, "parked consumer error"),
+                },
                 () = &mut due_timer, if armed_for.is_some() => {
                     armed_for = None;
                     self.release_due();
@@ -719,6 +937,17 @@ impl Source {
         };
         {
             let mut st = lock(&self.state);
+            for p in st.parts.values() {
+                if let Some(o) = &p.order {
+                    o.revoke();
+                }
+            }
+            if let Some(link) = &self.order
+                && let Ok(a) = link.consumer.assignment()
+                && a.count() > 0
+            {
+                let _ = link.consumer.incremental_unassign(&a);
+            }
             st.parts.clear();
             st.records = 0;
             st.bytes = 0;
@@ -830,6 +1059,7 @@ impl Source {
             completions,
             pause,
             spill,
+            order,
         }) = pushed
         else {
             return;
@@ -841,8 +1071,16 @@ impl Source {
 
         match event {
             Some(ev) => {
+                let mut doc = None;
                 for (sub, done) in subs.into_iter().zip(completions) {
                     let spill = Spill::new(&spill, m.offset());
+                    // An ordered subscription's event with a key joins its key's lane.
+                    if let (Some(o), Some(order)) = (&sub.ordering, &order)
+                        && let Some(k) = crate::order::key_of(&ev, m.key(), &o.key, &mut doc)
+                    {
+                        order.source(k, m.offset(), ev.clone(), sub, done, spill);
+                        continue;
+                    }
                     self.dispatcher
                         .dispatch(ev.clone(), sub, Prior::default(), done, spill);
                 }
@@ -883,6 +1121,130 @@ impl Source {
                 d.done();
             }
         });
+    }
+
+    /// A record of a parked partition (ordered delivery): an event of a parked key, a hold marker,
+    /// or an operator's release/skip. It joins its lane (`order/lanes.rs`); the parked partition's
+    /// commit passes it once it is finished.
+    fn handle_parked(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(link) = &self.order else {
+            return;
+        };
+        let Some(source) = link.source_of.get(m.topic()) else {
+            return;
+        };
+        let key = (source.clone(), m.partition());
+        let mut header_buf: Vec<(&str, Option<&[u8]>)> = Vec::new();
+        if let Some(hs) = m.headers() {
+            header_buf.extend(hs.iter().map(|h| (h.key, h.value)));
+        }
+        let bytes = m.payload().map_or(0, <[u8]>::len) as u32;
+        let ts = m.timestamp().to_millis().unwrap_or(0);
+        let mut st = lock(&self.state);
+        let Some(part) = st.parts.get_mut(&key) else {
+            return;
+        };
+        let Some(order) = part.order.clone() else {
+            return;
+        };
+        let Ok(mut completions) = part
+            .parked
+            .tracker
+            .push_at(m.offset(), bytes, ts, 1, mono_ms())
+        else {
+            return;
+        };
+        let became_ready = part.parked.ready_at.is_some_and(|r| m.offset() >= r);
+        if became_ready {
+            part.parked.ready_at = None;
+        }
+        // Paused at its bound only once ready: before, the lanes start nothing, so nothing would
+        // finish and the read would never reach its end.
+        let pause = part.parked.ready_at.is_none()
+            && !part.parked.paused
+            && part.parked.tracker.len() >= self.limits.per_partition;
+        if pause {
+            part.parked.paused = true;
+        }
+        drop(st);
+        if pause {
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(m.topic(), m.partition());
+            if let Err(e) = link.consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pause of a parked partition failed");
+            }
+        }
+        let Some(done) = completions.pop() else {
+            return;
+        };
+        let lane_key = bytes::Bytes::copy_from_slice(m.key().unwrap_or_default());
+        let kind = header_buf
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(crate::retry::headers::PARKED))
+            .and_then(|(_, v)| *v)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("event");
+        let here = Origin {
+            topic: Arc::from(m.topic()),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+        };
+        match tier::parse(&header_buf) {
+            Err(detail) => {
+                tracing::warn!(topic = %m.topic(), partition = m.partition(), offset = m.offset(), detail = %detail, "unreadable parked record; dead-lettering");
+                self.dead_letter_invalid(m, &header_buf, here, detail, vec![done]);
+            }
+            Ok(rh) => {
+                let source_offset = rh.origin.as_ref().map_or(-1, |o| o.offset);
+                match kind {
+                    "release" | "skip" => {
+                        let c = if kind == "skip" {
+                            Control::Skip
+                        } else {
+                            Control::Release
+                        };
+                        if !order.control(rh.subscription, lane_key, source_offset, c) {
+                            tracing::info!(subscription = %rh.subscription, offset = source_offset, action = kind, "parked key not held or retrying there; request ignored");
+                        }
+                        done.done();
+                    }
+                    _ => {
+                        let origin = rh.origin.clone().unwrap_or_else(|| here.clone());
+                        match decode::decode(
+                            &RawRecord {
+                                value: m.payload(),
+                                headers: &header_buf,
+                            },
+                            origin,
+                            self.max_event_bytes,
+                        ) {
+                            Ok(ev) => order.parked(
+                                lane_key,
+                                source_offset,
+                                OJob::Parked {
+                                    event: Arc::new(ev),
+                                    subscription: rh.subscription,
+                                    prior: rh.prior,
+                                    due_ms: rh.due_ms,
+                                    done,
+                                    hold: kind.starts_with("hold"),
+                                },
+                            ),
+                            Err(e) => {
+                                let detail = e.to_string();
+                                tracing::warn!(topic = %m.topic(), partition = m.partition(), offset = m.offset(), detail = %detail, "undecodable parked record; dead-lettering");
+                                self.dead_letter_invalid(m, &header_buf, here, detail, vec![done]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if became_ready {
+            order.set_ready();
+        }
     }
 
     /// A record of a retry tier: deliver it to its one subscription when due, holding it (and the
@@ -1027,7 +1389,55 @@ impl Source {
                 }
             }
         }
+        // The parked partitions: store their finished prefixes, resume those below 3/4 of the bound,
+        // and ask again for the end of one whose end was unknown at assignment.
+        let mut parked_store = TopicPartitionList::new();
+        let mut parked_resume = TopicPartitionList::new();
+        let mut unknown = Vec::new();
+        for ((_, partition), p) in st.parts.iter_mut() {
+            let Some(order) = &p.order else {
+                continue;
+            };
+            p.parked.tracker.advance();
+            if let Some(o) = p.parked.tracker.take_store() {
+                let _ = parked_store.add_partition_offset(
+                    &order.parked_topic,
+                    *partition,
+                    Offset::Offset(o),
+                );
+            }
+            if p.parked.paused && p.parked.tracker.len() < self.limits.per_partition * 3 / 4 {
+                p.parked.paused = false;
+                let _ = parked_resume.add_partition(&order.parked_topic, *partition);
+            }
+            if p.parked.ready_at == Some(i64::MAX) {
+                unknown.push(order.clone());
+            }
+        }
         drop(st);
+        if let Some(link) = &self.order {
+            if parked_store.count() > 0
+                && let Err(e) = link.consumer.store_offsets(&parked_store)
+            {
+                tracing::debug!(error = %e, "storing parked offsets failed (partition revoked meanwhile?)");
+            }
+            if parked_resume.count() > 0
+                && let Err(e) = link.consumer.resume(&parked_resume)
+            {
+                tracing::warn!(error = %e, "resume of parked partitions failed");
+            }
+            for order in unknown {
+                if let Ok(r) = link.ready_at(&order.parked_topic, order.partition) {
+                    let key = (order.source_topic.clone(), order.partition);
+                    if let Some(p) = lock(&self.state).parts.get_mut(&key) {
+                        p.parked.ready_at = r;
+                    }
+                    if r.is_none() {
+                        order.set_ready();
+                    }
+                }
+            }
+        }
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::with_capacity(offsets.len());
             for (t, p, o) in &offsets {
@@ -1085,6 +1495,31 @@ impl Source {
         }
     }
 
+    /// Shutdown: ordered deliveries start nothing more (parked heads stop retrying), and the parked
+    /// partitions' finished prefixes are committed.
+    fn stop_ordered(&self) {
+        let Some(link) = &self.order else {
+            return;
+        };
+        let mut done = Vec::new();
+        for p in lock(&self.state).parts.values_mut() {
+            if let Some(order) = p.order.take() {
+                order.revoke();
+                p.parked.tracker.advance();
+                if let Some(o) = p.parked.tracker.committable() {
+                    done.push((order.parked_topic.clone(), order.partition, o));
+                }
+            }
+        }
+        // A synchronous commit talks to the broker: let the runtime move other tasks meanwhile.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| link.commit(&done))
+            }
+            _ => link.commit(&done),
+        }
+    }
+
     async fn shutdown(self) {
         tracing::info!(
             role = self.role.name(),
@@ -1112,6 +1547,7 @@ impl Source {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.housekeeping();
+        self.stop_ordered();
         lock(&self.state).closing = true;
         // Committing and leaving the group talk to the broker, and librdkafka's close has no timeout of
         // its own: run them off the async threads and give up after CLOSE_TIMEOUT (an unreachable broker

@@ -1,0 +1,617 @@
+//! Ordered delivery per key (subscriptions with `ordering: key`; ARCHITECTURE.md, invariant 15).
+//!
+//! For each source partition the source keeps one [`PartitionOrder`]: the partition's [`lanes`] (one
+//! per subscription and ordering key) and the tasks that carry out what the lanes decide. An event of
+//! an ordered subscription starts only when the event of its key before it has finished; different keys
+//! run side by side under the endpoint's usual limits.
+//!
+//! When an event fails and may be retried (or is deferred, or is dead-lettered under
+//! `on_dead_letter: hold`), its key **parks**: the event, with its attempts and due time, and every later
+//! event of the key are appended to the *parked topic* of the source topic (`<prefix>.parked.<topic>`,
+//! same partition number as the source partition, so its owner is the source partition's owner). Once
+//! Kafka acknowledged an append, the source record is done: a parked key never holds the source
+//! partition's commit. The source's owner reads its parked partitions (a second consumer, assigned the
+//! parked partitions of exactly the source partitions it owns), and delivers each parked key's events
+//! in offset order, retrying the head in place at its tiers' delays, while other parked keys go on.
+//! The parked partition's commit follows the same rule as every other: only over finished records.
+//!
+//! Whoever owns the source partition next (after a crash, a rebalance, a scale-out) reads the parked
+//! partition from its committed offset to the end it had at assignment before it starts any ordered
+//! event of that partition, so it knows every parked key (from Kafka, not from memory) first.
+
+pub mod lanes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::clock::{mono_ms, now_ms};
+use crate::completion::Completion;
+use crate::deliver::outcome::AttemptResult;
+use crate::dispatch::{Dispatcher, Verdict};
+use crate::matching::Subscription;
+use crate::matching::cache::Cache;
+use crate::model::{Event, KeySource, Prior};
+use crate::retry::publish::DlqReason;
+use crate::spill::Spill;
+use lanes::{Action, Finish, LaneKey, LaneView, Lanes};
+
+/// The parked topic of source topic `topic`.
+pub fn parked_topic(prefix: &str, topic: &str) -> String {
+    format!("{prefix}.parked.{topic}")
+}
+
+/// The ordering key of `event` for a subscription whose keys come from `source`; `None` when the event
+/// has none (it is then delivered unordered). `doc` caches the event's JSON document across the
+/// subscriptions of one record.
+pub fn key_of(
+    event: &Event,
+    record_key: Option<&[u8]>,
+    source: &KeySource,
+    doc: &mut Option<serde_json::Value>,
+) -> Option<Bytes> {
+    match source {
+        KeySource::RecordKey => record_key
+            .filter(|k| !k.is_empty())
+            .map(Bytes::copy_from_slice),
+        KeySource::Subject | KeySource::Data(_) => {
+            let doc = doc.get_or_insert_with(|| crate::decode::filter_document(event));
+            let v = match source {
+                KeySource::Subject => doc.get("subject"),
+                KeySource::Data(path) => path
+                    .iter()
+                    .try_fold(doc.get("data")?, |v, p| v.get(p.as_str())),
+                KeySource::RecordKey => None,
+            }?;
+            match v {
+                serde_json::Value::String(s) if !s.is_empty() => {
+                    Some(Bytes::copy_from_slice(s.as_bytes()))
+                }
+                serde_json::Value::Number(n) => Some(Bytes::from(n.to_string())),
+                serde_json::Value::Bool(b) => Some(Bytes::from(b.to_string())),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// An ordered event waiting in, or started from, its lane.
+pub enum OJob {
+    /// Taken from the source partition.
+    Source {
+        event: Arc<Event>,
+        sub: Arc<Subscription>,
+        done: Completion,
+        spill: Spill,
+    },
+    /// Read from the parked partition: an event with what happened before, or a hold marker.
+    Parked {
+        event: Arc<Event>,
+        subscription: Uuid,
+        prior: Prior,
+        due_ms: u64,
+        done: Completion,
+        hold: bool,
+    },
+}
+
+impl OJob {
+    fn finish(self) {
+        match self {
+            OJob::Source { done, .. } | OJob::Parked { done, .. } => done.done(),
+        }
+    }
+}
+
+impl lanes::Job for OJob {
+    fn parked(&self) -> bool {
+        matches!(self, OJob::Parked { .. })
+    }
+    fn hold(&self) -> bool {
+        matches!(self, OJob::Parked { hold: true, .. })
+    }
+}
+
+/// An operator's request about a parked key, read from the parked partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// A held key continues with its next event.
+    Release,
+    /// A retrying head is given up (dead-lettered `skipped`) and its key continues.
+    Skip,
+}
+
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Release => "release",
+            Control::Skip => "skip",
+        }
+    }
+}
+
+/// What every partition's ordered deliveries share.
+pub struct OrderContext {
+    pub dispatcher: Arc<Dispatcher>,
+    pub cache: Arc<Cache>,
+}
+
+/// The ordered deliveries of one source partition.
+pub struct PartitionOrder {
+    pub source_topic: Arc<str>,
+    pub partition: i32,
+    pub parked_topic: Arc<str>,
+    lanes: Mutex<Lanes<OJob>>,
+    /// Cancelled when the partition is revoked: parked heads stop retrying (the next owner goes on).
+    revoked: CancellationToken,
+    /// Running parked heads that an operator may skip.
+    skips: Mutex<HashMap<(LaneKey, i64), CancellationToken>>,
+    ctx: Arc<OrderContext>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a parked head's wait ended.
+enum Woken {
+    Due,
+    Skipped,
+    Revoked,
+}
+
+impl PartitionOrder {
+    pub fn new(
+        ctx: Arc<OrderContext>,
+        source_topic: Arc<str>,
+        partition: i32,
+        parked_topic: Arc<str>,
+        ready: bool,
+    ) -> Arc<PartitionOrder> {
+        Arc::new(PartitionOrder {
+            source_topic,
+            partition,
+            parked_topic,
+            lanes: Mutex::new(if ready {
+                Lanes::ready_now()
+            } else {
+                Lanes::default()
+            }),
+            revoked: CancellationToken::new(),
+            skips: Mutex::new(HashMap::new()),
+            ctx,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        lock(&self.lanes).is_ready()
+    }
+
+    /// A source record's delivery to an ordered subscription, for the key `key`.
+    pub fn source(
+        self: &Arc<Self>,
+        key: Bytes,
+        offset: i64,
+        event: Arc<Event>,
+        sub: Arc<Subscription>,
+        done: Completion,
+        spill: Spill,
+    ) {
+        let lane = (sub.id, key);
+        let job = OJob::Source {
+            event,
+            sub,
+            done,
+            spill,
+        };
+        let actions = lock(&self.lanes).source(lane, offset, job);
+        self.apply(actions);
+    }
+
+    /// A record read from the parked partition.
+    pub fn parked(self: &Arc<Self>, key: Bytes, offset: i64, job: OJob) {
+        let OJob::Parked { subscription, .. } = &job else {
+            return job.finish();
+        };
+        let lane = (*subscription, key);
+        let actions = lock(&self.lanes).parked(lane, offset, job, mono_ms());
+        self.apply(actions);
+    }
+
+    /// The parked partition was read to the end it had at assignment.
+    pub fn set_ready(self: &Arc<Self>) {
+        let actions = lock(&self.lanes).set_ready(mono_ms());
+        self.apply(actions);
+    }
+
+    /// An operator's request for the key `key` of `subscription` at `offset`. Returns whether it
+    /// applied (a key not held or not retrying there is left as it is).
+    pub fn control(
+        self: &Arc<Self>,
+        subscription: Uuid,
+        key: Bytes,
+        offset: i64,
+        c: Control,
+    ) -> bool {
+        let lane = (subscription, key);
+        if let Some(actions) = lock(&self.lanes).release(&lane, offset) {
+            tracing::info!(subscription = %subscription, offset, action = c.as_str(), "parked key released");
+            self.apply(actions);
+            return true;
+        }
+        if c == Control::Skip
+            && let Some(t) = lock(&self.skips).get(&(lane, offset))
+        {
+            t.cancel();
+            return true;
+        }
+        false
+    }
+
+    /// The partition was revoked: nothing more starts, queued and held jobs are dropped unfinished
+    /// (their records are not committed; the next owner delivers them), parked heads stop retrying.
+    pub fn revoke(&self) {
+        self.revoked.cancel();
+        let left = lock(&self.lanes).clear();
+        drop(left);
+    }
+
+    /// The parked keys of this partition.
+    pub fn parked_lanes(&self) -> Vec<LaneView> {
+        lock(&self.lanes).parked_lanes()
+    }
+
+    fn apply(self: &Arc<Self>, actions: Vec<Action<OJob>>) {
+        for a in actions {
+            match a {
+                Action::Start(lane, offset, job) => {
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move { this.run(lane, offset, job).await });
+                }
+                Action::Redirect(lane, _, job) => {
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move { this.redirect(lane, job).await });
+                }
+                Action::Drop(job) => job.finish(),
+                Action::Held(lane, offset) => {
+                    tracing::info!(subscription = %lane.0, offset, "ordered key held after a dead letter; waiting for release");
+                }
+            }
+        }
+    }
+
+    /// Appends a source job to the parked topic behind its key's earlier events.
+    async fn redirect(self: Arc<Self>, lane: LaneKey, job: OJob) {
+        let OJob::Source {
+            event, sub, done, ..
+        } = job
+        else {
+            return job.finish();
+        };
+        self.append(
+            &lane,
+            &event,
+            &sub.id_str,
+            Prior::default(),
+            now_ms(),
+            "event",
+            None,
+        )
+        .await;
+        done.done();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn append(
+        &self,
+        lane: &LaneKey,
+        event: &Event,
+        subscription: &str,
+        prior: Prior,
+        due_ms: u64,
+        kind: &str,
+        last: Option<&AttemptResult>,
+    ) {
+        self.ctx
+            .dispatcher
+            .publisher
+            .publish_parked(
+                &self.parked_topic,
+                self.partition,
+                &lane.1,
+                event,
+                subscription,
+                prior,
+                due_ms,
+                kind,
+                last,
+            )
+            .await;
+    }
+
+    fn finished(self: &Arc<Self>, lane: &LaneKey, offset: i64, how: Finish) {
+        let actions = lock(&self.lanes).finished(lane, offset, how, mono_ms());
+        self.apply(actions);
+    }
+
+    async fn run(self: Arc<Self>, lane: LaneKey, offset: i64, job: OJob) {
+        match job {
+            OJob::Source {
+                event,
+                sub,
+                done,
+                mut spill,
+            } => {
+                self.run_direct(lane, offset, event, sub, done, &mut spill)
+                    .await
+            }
+            OJob::Parked {
+                event,
+                subscription,
+                prior,
+                due_ms,
+                done,
+                ..
+            } => {
+                self.run_parked(lane, offset, event, subscription, prior, due_ms, done)
+                    .await
+            }
+        }
+    }
+
+    /// The head of a direct lane: one attempt; then delivered, dead-lettered, or parked.
+    async fn run_direct(
+        self: &Arc<Self>,
+        lane: LaneKey,
+        offset: i64,
+        event: Arc<Event>,
+        sub: Arc<Subscription>,
+        done: Completion,
+        spill: &mut Spill,
+    ) {
+        let d = &self.ctx.dispatcher;
+        let a = d.attempt(&event, &sub, Prior::default(), spill).await;
+        match d.verdict(&sub, Prior::default(), &a) {
+            (Verdict::Delivered, p) => {
+                d.delivered(&event, &sub, p, &a).await;
+                done.done();
+                self.finished(&lane, offset, Finish::Continue);
+            }
+            (Verdict::Tier { tier, .. }, p) => {
+                // Parked: this event first (due at its tier's time), its key's later ones behind it.
+                let due = d.due_for(tier);
+                self.finished(&lane, offset, Finish::Park);
+                tracing::debug!(subscription = %sub.id_str, offset, "ordered key parked");
+                d.metrics.parked.inc();
+                self.append(&lane, &event, &sub.id_str, p, due, "event", Some(&a.result))
+                    .await;
+                done.done();
+            }
+            (Verdict::Dead(reason), p) => {
+                let f = d.failure(&event, &sub, p, &a);
+                d.dead_letter(&f, &sub, reason).await;
+                self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
+                    .await;
+                done.done();
+            }
+        }
+    }
+
+    /// After a dead letter: the key continues, or (`on_dead_letter: hold`) a hold marker takes the
+    /// event's place and the key waits for an operator.
+    #[allow(clippy::too_many_arguments)]
+    async fn after_dead_letter(
+        self: &Arc<Self>,
+        lane: &LaneKey,
+        offset: i64,
+        event: &Event,
+        sub: &Subscription,
+        p: Prior,
+        reason: DlqReason,
+        last: &AttemptResult,
+    ) {
+        let hold = reason != DlqReason::Skipped && sub.ordering.as_ref().is_some_and(|o| o.hold);
+        if !hold {
+            return self.finished(lane, offset, Finish::Continue);
+        }
+        self.finished(lane, offset, Finish::Park);
+        self.append(
+            lane,
+            event,
+            &sub.id_str,
+            p,
+            now_ms(),
+            &format!("hold:{}", reason.as_str()),
+            Some(last),
+        )
+        .await;
+    }
+
+    /// The head of a parked lane: attempts at its due times until it is delivered or dead-lettered
+    /// (or skipped, or the partition is revoked).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_parked(
+        self: &Arc<Self>,
+        lane: LaneKey,
+        offset: i64,
+        event: Arc<Event>,
+        subscription: Uuid,
+        mut prior: Prior,
+        mut due_ms: u64,
+        done: Completion,
+    ) {
+        let skip = CancellationToken::new();
+        lock(&self.skips).insert((lane.clone(), offset), skip.clone());
+        let d = &self.ctx.dispatcher;
+        loop {
+            let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()));
+            let woken = tokio::select! {
+                biased;
+                _ = self.revoked.cancelled() => Woken::Revoked,
+                _ = skip.cancelled() => Woken::Skipped,
+                _ = tokio::time::sleep(wait) => Woken::Due,
+            };
+            let Some(sub) = self.ctx.cache.subscription(&subscription) else {
+                if matches!(woken, Woken::Revoked) {
+                    break;
+                }
+                // Deleted or disabled meanwhile: dead-letter it (replayable), the key continues.
+                let id = subscription.to_string();
+                let last = AttemptResult::Refused(format!(
+                    "subscription {id} no longer exists or is disabled"
+                ));
+                let f = crate::retry::publish::Failure {
+                    event: &event,
+                    subscription_id: &id,
+                    attempts: prior.attempts,
+                    deferrals: prior.deferrals,
+                    first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
+                    last: &last,
+                };
+                d.publisher.publish_dead(&f, DlqReason::Rejected).await;
+                done.done();
+                self.finished(&lane, offset, Finish::Continue);
+                break;
+            };
+            match woken {
+                Woken::Revoked => break,
+                Woken::Skipped => {
+                    tracing::info!(subscription = %sub.id_str, offset, "parked head skipped by an operator; dead-lettering");
+                    let last = AttemptResult::Refused("skipped by an operator".into());
+                    let f = crate::retry::publish::Failure {
+                        event: &event,
+                        subscription_id: &sub.id_str,
+                        attempts: prior.attempts,
+                        deferrals: prior.deferrals,
+                        first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
+                        last: &last,
+                    };
+                    d.dead_letter(&f, &sub, DlqReason::Skipped).await;
+                    done.done();
+                    self.finished(&lane, offset, Finish::Continue);
+                    break;
+                }
+                Woken::Due => {}
+            }
+            let a = d.attempt(&event, &sub, prior, &mut Spill::never()).await;
+            match d.verdict(&sub, prior, &a) {
+                (Verdict::Delivered, p) => {
+                    d.delivered(&event, &sub, p, &a).await;
+                    done.done();
+                    self.finished(&lane, offset, Finish::Continue);
+                    break;
+                }
+                (Verdict::Tier { tier, .. }, p) => {
+                    prior = p;
+                    due_ms = d.due_for(tier);
+                }
+                (Verdict::Dead(reason), p) => {
+                    let f = d.failure(&event, &sub, p, &a);
+                    d.dead_letter(&f, &sub, reason).await;
+                    self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
+                        .await;
+                    done.done();
+                    break;
+                }
+            }
+        }
+        lock(&self.skips).remove(&(lane, offset));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Encoding, Origin};
+
+    fn event(body: &str, headers: Vec<(Box<str>, Bytes)>, encoding: Encoding) -> Event {
+        Event {
+            id: "e1".into(),
+            event_type: "t".into(),
+            tenant: None,
+            encoding,
+            body: Bytes::from(body.to_string()),
+            content_type: http::HeaderValue::from_static("application/json"),
+            webhook_id: http::HeaderValue::from_static("e1"),
+            headers,
+            origin: Origin {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+            },
+        }
+    }
+
+    #[test]
+    fn keys_from_the_record_key_the_subject_or_a_data_path() {
+        let ev = event(
+            r#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"cust-7","data":{"customer":{"id":42,"tag":"x"},"flag":true,"obj":{}}}"#,
+            vec![],
+            Encoding::CloudEventsStructured,
+        );
+        let mut doc = None;
+        let k = |src: &KeySource, doc: &mut Option<serde_json::Value>| {
+            key_of(&ev, Some(b"rk"), src, doc)
+        };
+        assert_eq!(
+            k(&KeySource::RecordKey, &mut doc).as_deref(),
+            Some(&b"rk"[..])
+        );
+        assert_eq!(
+            key_of(&ev, Some(b""), &KeySource::RecordKey, &mut doc),
+            None
+        );
+        assert_eq!(key_of(&ev, None, &KeySource::RecordKey, &mut doc), None);
+        assert_eq!(
+            k(&KeySource::Subject, &mut doc).as_deref(),
+            Some(&b"cust-7"[..])
+        );
+        let path = |p: &str| KeySource::parse(Some(p)).unwrap();
+        assert_eq!(
+            k(&path("data.customer.id"), &mut doc).as_deref(),
+            Some(&b"42"[..])
+        );
+        assert_eq!(
+            k(&path("data.flag"), &mut doc).as_deref(),
+            Some(&b"true"[..])
+        );
+        assert_eq!(k(&path("data.obj"), &mut doc), None, "objects are no key");
+        assert_eq!(k(&path("data.missing.x"), &mut doc), None);
+        // Binary CloudEvents: the subject is a header.
+        let bin = event(
+            r#"{"n":1}"#,
+            vec![("ce_subject".into(), Bytes::from_static(b"s-1"))],
+            Encoding::CloudEventsBinary,
+        );
+        let mut doc = None;
+        assert_eq!(
+            key_of(&bin, None, &KeySource::Subject, &mut doc).as_deref(),
+            Some(&b"s-1"[..])
+        );
+        assert_eq!(
+            key_of(&bin, None, &path("data.n"), &mut doc).as_deref(),
+            Some(&b"1"[..])
+        );
+    }
+
+    #[test]
+    fn key_sources_parse_and_refuse_what_they_do_not_know() {
+        assert_eq!(KeySource::parse(None), Ok(KeySource::RecordKey));
+        assert_eq!(
+            KeySource::parse(Some("record_key")),
+            Ok(KeySource::RecordKey)
+        );
+        assert_eq!(
+            KeySource::parse(Some("data.a.b")),
+            Ok(KeySource::Data(vec!["a".into(), "b".into()]))
+        );
+        assert!(KeySource::parse(Some("data.")).is_err());
+        assert!(KeySource::parse(Some("data.a..b")).is_err());
+        assert!(KeySource::parse(Some("key")).is_err());
+    }
+}

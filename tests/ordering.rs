@@ -1,0 +1,243 @@
+//! Ordered delivery per key (`ordering: key`) against a real Apache Kafka broker and real receivers:
+//! order per key through random failures, a failing key that parks only itself, `on_dead_letter: hold`
+//! with a release through the API.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{
+    Api, Broker, Hookline, Receiver, Record, Reply, base_config, sub, sub_id, yaml_store,
+};
+use serde_json::json;
+
+const TOKEN: &str = "ordering-test-admin-token-0123456789";
+
+/// Short tiers: a retried head comes back within a fraction of a second.
+fn config(broker: &Broker, topic: &str) -> String {
+    base_config(broker, &[topic], &format!("g-{}", common::rand_suffix())).replace(
+        "tiers = [\"1s\", \"2s\", \"3s\"]",
+        "tiers = [\"200ms\", \"400ms\", \"800ms\", \"1s\", \"2s\"]\njitter = 0.0",
+    )
+}
+
+fn ordered(id: u32, url: &str) -> serde_json::Value {
+    let mut s = sub(id, url, &["order.*"]);
+    s["ordering"] = json!("key");
+    s
+}
+
+/// Event `i` of `keys` keys: id `evt-{i:05}`, key `k{i % keys}`; its rank within its key is `i / keys`.
+fn records(n: usize, keys: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            partition: None,
+            key: Some(format!("k{}", i % keys)),
+            value: serde_json::to_vec(&common::plain_event(i, "order.created", None)).unwrap(),
+            headers: vec![],
+        })
+        .collect()
+}
+
+fn index_of(webhook_id: &str) -> usize {
+    webhook_id
+        .strip_prefix("evt-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected webhook-id {webhook_id}"))
+}
+
+/// Checks the receiver's acknowledgements, in the order it answered them: per key, no event is
+/// acknowledged after a later event of its key was (a repeat of the latest one is allowed). Returns the
+/// number of repeated acknowledgements.
+fn assert_in_order(log: &[common::Received], keys: usize) -> usize {
+    let mut latest: HashMap<usize, usize> = HashMap::new();
+    let mut repeats = 0;
+    for r in log
+        .iter()
+        .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+    {
+        let i = index_of(&r.webhook_id);
+        let (key, rank) = (i % keys, i / keys);
+        match latest.get(&key) {
+            Some(&l) if rank < l => panic!(
+                "key k{key}: evt-{i:05} (rank {rank}) acknowledged after rank {l} of the same key"
+            ),
+            Some(&l) if rank == l => repeats += 1,
+            _ => {
+                latest.insert(key, rank);
+            }
+        }
+    }
+    repeats
+}
+
+/// A behaviour answering 500 to the first attempt of about `share` of the events (chosen at random,
+/// seeded), 200 otherwise.
+fn fail_first_attempts(share: f64, seed: u64) -> impl Fn(&common::Received) -> Reply + Send + Sync {
+    let rng = Mutex::new(fastrand::Rng::with_seed(seed));
+    let seen: Mutex<HashMap<String, usize>> = Mutex::new(HashMap::new());
+    move |r| {
+        let mut seen = seen.lock().unwrap();
+        let n = seen.entry(r.webhook_id.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 && rng.lock().unwrap().f64() < share {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    }
+}
+
+/// Must show 1: 10 000 events over 1 000 keys on 4 partitions, 20 % of first attempts failing at random:
+/// every event delivered, and per key never an event acknowledged after a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stay_in_order_through_random_failures() {
+    let broker = Broker::shared();
+    let topic = broker.topic("ordered", 4);
+    let rx = Receiver::start(fail_first_attempts(0.2, 7)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Hookline::start(
+        dir.path(),
+        &config(broker, &topic),
+        &[ordered(1, &rx.url())],
+    );
+    h.wait_ready(Duration::from_secs(60)).await;
+    let (n, keys) = (10_000, 1_000);
+    let t0 = Instant::now();
+    broker.produce(&topic, &records(n, keys)).await;
+    rx.wait_acked(&common::ids(0..n), Duration::from_secs(180))
+        .await;
+    let took = t0.elapsed();
+    let log = rx.received();
+    let failed_first = log.iter().filter(|r| r.status == Some(500)).count();
+    let repeats = assert_in_order(&log, keys);
+    let parked = h.metric("hookline_ordered_parked_total").await;
+    println!(
+        "{n} events over {keys} keys in {took:?}: {failed_first} first attempts failed, {parked} parks, \
+         {repeats} repeated acknowledgements, {} requests",
+        log.len()
+    );
+    assert!(failed_first > n / 10, "the receiver failed {failed_first}");
+    // A failure of a key's direct event parks the key; a failure of an event already parked is
+    // retried in place.
+    assert!(
+        parked > 0.0 && parked <= failed_first as f64,
+        "{parked} parks for {failed_first} failures"
+    );
+    assert_eq!(
+        repeats, 0,
+        "no crash, no timeout: no repeated acknowledgement"
+    );
+    // Everything finished: the parked keys drained and the source partitions' commits caught up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = h.metrics().await;
+        let keys_left = common::metric_value(&m, "hookline_parked_keys");
+        if keys_left == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{keys_left} keys still parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Must show 4: `on_dead_letter: hold`: a rejected event keeps its key parked (its later events wait,
+/// other keys flow) until released through the API; then the key's later events arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_waits_for_its_release() {
+    let broker = Broker::shared();
+    let topic = broker.topic("held", 2);
+    // evt-00020 (key k0, rank 2) is rejected; everything else is accepted.
+    let rx = Receiver::start(|r: &common::Received| {
+        if r.webhook_id == "evt-00020" {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ordered(1, &rx.url());
+    s["on_dead_letter"] = json!("hold");
+    let cfg = config(broker, &topic);
+    let mut h = Hookline::start_with_store(
+        dir.path(),
+        &cfg,
+        &yaml_store(dir.path(), &[s]),
+        Some(TOKEN),
+        &[],
+    );
+    h.wait_ready(Duration::from_secs(60)).await;
+    let api = Api::new(&h, TOKEN);
+    let (n, keys) = (100, 10);
+    broker.produce(&topic, &records(n, keys)).await;
+    // Every key but k0 is delivered completely; k0 stops after its rejected rank 2.
+    let others: std::collections::HashSet<String> = (0..n)
+        .filter(|i| !i.is_multiple_of(keys) || *i < 20)
+        .map(|i| format!("evt-{i:05}"))
+        .collect();
+    rx.wait_acked(&others, Duration::from_secs(60)).await;
+    let path = format!("/v1/subscriptions/{}/parked-keys", sub_id(1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let (st, body) = api.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(st, 200, "{body}");
+        if body["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no parked key listed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let k = &listed["data"][0];
+    assert_eq!(
+        (k["key"].as_str(), k["state"].as_str()),
+        (Some("k0"), Some("held")),
+        "{listed}"
+    );
+    assert_eq!(
+        k["backlog"], 7,
+        "k0's ranks 3..9 wait behind the hold: {listed}"
+    );
+    // Held, not just slow: nothing of k0 after rank 2 arrives while it is held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later_k0 = |log: &[common::Received]| {
+        log.iter()
+            .filter(|r| {
+                let i = index_of(&r.webhook_id);
+                i.is_multiple_of(keys) && i > 20
+            })
+            .count()
+    };
+    assert_eq!(later_k0(&rx.received()), 0, "k0 delivered past its hold");
+    let dlq = broker.read_all(&format!("{}.dlq", common::prefix_of(&cfg)));
+    assert_eq!(dlq.len(), 1, "the rejected event is dead-lettered");
+    assert_eq!(dlq[0].headers["hookline-dlq-reason"], "rejected");
+    // Bad requests name the field.
+    let (st, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("{path}/release"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((st, body["field"].as_str()), (400, Some("key")), "{body}");
+    let (st, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("{path}/release"),
+            Some(json!({"key": "k0"})),
+        )
+        .await;
+    assert_eq!(st, 202, "{body}");
+    let mut all = common::ids(0..n);
+    all.remove("evt-00020");
+    rx.wait_acked(&all, Duration::from_secs(30)).await;
+    let log = rx.received();
+    assert_in_order(&log, keys);
+    let (st, body) = api.call(reqwest::Method::GET, &path, None).await;
+    assert_eq!(st, 200);
+    assert_eq!(body["data"], json!([]), "released and drained: {body}");
+    assert_eq!(h.metric("hookline_parked_keys").await, 0.0);
+}
