@@ -23,6 +23,19 @@ fn config(broker: &Broker, topic: &str) -> String {
     )
 }
 
+/// For keys that fail for many seconds: tiers long enough (18.5 s in all) that their heads are not
+/// exhausted meanwhile, and a breaker that does not open. (Only a few keys' events fail; with its
+/// defaults the endpoint's breaker would open after the parked heads' ten failures in a row and park
+/// every key that has an event meanwhile.)
+fn long_failures(cfg: &str) -> String {
+    let short = "tiers = [\"200ms\", \"400ms\", \"800ms\", \"1s\", \"2s\"]";
+    assert!(cfg.contains(short));
+    cfg.replace(
+        short,
+        "tiers = [\"500ms\", \"1s\", \"2s\", \"5s\", \"10s\"]",
+    ) + "[delivery.breaker]\nconsecutive_failures = 100000\nfailure_ratio = 1.0\n"
+}
+
 fn ordered(id: u32, url: &str) -> serde_json::Value {
     let mut s = sub(id, url, &["order.*"]);
     s["ordering"] = json!("key");
@@ -336,13 +349,7 @@ async fn parked_keys_survive_kill_9_and_a_rebalance() {
         }
     })
     .await;
-    let cfg = common::fast_failover(&config(broker, &topic), "consumer").replace(
-        "tiers = [\"200ms\", \"400ms\", \"800ms\", \"1s\", \"2s\"]",
-        "tiers = [\"500ms\", \"1s\", \"2s\", \"5s\", \"10s\"]",
-    ) +
-    // Only ten keys' events fail; with its default, the endpoint's breaker would open after the
-    // parked heads' ten failures in a row and park every key that has an event meanwhile.
-    "[delivery.breaker]\nconsecutive_failures = 100000\nfailure_ratio = 1.0\n";
+    let cfg = long_failures(&common::fast_failover(&config(broker, &topic), "consumer"));
     let subs = [ordered(1, &rx.url())];
     let good = |range: std::ops::Range<usize>| -> std::collections::HashSet<String> {
         range
@@ -425,5 +432,149 @@ async fn parked_keys_survive_kill_9_and_a_rebalance() {
         dlq.is_empty(),
         "nothing exhausted: {} dead letters",
         dlq.len()
+    );
+}
+
+/// Offers events `first..first + rate * secs` (keys as [`records`]) at `rate` per second in tenths of
+/// a second; returns when it has offered them all.
+async fn offer(broker: &Broker, topic: &str, first: usize, rate: usize, secs: usize, keys: usize) {
+    let start = Instant::now();
+    for tick in 0..secs * 10 {
+        let from = first + tick * rate / 10;
+        let batch: Vec<Record> = (from..from + rate / 10)
+            .map(|i| Record {
+                partition: None,
+                key: Some(format!("k{}", i % keys)),
+                value: serde_json::to_vec(&common::plain_event(i, "order.created", None)).unwrap(),
+                headers: vec![],
+            })
+            .collect();
+        broker.produce(topic, &batch).await;
+        tokio::time::sleep_until((start + Duration::from_millis(100 * (tick as u64 + 1))).into())
+            .await;
+    }
+}
+
+/// Must show 2 and 5, under the same steady load in each phase (1 000 events/s over 1 000 keys for
+/// 10 s): one key failing for the whole phase costs the 999 others under 10 % of their throughput
+/// in a phase without failure, the source partitions' commits keep moving meanwhile, and an
+/// unordered subscription on the same topic delivers as fast as when it was alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_key_costs_the_other_keys_nothing() {
+    let broker = Broker::shared();
+    let topic = broker.topic("ordload", 4);
+    let (keys, rate, secs) = (1000, 1000, 10);
+    let n = rate * secs;
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = failing.clone();
+    let rx_o = Receiver::start(move |r: &common::Received| {
+        if index_of(&r.webhook_id).is_multiple_of(keys)
+            && f.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let rx_u = Receiver::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let unordered = sub(2, &rx_u.url(), &["order.*"]);
+    let cfg = long_failures(&config(broker, &topic));
+    let mut h = Hookline::start(dir.path(), &cfg, std::slice::from_ref(&unordered));
+    h.wait_ready(Duration::from_secs(60)).await;
+    let phase = |first: usize| (first..first + n).map(|i| format!("evt-{i:05}"));
+    let others = |first: usize| -> std::collections::HashSet<String> {
+        phase(first)
+            .filter(|id| !index_of(id).is_multiple_of(keys))
+            .collect()
+    };
+
+    // Phase 1: the unordered subscription alone.
+    let t = Instant::now();
+    offer(broker, &topic, 0, rate, secs, keys).await;
+    rx_u.wait_acked(&phase(0).collect(), Duration::from_secs(60))
+        .await;
+    let alone = t.elapsed();
+
+    // Phase 2: an ordered subscription beside it, nothing failing.
+    yaml_store(dir.path(), &[unordered.clone(), ordered(1, &rx_o.url())]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.metric("hookline_subscriptions_cached").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the ordered subscription was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    offer(broker, &topic, n, rate, secs, keys).await;
+    rx_u.wait_acked(&phase(n).collect(), Duration::from_secs(60))
+        .await;
+    let beside = t.elapsed();
+    rx_o.wait_acked(&phase(n).collect(), Duration::from_secs(60))
+        .await;
+    let ordered_healthy = t.elapsed();
+
+    // Phase 3: key k0 fails for the whole phase.
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sampler = common::phases::CommitDelaySampler::start(h.admin);
+    let t = Instant::now();
+    offer(broker, &topic, 2 * n, rate, secs, keys).await;
+    rx_u.wait_acked(&phase(2 * n).collect(), Duration::from_secs(60))
+        .await;
+    let beside_failing = t.elapsed();
+    wait_acked_or_dump(&rx_o, &others(2 * n), Duration::from_secs(60), &[&h]).await;
+    let ordered_failing = t.elapsed();
+    let max_commit_delay = sampler.stop().await;
+    let k0_during = rx_o
+        .received()
+        .iter()
+        .filter(|r| {
+            let i = index_of(&r.webhook_id);
+            i >= 2 * n && i.is_multiple_of(keys) && r.status == Some(200)
+        })
+        .count();
+    let parked_keys = h.metric("hookline_parked_keys").await;
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_acked_or_dump(
+        &rx_o,
+        &common::ids(n..3 * n),
+        Duration::from_secs(60),
+        &[&h],
+    )
+    .await;
+    assert_in_order(&rx_o.received(), keys);
+
+    let ratio = |base: Duration, d: Duration| base.as_secs_f64() / d.as_secs_f64();
+    let (others_ratio, unordered_ratio, unordered_failing_ratio) = (
+        ratio(ordered_healthy, ordered_failing),
+        ratio(alone, beside),
+        ratio(alone, beside_failing),
+    );
+    println!(
+        "{n} events per phase at {rate}/s over {keys} keys: unordered alone {alone:?}, beside the ordered \
+         subscription {beside:?} (ratio {unordered_ratio:.3}), beside it with k0 failing {beside_failing:?} \
+         (ratio {unordered_failing_ratio:.3}); ordered, all healthy {ordered_healthy:?}, 999 keys while \
+         k0 failed {ordered_failing:?} (throughput ratio {others_ratio:.3}); longest source commit hold \
+         meanwhile {max_commit_delay:.2} s; parked keys at the end of the phase {parked_keys}"
+    );
+    assert_eq!(k0_during, 0, "k0 failed throughout the phase");
+    assert_eq!(parked_keys, 1.0, "only k0 parked");
+    assert!(
+        others_ratio >= 0.9,
+        "the other keys lost throughput: {others_ratio:.3}"
+    );
+    assert!(
+        unordered_ratio >= 0.9,
+        "the unordered subscription lost throughput: {unordered_ratio:.3}"
+    );
+    assert!(
+        unordered_failing_ratio >= 0.9,
+        "the unordered subscription lost throughput while k0 failed: {unordered_failing_ratio:.3}"
+    );
+    assert!(
+        max_commit_delay < 3.0,
+        "a parked key held a source partition's commit for {max_commit_delay:.2} s"
     );
 }
