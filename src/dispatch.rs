@@ -265,6 +265,7 @@ impl Dispatcher {
             deferrals: p.deferrals,
             first_failure_ms: p.first_failure_ms.unwrap_or_else(now_ms),
             last: &a.result,
+            ordering_key: None,
         }
     }
 
@@ -386,6 +387,7 @@ impl Dispatcher {
                 deferrals: prior.deferrals,
                 first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
                 last: &last,
+                ordering_key: None,
             };
             this.publisher
                 .publish_dead(&failure, DlqReason::Rejected)

@@ -209,6 +209,38 @@ fn header_str<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+fn header_bytes<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
+    let hs = m.headers()?;
+    hs.iter()
+        .filter(|hd| hd.key.eq_ignore_ascii_case(name))
+        .last()
+        .and_then(|hd| hd.value)
+}
+
+/// The marker of a replay's lane in an ordering key (`\0replay\0<id>\0<key>`).
+const REPLAY_LANE: &[u8] = b"\0replay\0";
+
+/// The ordering key a record had before any replay put it in a replay's lane.
+fn original_key(k: &[u8]) -> &[u8] {
+    match k.strip_prefix(REPLAY_LANE) {
+        Some(rest) => rest
+            .iter()
+            .position(|b| *b == 0)
+            .map_or(rest, |i| &rest[i + 1..]),
+        None => k,
+    }
+}
+
+/// The lane of replay `id` for ordering key `k`: its replayed events are ordered among themselves,
+/// beside (not behind) the key's live events.
+fn replay_lane(id: &str, k: &[u8]) -> Vec<u8> {
+    let mut out = REPLAY_LANE.to_vec();
+    out.extend_from_slice(id.as_bytes());
+    out.push(0);
+    out.extend_from_slice(original_key(k));
+    out
+}
+
 /// Reads the facts of a dead-letter record (the event is decoded for its id and type).
 pub fn describe(m: &BorrowedMessage<'_>) -> DlqRecord {
     let headers: Vec<(&str, Option<&[u8]>)> = m
@@ -951,13 +983,40 @@ pub async fn run(
                         }
                     }
                     let tier = matches!(target, Target::Tier(..));
-                    let headers = replay_headers(m, tier, &replay_id, now_ms());
+                    let mut headers = replay_headers(m, tier, &replay_id, now_ms());
+                    let ordering_key = header_bytes(m, h::ORDERING_KEY);
+                    let origin_partition = header_str(m, h::ORIGIN_PARTITION)
+                        .and_then(|p| p.trim().parse::<i32>().ok());
+                    let mut topic = topic;
+                    let mut partition = None;
+                    let mut key: Option<Vec<u8>> = None;
+                    match (tier, ordering_key, &r.origin_topic, origin_partition) {
+                        // An ordered subscription's event goes through the parked topic of its
+                        // origin partition, in a lane of this replay: the replayed events of a
+                        // key are delivered in their order, one at a time.
+                        (true, Some(k), Some(origin), Some(p)) => {
+                            topic = crate::order::parked_topic(&config.retry.topic_prefix, origin);
+                            partition = Some(p);
+                            key = Some(replay_lane(&replay_id, k));
+                            headers = headers.insert(rdkafka::message::Header {
+                                key: h::PARKED,
+                                value: Some(b"event"),
+                            });
+                        }
+                        // A tier record is keyed by its subscription, as hookline's own are.
+                        (true, _, _, _) => key = m.key().map(<[u8]>::to_vec),
+                        // Back on the source topic, an ordered event keeps its ordering key.
+                        (false, Some(k), _, _) => key = Some(original_key(k).to_vec()),
+                        (false, None, _, _) => {}
+                    }
                     let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
                         .payload(m.payload().unwrap_or_default())
                         .headers(headers);
-                    // A tier record is keyed by its subscription, as hookline's own are.
-                    if tier && let Some(k) = m.key() {
+                    if let Some(k) = &key {
                         rec = rec.key(k);
+                    }
+                    if let Some(p) = partition {
+                        rec = rec.partition(p);
                     }
                     producer
                         .send(rec, Duration::from_secs(30))
@@ -1045,6 +1104,15 @@ mod tests {
             !f.matches(&undecodable),
             "a type filter excludes records without a type"
         );
+    }
+
+    #[test]
+    fn replay_lanes_wrap_the_original_key_once() {
+        let lane = replay_lane("r1", b"cust/7");
+        assert_eq!(lane, b"\0replay\0r1\0cust/7");
+        assert_eq!(original_key(&lane), b"cust/7");
+        assert_eq!(replay_lane("r2", &lane), b"\0replay\0r2\0cust/7");
+        assert_eq!(original_key(b"plain"), b"plain");
     }
 
     #[test]

@@ -392,7 +392,8 @@ impl PartitionOrder {
                 done.done();
             }
             (Verdict::Dead(reason), p) => {
-                let f = d.failure(&event, &sub, p, &a);
+                let mut f = d.failure(&event, &sub, p, &a);
+                f.ordering_key = Some(&lane.1);
                 d.dead_letter(&f, &sub, reason).await;
                 self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
                     .await;
@@ -471,6 +472,7 @@ impl PartitionOrder {
                     deferrals: prior.deferrals,
                     first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
                     last: &last,
+                    ordering_key: Some(&lane.1),
                 };
                 d.publisher.publish_dead(&f, DlqReason::Rejected).await;
                 done.done();
@@ -489,6 +491,7 @@ impl PartitionOrder {
                         deferrals: prior.deferrals,
                         first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
                         last: &last,
+                        ordering_key: Some(&lane.1),
                     };
                     d.dead_letter(&f, &sub, DlqReason::Skipped).await;
                     done.done();
@@ -510,7 +513,8 @@ impl PartitionOrder {
                     due_ms = d.due_for(tier);
                 }
                 (Verdict::Dead(reason), p) => {
-                    let f = d.failure(&event, &sub, p, &a);
+                    let mut f = d.failure(&event, &sub, p, &a);
+                    f.ordering_key = Some(&lane.1);
                     d.dead_letter(&f, &sub, reason).await;
                     self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
                         .await;

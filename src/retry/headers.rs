@@ -23,6 +23,9 @@ pub const VALUE_OMITTED: &str = "hookline-value-omitted";
 /// marker of a dead-lettered event holding its key, `on_dead_letter: hold`), or an operator's `release`
 /// / `skip` of the key at `hookline-origin-offset`.
 pub const PARKED: &str = "hookline-parked";
+/// On a dead-letter record of an ordered subscription's event: its ordering key (raw bytes). A replay
+/// to a tier sends such records through the parked topic of their origin partition, in order per key.
+pub const ORDERING_KEY: &str = "hookline-ordering-key";
 /// The run of `hookline replay` that re-published a record.
 pub const REPLAY_ID: &str = "hookline-replay-id";
 

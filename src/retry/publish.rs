@@ -63,6 +63,9 @@ pub struct Failure<'a> {
     /// Epoch ms of the first failure of this delivery.
     pub first_failure_ms: u64,
     pub last: &'a AttemptResult,
+    /// The ordering key of an ordered subscription's event (`hookline-ordering-key` on its
+    /// dead-letter record, so that a replay keeps its order per key).
+    pub ordering_key: Option<&'a [u8]>,
 }
 
 pub struct Publisher {
@@ -272,6 +275,7 @@ impl Publisher {
             deferrals: prior.deferrals,
             first_failure_ms: prior.first_failure_ms.unwrap_or(0),
             last: last.unwrap_or(&waiting),
+            ordering_key: None,
         };
         let mut hs = delivery_headers(&f, Some(due_ms), None, last.is_some());
         hs = hs.insert(Header {
@@ -637,6 +641,12 @@ fn delivery_headers(
         hs = hs.insert(Header {
             key: h::DLQ_REASON,
             value: Some(r.as_str().as_bytes()),
+        });
+    }
+    if let Some(k) = f.ordering_key {
+        hs = hs.insert(Header {
+            key: h::ORDERING_KEY,
+            value: Some(k),
         });
     }
     hs
