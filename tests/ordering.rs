@@ -197,10 +197,11 @@ async fn a_held_key_waits_for_its_release() {
     let listed = loop {
         let (st, body) = api.call(reqwest::Method::GET, &path, None).await;
         assert_eq!(st, 200, "{body}");
-        if body["data"].as_array().is_some_and(|d| !d.is_empty()) {
+        // Parked first ("waiting" while its hold marker is on its way), then held with its backlog.
+        if body["data"][0]["state"] == "held" && body["data"][0]["backlog"] == 7 {
             break body;
         }
-        assert!(Instant::now() < deadline, "no parked key listed: {body}");
+        assert!(Instant::now() < deadline, "no held key listed: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let k = &listed["data"][0];
@@ -654,4 +655,71 @@ async fn a_replay_keeps_the_order_of_a_keys_dead_letters() {
         "{} replayed events of k0 delivered in order; {replayed_failures} failed once on the way",
         k0.len()
     );
+}
+
+/// A parked head waiting longer than `source.max_commit_delay` for its next attempt goes back to the
+/// parked topic with its attempts and due time: after a kill -9 it is not attempted more often than
+/// its schedule allows, and its key's later events still wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_waiting_head_keeps_its_attempts_across_a_kill_9() {
+    let broker = Broker::shared();
+    let topic = broker.topic("ordrequeue", 1);
+    // evt-00000 (key k0) fails its first three attempts; everything else is accepted.
+    let rx = Receiver::start(common::fail_first(3, 503)).await;
+    rx.set_behaviour({
+        let inner = common::fail_first(3, 503);
+        move |r: &common::Received| {
+            if r.webhook_id == "evt-00000" {
+                inner(r)
+            } else {
+                Reply::Status(200)
+            }
+        }
+    });
+    let cfg = config(broker, &topic)
+        .replace(
+            "tiers = [\"200ms\", \"400ms\", \"800ms\", \"1s\", \"2s\"]",
+            "tiers = [\"1500ms\", \"2s\", \"3s\"]",
+        )
+        .replace("[source]\n", "[source]\nmax_commit_delay = \"1s\"\n");
+    let cfg = common::fast_failover(&cfg, "consumer");
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Hookline::start(dir.path(), &cfg, &[ordered(1, &rx.url())]);
+    h.wait_ready(Duration::from_secs(60)).await;
+    // k0: evt-00000 and evt-00002; k1: evt-00001.
+    broker.produce(&topic, &records(3, 2)).await;
+    rx.wait_acked(
+        &common::id_set(["evt-00001".to_string()]),
+        Duration::from_secs(30),
+    )
+    .await;
+    // The third attempt failed: the head went back to the parked topic with attempt 3.
+    let parked_topic = format!("{}.parked.{topic}", common::prefix_of(&cfg));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let copies: Vec<String> = broker
+            .read_all(&parked_topic)
+            .into_iter()
+            .filter(|r| r.headers.get("hookline-origin-offset").map(String::as_str) == Some("0"))
+            .filter_map(|r| r.headers.get("hookline-attempt").cloned())
+            .collect();
+        if copies.contains(&"3".to_string()) {
+            assert_eq!(copies, ["1", "2", "3"], "one append per long wait");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no requeue with attempt 3: {copies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.kill9();
+    h.restart();
+    h.wait_ready(Duration::from_secs(60)).await;
+    let k0 = common::id_set(["evt-00000".to_string(), "evt-00002".to_string()]);
+    wait_acked_or_dump(&rx, &k0, Duration::from_secs(30), &[&h]).await;
+    let log = rx.received();
+    let attempts = log.iter().filter(|r| r.webhook_id == "evt-00000").count();
+    assert_eq!(attempts, 4, "1 + 3 tiers, the restart included");
+    assert_eq!(assert_in_order(&log, 2), 0);
 }

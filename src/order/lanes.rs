@@ -166,7 +166,6 @@ impl<J: Job> Lanes<J> {
         // marker replaces its event, which is running when the marker comes back.)
         let running_same = lane.running == Some(offset) && !job.hold();
         if offset <= lane.finished
-            || lane.queue.contains_key(&offset)
             || lane.held.as_ref().is_some_and(|(o, _)| *o == offset)
             || running_same
         {
@@ -176,12 +175,16 @@ impl<J: Job> Lanes<J> {
             lane.parked = true;
             lane.parked_at = now;
         }
-        lane.queue.insert(offset, job);
-        if self.ready {
-            self.next(&key)
-        } else {
-            Vec::new()
+        // Of two copies of one event, the later read is the later append: it carries the newer
+        // state (more attempts, a hold marker), and a source copy gives way to a parked one.
+        let mut out = Vec::new();
+        if let Some(old) = lane.queue.insert(offset, job) {
+            out.push(Action::Drop(old));
         }
+        if self.ready {
+            out.extend(self.next(&key));
+        }
+        out
     }
 
     /// The parked partition was read to the end it had at assignment: start what may start. Queued
@@ -464,18 +467,17 @@ mod tests {
         assert!(l.source(key("b"), 11, src("b11")).is_empty());
         assert!(l.parked(key("a"), 7, pk("a7"), 0).is_empty());
         // A copy of an event appended twice (redirected, then re-read from the source after a crash).
-        assert_eq!(names(&l.parked(key("a"), 10, pk("a10'"), 0)), ["drop a10'"]);
+        // Its parked copy (it was redirected before the restart) takes the source copy's place.
+        assert_eq!(names(&l.parked(key("a"), 10, pk("a10'"), 0)), ["drop a10"]);
+        // A source event of a key that turns out parked follows its parked events.
+        assert!(l.source(key("a"), 12, src("a12")).is_empty());
         let mut acts = names(&l.set_ready(5));
         acts.sort();
-        // a10 follows a7 to the parked topic; b has nothing parked and starts.
-        assert_eq!(acts, ["redirect a10 @10", "start a7 @7", "start b11 @11"]);
+        // b has nothing parked and starts; a starts with its oldest parked event.
+        assert_eq!(acts, ["redirect a12 @12", "start a7 @7", "start b11 @11"]);
         assert_eq!(
             names(&l.finished(&key("a"), 7, Finish::Continue, 0)),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            names(&l.parked(key("a"), 10, pk("a10"), 0)),
-            ["start a10 @10"]
+            ["start a10' @10"]
         );
     }
 
@@ -491,6 +493,16 @@ mod tests {
         l.finished(&key("a"), 3, Finish::Continue, 0);
         assert_eq!(names(&l.parked(key("a"), 2, pk("old"), 0)), ["drop old"]);
         assert_eq!(names(&l.source(key("a"), 5, src("s5"))), ["drop s5"]);
+    }
+
+    #[test]
+    fn of_two_copies_of_an_event_the_later_read_wins() {
+        let mut l: Lanes<J> = Lanes::default();
+        assert!(l.source(key("a"), 3, src("s3")).is_empty());
+        // Re-read after a restart: the event appended at attempt 1, then again at attempt 2.
+        assert_eq!(names(&l.parked(key("a"), 3, pk("try1"), 0)), ["drop s3"]);
+        assert_eq!(names(&l.parked(key("a"), 3, pk("try2"), 0)), ["drop try1"]);
+        assert_eq!(names(&l.set_ready(0)), ["start try2 @3"]);
     }
 
     #[test]

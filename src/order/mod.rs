@@ -138,6 +138,10 @@ impl Control {
 pub struct OrderContext {
     pub dispatcher: Arc<Dispatcher>,
     pub cache: Arc<Cache>,
+    /// A parked head whose next attempt is further away than this (`source.max_commit_delay`) is
+    /// appended again with its attempts and due time, rather than kept waiting in memory: its count
+    /// of attempts survives a restart.
+    pub requeue_after: Duration,
 }
 
 /// The ordered deliveries of one source partition.
@@ -511,6 +515,23 @@ impl PartitionOrder {
                 (Verdict::Tier { tier, .. }, p) => {
                     prior = p;
                     due_ms = d.due_for(tier);
+                    if due_ms.saturating_sub(now_ms()) > self.ctx.requeue_after.as_millis() as u64 {
+                        // A long wait: the head goes back to the parked topic with what happened
+                        // (it is outstanding until read back, so nothing of its key overtakes it).
+                        self.finished(&lane, offset, Finish::Park);
+                        self.append(
+                            &lane,
+                            &event,
+                            &sub.id_str,
+                            prior,
+                            due_ms,
+                            "event",
+                            Some(&a.result),
+                        )
+                        .await;
+                        done.done();
+                        break;
+                    }
                 }
                 (Verdict::Dead(reason), p) => {
                     let mut f = d.failure(&event, &sub, p, &a);

@@ -767,6 +767,7 @@ impl Source {
                 ctx: Arc::new(OrderContext {
                     dispatcher: dispatcher.clone(),
                     cache: cache.clone(),
+                    requeue_after: config.source.max_commit_delay,
                 }),
                 parked_of,
                 source_of,
@@ -1162,7 +1163,8 @@ impl Source {
         // finish and the read would never reach its end.
         let pause = part.parked.ready_at.is_none()
             && !part.parked.paused
-            && part.parked.tracker.len() >= self.limits.per_partition;
+            && (part.parked.tracker.len() >= self.limits.per_partition
+                || part.parked.tracker.bytes() >= self.limits.per_partition_bytes);
         if pause {
             part.parked.paused = true;
         }
@@ -1406,7 +1408,10 @@ impl Source {
                     Offset::Offset(o),
                 );
             }
-            if p.parked.paused && p.parked.tracker.len() < self.limits.per_partition * 3 / 4 {
+            if p.parked.paused
+                && p.parked.tracker.len() < self.limits.per_partition * 3 / 4
+                && p.parked.tracker.bytes() < self.limits.per_partition_bytes * 3 / 4
+            {
                 p.parked.paused = false;
                 let _ = parked_resume.add_partition(&order.parked_topic, *partition);
             }
