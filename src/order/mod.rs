@@ -40,10 +40,7 @@ use crate::retry::publish::DlqReason;
 use crate::spill::Spill;
 use lanes::{Action, Finish, LaneKey, LaneView, Lanes};
 
-/// The parked topic of source topic `topic`.
-pub fn parked_topic(prefix: &str, topic: &str) -> String {
-    format!("{prefix}.parked.{topic}")
-}
+pub use crate::retry::parked_topic;
 
 /// The ordering key of `event` for a subscription whose keys come from `source`; `None` when the event
 /// has none (it is then delivered unordered). `doc` caches the event's JSON document across the

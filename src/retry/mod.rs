@@ -6,6 +6,11 @@ pub mod publish;
 pub mod receipt;
 pub mod tier;
 
+/// The parked topic of source topic `topic` (ordered delivery, `order/`): `<prefix>.parked.<topic>`.
+pub fn parked_topic(prefix: &str, topic: &str) -> String {
+    format!("{prefix}.parked.{topic}")
+}
+
 /// Topic names derived from the configured prefix and tiers.
 #[derive(Debug, Clone)]
 pub struct Topics {

@@ -439,7 +439,7 @@ async fn ensure_parked(
         let Some(&n) = have.get(source) else {
             continue;
         };
-        let parked = crate::order::parked_topic(&config.retry.topic_prefix, source);
+        let parked = super::parked_topic(&config.retry.topic_prefix, source);
         match have.get(&parked) {
             Some(&p) if p >= n => {}
             Some(_) => grow.push((parked, n)),
