@@ -106,6 +106,17 @@ pub enum SubscriptionsCommand {
         /// PEM file of the client certificate's private key.
         #[arg(long, requires = "tls_client_cert")]
         tls_client_key: Option<PathBuf>,
+        /// `key`: one event per ordering key at a time, in offset order; a failing key parks only
+        /// itself (default `none`).
+        #[arg(long, value_parser = ["none", "key"])]
+        ordering: Option<String>,
+        /// Where the ordering key comes from: `record_key` (default), `subject` or `data.<path>`.
+        #[arg(long, requires = "ordering")]
+        ordering_key: Option<String>,
+        /// After an ordered event is dead-lettered: `continue` (default) or `hold` the key until
+        /// released.
+        #[arg(long, requires = "ordering", value_parser = ["continue", "hold"])]
+        on_dead_letter: Option<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },

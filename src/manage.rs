@@ -104,6 +104,9 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             tenant,
             tls_client_cert,
             tls_client_key,
+            ordering,
+            ordering_key,
+            on_dead_letter,
             ..
         } => {
             let mut spec = SubscriptionSpec::new(
@@ -123,6 +126,20 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
             };
             spec.tls_client_cert = read("--tls-client-cert", &tls_client_cert)?;
             spec.tls_client_key = read("--tls-client-key", &tls_client_key)?;
+            // clap allows only the listed values.
+            if let Some(o) = ordering
+                .as_deref()
+                .and_then(crate::model::OrderingMode::parse)
+            {
+                spec.ordering = o;
+            }
+            spec.ordering_key = ordering_key;
+            if let Some(d) = on_dead_letter
+                .as_deref()
+                .and_then(crate::model::OnDeadLetter::parse)
+            {
+                spec.on_dead_letter = d;
+            }
             check(&spec, &defaults)?;
             store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "id: {}\nsecret: {}", spec.id, spec.secrets[0]);

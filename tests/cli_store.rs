@@ -215,3 +215,80 @@ fn migrate_refuses_the_yaml_store() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("store.kind"), "{out}");
 }
+
+/// `subscriptions create` sets ordered delivery; a bad ordering key is refused naming the flag's field.
+#[tokio::test]
+async fn create_an_ordered_subscription() {
+    use hookline::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let cfg = config(
+        dir.path(),
+        &format!("[store]\nkind = \"sqlite\"\npath = \"{}\"\n", db.display()),
+    );
+    assert_eq!(run(&["migrate"], &cfg).0, 0);
+    let base = [
+        "subscriptions",
+        "create",
+        "--url",
+        "https://example.com/h",
+        "--event-type",
+        "order.*",
+        "--ordering",
+        "key",
+    ];
+    let (code, out) = run(
+        &[
+            &base[..],
+            &[
+                "--ordering-key",
+                "data.customer.id",
+                "--on-dead-letter",
+                "hold",
+            ],
+        ]
+        .concat(),
+        &cfg,
+    );
+    assert_eq!(code, 0, "{out}");
+    let id: uuid::Uuid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store =
+        hookline::store::sqlite::SqliteStore::open(db.clone(), std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+    let spec = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            spec.ordering,
+            spec.ordering_key.as_deref(),
+            spec.on_dead_letter
+        ),
+        (
+            hookline::model::OrderingMode::Key,
+            Some("data.customer.id"),
+            hookline::model::OnDeadLetter::Hold
+        )
+    );
+    let (code, out) = run(&[&base[..], &["--ordering-key", "header.x"]].concat(), &cfg);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("ordering_key"), "{out}");
+    let (code, out) = run(
+        &[
+            "subscriptions",
+            "create",
+            "--url",
+            "https://example.com/h",
+            "--event-type",
+            "a",
+            "--ordering-key",
+            "subject",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, 2, "--ordering-key needs --ordering: {out}");
+}

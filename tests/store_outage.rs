@@ -73,7 +73,7 @@ async fn cassandra_stopped_under_load_keeps_delivering_and_recovers() {
     std::fs::write(&cli_cfg, format!("{cfg}\n{store}")).unwrap();
     for _ in 0..2 {
         let out = node.migrate(&cli_cfg);
-        assert!(out.contains("17 schema statements applied"), "{out}");
+        assert!(out.contains("20 schema statements applied"), "{out}");
     }
     let rx = Receiver::ok().await;
     let subs = dir.path().join("import.yaml");

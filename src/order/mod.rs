@@ -279,6 +279,16 @@ impl PartitionOrder {
                 }
                 Action::Drop(job) => job.finish(),
                 Action::Held(lane, offset) => {
+                    // A deleted or disabled subscription has nobody to release its keys: they
+                    // continue (their parked events are dead-lettered like any of such a
+                    // subscription's retries).
+                    if self.ctx.cache.subscription(&lane.0).is_none() {
+                        let next = lock(&self.lanes).release(&lane, offset);
+                        if let Some(next) = next {
+                            self.apply(next);
+                        }
+                        continue;
+                    }
                     tracing::info!(subscription = %lane.0, offset, "ordered key held after a dead letter; waiting for release");
                 }
             }
