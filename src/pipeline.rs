@@ -246,6 +246,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         stop.clone(),
     ));
 
+    // Ordered delivery: the parked keys of the partitions owned here, published for group-wide
+    // listings.
+    let handle = source.handle();
+    tokio::spawn(crate::order::publish_key_states(
+        move || handle.orders(),
+        dispatcher.publisher.producer(),
+        crate::retry::parked_keys_topic(&config.retry.topic_prefix),
+        config
+            .source
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("pid {} admin {}", std::process::id(), config.admin.listen)),
+        stop.clone(),
+    ));
+
     for setting in config.obsolete_settings() {
         tracing::warn!(
             setting,

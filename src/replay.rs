@@ -337,6 +337,18 @@ async fn bounds(c: &StreamConsumer, topic: &str, use_committed: bool) -> Result<
     Ok(Bounds { parts: out })
 }
 
+/// Reads all of `topic` (from its low watermarks to the end it has now), calling `each` for every
+/// record (the parked keys' listing).
+pub async fn read_topic(
+    config: &Config,
+    topic: &str,
+    each: impl AsyncFnMut(&BorrowedMessage<'_>) -> Result<bool, RunError>,
+) -> Result<(), RunError> {
+    let c = consumer(config, &format!("{}.reader", config.source.group))?;
+    let b = bounds(&c, topic, false).await?;
+    read_bounded(&c, topic, &b, each).await
+}
+
 /// Reads `topic` within `b`, calling `each` for every record; stops early when `each` says so.
 async fn read_bounded(
     c: &StreamConsumer,

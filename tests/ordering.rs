@@ -362,7 +362,10 @@ async fn parked_keys_survive_kill_9_and_a_rebalance() {
         records(range.end, keys).split_off(range.start)
     };
     let dir_a = tempfile::tempdir().unwrap();
-    let mut a = Hookline::start(dir_a.path(), &cfg, &subs);
+    let start = |dir: &std::path::Path| {
+        Hookline::start_with_store(dir, &cfg, &yaml_store(dir, &subs), Some(TOKEN), &[])
+    };
+    let mut a = start(dir_a.path());
     a.wait_ready(Duration::from_secs(60)).await;
     broker.produce(&topic, &batch(0..2000)).await;
     rx.wait_acked(&good(0..2000), Duration::from_secs(60)).await;
@@ -383,7 +386,7 @@ async fn parked_keys_survive_kill_9_and_a_rebalance() {
 
     // A second instance joins: partitions (and their parked keys) move to it while parked.
     let dir_b = tempfile::tempdir().unwrap();
-    let mut b = Hookline::start(dir_b.path(), &cfg, &subs);
+    let mut b = start(dir_b.path());
     b.wait_ready(Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while common::source_partitions_assigned(&b.log()) == 0 {
@@ -403,6 +406,33 @@ async fn parked_keys_survive_kill_9_and_a_rebalance() {
         10.0,
         "every failing key parked once, on its partition's owner"
     );
+    // Either instance lists the whole group's parked keys: its own from memory, the other's as
+    // published on the parked-keys topic.
+    let path = format!("/v1/subscriptions/{}/parked-keys", sub_id(1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, body) = Api::new(&a, TOKEN)
+            .call(reqwest::Method::GET, &path, None)
+            .await;
+        assert_eq!(st, 200, "{body}");
+        let data = body["data"].as_array().cloned().unwrap_or_default();
+        let mine = data
+            .iter()
+            .filter(|k| k["owner"] == "this instance")
+            .count();
+        let mut listed: Vec<&str> = data.iter().filter_map(|k| k["key"].as_str()).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        if data.len() == 10 && listed.len() == 10 && mine == on_a as usize && body["group"] == true
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group listing incomplete: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let before = rx
         .received()
         .iter()

@@ -555,6 +555,149 @@ impl PartitionOrder {
     }
 }
 
+/// One parked key as published on `<prefix>.parked-keys` (and listed by the API).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyState {
+    pub subscription: Uuid,
+    pub topic: String,
+    pub partition: i32,
+    /// The ordering key, base64 (it may be any bytes).
+    pub key_base64: String,
+    /// Source offset of the key's oldest unfinished event.
+    pub offset: Option<i64>,
+    /// `retrying`, `held` or `waiting`.
+    pub state: String,
+    pub backlog: usize,
+    /// When the key parked (epoch ms, as this instance knows it).
+    pub parked_at_ms: u64,
+    /// When this state was published (epoch ms).
+    #[serde(default)]
+    pub updated_at_ms: u64,
+    /// The instance owning the key's partition.
+    #[serde(default)]
+    pub instance: String,
+}
+
+impl KeyState {
+    /// The record key on the parked-keys topic: one per (subscription, partition, ordering key).
+    pub fn record_key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.subscription, self.topic, self.partition, self.key_base64
+        )
+    }
+}
+
+impl PartitionOrder {
+    /// The parked keys of this partition, as published.
+    pub fn key_states(&self, now_ms: u64, mono: u64) -> Vec<KeyState> {
+        use base64::Engine as _;
+        self.parked_lanes()
+            .into_iter()
+            .map(|v| KeyState {
+                subscription: v.key.0,
+                topic: self.source_topic.to_string(),
+                partition: self.partition,
+                key_base64: base64::engine::general_purpose::STANDARD.encode(&v.key.1),
+                offset: v.head,
+                state: if v.held {
+                    "held"
+                } else if v.running {
+                    "retrying"
+                } else {
+                    "waiting"
+                }
+                .into(),
+                backlog: v.backlog,
+                parked_at_ms: now_ms.saturating_sub(mono.saturating_sub(v.parked_at)),
+                updated_at_ms: 0,
+                instance: String::new(),
+            })
+            .collect()
+    }
+}
+
+/// How often the parked keys' states are compared with what was published.
+const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+/// An unchanged state is published again this often, so that listings can tell live entries from
+/// those of keys whose owner went away (see [`STALE_AFTER_MS`]).
+const REPUBLISH_MS: u64 = 30_000;
+/// Listings ignore states not published for this long.
+pub const STALE_AFTER_MS: u64 = 90_000;
+
+/// Publishes the parked keys of the partitions `orders()` returns to `topic` until `stop`: a key's
+/// state when it changed (or every 30 s), a tombstone when a key of a partition still owned here is
+/// no longer parked. Off the delivery path; a failed publish is retried at the next round.
+pub async fn publish_key_states(
+    orders: impl Fn() -> Vec<Arc<PartitionOrder>> + Send + 'static,
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    instance: String,
+    stop: CancellationToken,
+) {
+    use rdkafka::producer::FutureRecord;
+    // Published: record key → (state without its publication time, when published).
+    let mut published: HashMap<String, (KeyState, u64)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PUBLISH_EVERY) => {}
+        }
+        let (now, mono) = (now_ms(), mono_ms());
+        let orders = orders();
+        let owned: std::collections::HashSet<(String, i32)> = orders
+            .iter()
+            .map(|o| (o.source_topic.to_string(), o.partition))
+            .collect();
+        let mut current: HashMap<String, KeyState> = HashMap::new();
+        for o in &orders {
+            for mut k in o.key_states(now, mono) {
+                k.instance = instance.clone();
+                current.insert(k.record_key(), k);
+            }
+        }
+        for (rk, k) in &current {
+            let fresh = published.get(rk).is_some_and(|(p, at)| {
+                p.offset == k.offset
+                    && p.state == k.state
+                    && p.backlog == k.backlog
+                    && now.saturating_sub(*at) < REPUBLISH_MS
+            });
+            if fresh {
+                continue;
+            }
+            let mut v = k.clone();
+            v.updated_at_ms = now;
+            let Ok(body) = serde_json::to_vec(&v) else {
+                continue;
+            };
+            let rec = FutureRecord::<str, [u8]>::to(&topic).key(rk).payload(&body);
+            if producer.send(rec, Duration::from_secs(5)).await.is_ok() {
+                published.insert(rk.clone(), (k.clone(), now));
+            }
+        }
+        // Keys no longer parked: a tombstone where the partition is still owned here (its next owner
+        // publishes what it holds); otherwise just forgotten.
+        let gone: Vec<String> = published
+            .keys()
+            .filter(|rk| !current.contains_key(*rk))
+            .cloned()
+            .collect();
+        for rk in gone {
+            let Some((k, _)) = published.get(&rk) else {
+                continue;
+            };
+            if owned.contains(&(k.topic.clone(), k.partition)) {
+                let rec = FutureRecord::<str, [u8]>::to(&topic).key(&rk);
+                if producer.send(rec, Duration::from_secs(5)).await.is_err() {
+                    continue;
+                }
+            }
+            published.remove(&rk);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

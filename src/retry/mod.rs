@@ -11,6 +11,12 @@ pub fn parked_topic(prefix: &str, topic: &str) -> String {
     format!("{prefix}.parked.{topic}")
 }
 
+/// The compacted topic where each instance publishes the state of the parked keys of the partitions
+/// it owns (`<prefix>.parked-keys`), for a listing of the whole group's parked keys.
+pub fn parked_keys_topic(prefix: &str) -> String {
+    format!("{prefix}.parked-keys")
+}
+
 /// Topic names derived from the configured prefix and tiers.
 #[derive(Debug, Clone)]
 pub struct Topics {

@@ -433,6 +433,31 @@ async fn ensure_parked(
             .collect())
     };
     let have = counts()?;
+    // The parked keys' state: compacted (the last state of each key), and deleted after a day
+    // (owners rewrite the keys they hold every 30 s; a key nobody rewrites is gone).
+    let keys_topic = super::parked_keys_topic(&config.retry.topic_prefix);
+    if !have.contains_key(&keys_topic) && config.retry.create_topics {
+        let t = NewTopic::new(
+            &keys_topic,
+            config.retry.partitions,
+            TopicReplication::Fixed(config.retry.replication_factor),
+        )
+        .set("cleanup.policy", "compact,delete")
+        .set("retention.ms", "86400000")
+        .set("segment.ms", "3600000");
+        match admin.create_topics([&t], &opts).await {
+            Ok(rs) => {
+                for r in rs {
+                    match r {
+                        Ok(t) => tracing::info!(topic = %t, "created topic"),
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((t, e)) => return Err(format!("creating topic {t}: {e}")),
+                    }
+                }
+            }
+            Err(e) => return Err(format!("creating topic {keys_topic}: {e}")),
+        }
+    }
     let mut grow = Vec::new();
     let mut create = Vec::new();
     for source in &config.source.topics {

@@ -1,8 +1,9 @@
 //! The parked keys of an ordered subscription (`GET /v1/subscriptions/{id}/parked-keys`) and an
 //! operator's release or skip of one (`POST …/parked-keys/release`, `…/skip`).
 //!
-//! The listing shows the keys parked in the source partitions this instance owns (and says which
-//! those are): a key's state lives with its partition's owner. A release or skip is written to the
+//! The listing shows the keys parked in the whole group: those of the partitions this instance owns
+//! from memory, the others as their owners published them on `<prefix>.parked-keys` (every change
+//! within about 2 s, each key again every 30 s; a state older than 90 s is left out). A release or skip is written to the
 //! key's parked partition as a control record, so it reaches the owner whichever instance serves the
 //! request, and it applies only to the event it names (a request that arrives after the key moved on
 //! changes nothing).
@@ -14,13 +15,15 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, ApiState, Principal, body_object, ok, parse_id};
-use crate::clock::mono_ms;
-use crate::order::Control;
+use std::collections::HashMap;
+
+use crate::clock::{mono_ms, now_ms};
+use crate::order::{Control, KeyState, STALE_AFTER_MS};
 use crate::retry::headers as h;
 use axum::Extension;
 
@@ -56,44 +59,87 @@ pub(super) async fn list(
     let id = parse_id(&id)?;
     s.existing(&who, id).await?;
     let order = s.order.as_ref().ok_or_else(unavailable)?;
-    let now = mono_ms();
-    let mut keys = Vec::new();
+    let (now, mono) = (now_ms(), mono_ms());
+    let mut keys: Vec<KeyState> = Vec::new();
     let mut partitions = Vec::new();
+    let mut owned = std::collections::HashSet::new();
     for po in order.source.orders() {
         partitions.push(
             json!({"topic": &*po.source_topic, "partition": po.partition, "ready": po.is_ready()}),
         );
-        for v in po.parked_lanes() {
-            if v.key.0 != id {
-                continue;
-            }
-            let state = if v.held {
-                "held"
-            } else if v.running {
-                "retrying"
-            } else {
-                "waiting"
-            };
-            keys.push(json!({
-                "key": key_json(&v.key.1),
-                "key_base64": STANDARD.encode(&v.key.1),
-                "topic": &*po.source_topic,
-                "partition": po.partition,
-                "offset": v.head,
-                "state": state,
-                "backlog": v.backlog,
-                "parked_for_ms": now.saturating_sub(v.parked_at),
-            }));
-        }
+        owned.insert((po.source_topic.to_string(), po.partition));
+        keys.extend(
+            po.key_states(now, mono)
+                .into_iter()
+                .filter(|k| k.subscription == id),
+        );
     }
-    keys.sort_by(|a, b| {
-        b["parked_for_ms"]
-            .as_u64()
-            .cmp(&a["parked_for_ms"].as_u64())
-    });
+    // The other instances' keys, as they published them (partitions owned here are answered from
+    // memory above).
+    // The read runs on the blocking pool, as the dead-letter listing's does (at most two at once).
+    let topic = crate::retry::parked_keys_topic(&order.prefix);
+    let _permit = s
+        .listings
+        .acquire()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string()))?;
+    let (config, handle, t) = (
+        s.config.clone(),
+        tokio::runtime::Handle::current(),
+        topic.clone(),
+    );
+    let read = tokio::task::spawn_blocking(move || {
+        let mut latest: HashMap<String, Option<KeyState>> = HashMap::new();
+        handle
+            .block_on(crate::replay::read_topic(&config, &t, async |m| {
+                if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                    let v = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<KeyState>(p).ok());
+                    latest.insert(k.to_string(), v);
+                }
+                Ok(true)
+            }))
+            .map(|()| latest)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()))?;
+    let group = match read {
+        Ok(latest) => {
+            keys.extend(latest.into_values().flatten().filter(|k| {
+                k.subscription == id
+                    && now.saturating_sub(k.updated_at_ms) <= STALE_AFTER_MS
+                    && !owned.contains(&(k.topic.clone(), k.partition))
+            }));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(topic = %topic, error = %e, "parked keys of other instances unknown");
+            false
+        }
+    };
+    keys.sort_by_key(|k| k.parked_at_ms);
+    let data: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            let raw = STANDARD.decode(&k.key_base64).unwrap_or_default();
+            let here = owned.contains(&(k.topic.clone(), k.partition));
+            json!({
+                "key": key_json(&raw),
+                "key_base64": k.key_base64,
+                "topic": k.topic,
+                "partition": k.partition,
+                "offset": k.offset,
+                "state": k.state,
+                "backlog": k.backlog,
+                "parked_for_ms": now.saturating_sub(k.parked_at_ms),
+                "owner": if here { "this instance" } else { k.instance.as_str() },
+            })
+        })
+        .collect();
     Ok(ok(
         StatusCode::OK,
-        json!({"data": keys, "partitions": partitions}),
+        json!({"data": data, "partitions": partitions, "group": group}),
     ))
 }
 
