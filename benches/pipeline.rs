@@ -5,7 +5,7 @@
 //!                                   [--rate R] [--seconds S] [--mode throughput|latency|both]
 //!                                   [--pairs N] [--compare-bin PATH] [--compare-config TOML]
 //!                                   [--endpoints E] [--event-bytes B] [--threads T] [--config TOML]
-//!                                   [--store sqlite|yaml]
+//!                                   [--store sqlite|yaml] [--ordered-keys N]
 //!
 //! throughput: N events are produced before hookline starts; each matches K of the M subscriptions
 //!   (the rest are on other event types). Reports deliveries/s, hookline CPU-seconds per 1 000 deliveries
@@ -28,7 +28,9 @@
 //!   loop's), `--config TOML` extra config for every hookline run. The bare loop does the same work
 //!   (K signed POSTs per event to the event's endpoint). `--store sqlite` (the default) runs hookline on
 //!   an SQLite store with the attempt log on (one row per attempt, written in batches; rows written and
-//!   dropped are reported), `--store yaml` on a read-only YAML file (no attempt log).
+//!   dropped are reported), `--store yaml` on a read-only YAML file (no attempt log). `--ordered-keys N`
+//!   makes the matching subscriptions ordered (`ordering: key`, `ordering_key: data.key`, event k's key
+//!   k mod N): the bare loop stays unordered, so its ratio shows what ordered delivery costs.
 //! latency: events produced at R/s for S seconds while hookline runs, to a topic whose records carry the
 //!   broker's append time (LogAppendTime); a bare consumer beside hookline learns each event's append
 //!   time and the receiver records when it arrived. Reports append → received p50/p99/max (the target),
@@ -72,6 +74,9 @@ struct Args {
     config: String,
     /// `sqlite` (attempt log on) or `yaml` (read-only, no attempt log).
     store: String,
+    /// With N > 0, the matching subscriptions are ordered (`ordering: key`) by `data.key`, which
+    /// event k carries as k mod N (ordered delivery's cost per delivery).
+    ordered_keys: usize,
 }
 
 fn args() -> Args {
@@ -91,6 +96,7 @@ fn args() -> Args {
         threads: 0,
         config: String::new(),
         store: "sqlite".into(),
+        ordered_keys: 0,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -112,6 +118,7 @@ fn args() -> Args {
             "--threads" => a.threads = val.parse().expect("--threads"),
             "--config" => a.config = val.replace("\\n", "\n"),
             "--store" => a.store = val,
+            "--ordered-keys" => a.ordered_keys = val.parse().expect("--ordered-keys"),
             _ => {
                 i += 1;
                 continue;
@@ -251,6 +258,10 @@ fn subscriptions(a: &Args, urls: &[String]) -> Vec<serde_json::Value> {
             };
             let mut s = sub(i as u32 + 1, url, &[&ty]);
             s["max_in_flight"] = serde_json::json!(ENDPOINT_MAX_IN_FLIGHT);
+            if a.ordered_keys > 0 {
+                s["ordering"] = serde_json::json!("key");
+                s["ordering_key"] = serde_json::json!("data.key");
+            }
             s
         })
         .collect()
@@ -344,7 +355,16 @@ async fn throughput(a: &Args) -> serde_json::Value {
     while i < a.events {
         let n = (a.events - i).min(chunk.clamp(1, 20_000));
         let recs: Vec<Record> = (i..i + n)
-            .map(|k| Record::json((k % a.partitions as usize) as i32, serde_json::json!({"id": format!("b{k}"), "type": format!("bench.e{}", k % a.endpoints), "data": {"k": k, "pad": pad}})))
+            .map(|k| {
+                let mut data = serde_json::json!({"k": k, "pad": pad});
+                if a.ordered_keys > 0 {
+                    data["key"] = serde_json::json!(k % a.ordered_keys);
+                }
+                Record::json(
+                    (k % a.partitions as usize) as i32,
+                    serde_json::json!({"id": format!("b{k}"), "type": format!("bench.e{}", k % a.endpoints), "data": data}),
+                )
+            })
             .collect();
         broker.produce("bench", &recs).await;
         i += n;
