@@ -74,18 +74,85 @@ impl Dispatcher {
         );
     }
 
+    /// One attempt and its settlement (unordered deliveries). The delivered case is written out here
+    /// rather than through [`Dispatcher::delivered`] (which ordered delivery uses): settling through
+    /// the nested helper futures measured ~10 % more CPU per delivery (bench, ratio to the previous
+    /// build 0.88-0.90; 0.99 as written here).
     async fn deliver(&self, event: &Event, sub: &Subscription, prior: Prior, spill: &mut Spill) {
-        let a = self.attempt(event, sub, prior, spill).await;
-        match self.verdict(sub, prior, &a) {
-            (Verdict::Delivered, _) => self.delivered(event, sub, prior, &a).await,
-            (Verdict::Tier { tier, deferred }, p) => {
-                let failure = self.failure(event, sub, p, &a);
-                self.to_tier(&failure, tier, deferred).await;
+        let attempt_no = prior.attempts + 1;
+        let Attempted {
+            result,
+            outcome,
+            took,
+            started_ms,
+        } = self.attempt(event, sub, prior, spill).await;
+        if outcome == Outcome::Delivered {
+            self.metrics.delivered.inc();
+            if let Some(ts) = event.origin.timestamp_ms {
+                let age_ms = now_ms() as i64 - ts;
+                self.metrics
+                    .end_to_end
+                    .observe(age_ms.max(0) as f64 / 1000.0);
             }
-            (Verdict::Dead(reason), p) => {
-                let failure = self.failure(event, sub, p, &a);
-                self.dead_letter(&failure, sub, reason).await;
+            tracing::debug!(
+                status = result.last_status(),
+                took_ms = took.as_millis() as u64,
+                "delivered"
+            );
+            if self.publisher.receipts() {
+                self.publisher
+                    .publish_receipt(&Receipt {
+                        event,
+                        subscription_id: &sub.id_str,
+                        tenant: sub.tenant.as_deref(),
+                        outcome: Terminal::Delivered,
+                        attempts: attempt_no,
+                        first_attempt_ms: prior.first_failure_ms.unwrap_or(started_ms),
+                        last_attempt_ms: now_ms(),
+                        last_status: result.last_status(),
+                    })
+                    .await;
             }
+            return;
+        }
+        // A delivery deferred `max_deferrals` times already counts this one as an attempt: deferrals
+        // cost no attempt, but they must not cycle without end.
+        let spilled = matches!(result, AttemptResult::Deferred(_));
+        let deferred = spilled && prior.deferrals < self.max_deferrals;
+        let failure = Failure {
+            event,
+            subscription_id: &sub.id_str,
+            attempts: if deferred { prior.attempts } else { attempt_no },
+            deferrals: prior.deferrals + u32::from(spilled),
+            first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
+            last: &result,
+            ordering_key: None,
+        };
+        tracing::debug!(status = result.last_status(), error = %result.last_error(), "not delivered");
+        let dead = match outcome {
+            // A deferral goes to the first tier whose delay covers the endpoint's expected wait (a
+            // rate-limited backlog then comes back about when it can be sent, instead of cycling
+            // through the first tier again and again).
+            Outcome::Retry { .. } if deferred => {
+                let tier = deferral_tier(sub.endpoint.expected_wait(), &self.tier_delays);
+                self.to_tier(&failure, tier, true).await;
+                None
+            }
+            Outcome::Retry { retry_after } => {
+                match next_tier(failure.attempts, retry_after, &self.tier_delays, &sub.retry) {
+                    Next::Tier(t) => {
+                        self.to_tier(&failure, t, false).await;
+                        None
+                    }
+                    Next::DeadLetter => Some(DlqReason::Exhausted),
+                }
+            }
+            // dead_letter disables the subscription.
+            Outcome::Gone => Some(DlqReason::Gone),
+            Outcome::Rejected | Outcome::Delivered => Some(DlqReason::Rejected),
+        };
+        if let Some(reason) = dead {
+            self.dead_letter(&failure, sub, reason).await;
         }
     }
 
