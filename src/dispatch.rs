@@ -442,27 +442,31 @@ impl Dispatcher {
     ) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let id = subscription.to_string();
-            let last = AttemptResult::Refused(format!(
-                "subscription {id} no longer exists or is disabled"
-            ));
-            tracing::info!(subscription = %id, event_id = %event.id, "retry for a missing or disabled subscription; dead-lettering");
-            let failure = Failure {
-                event: &event,
-                subscription_id: &id,
-                attempts: prior.attempts,
-                deferrals: prior.deferrals,
-                first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
-                last: &last,
-                ordering_key: None,
-            };
-            this.publisher
-                .publish_dead(&failure, DlqReason::Rejected)
-                .await;
-            this.receipt_of_dead(&failure, None, DlqReason::Rejected)
+            this.dead_letter_orphaned(&event, subscription, prior, None)
                 .await;
             done.done();
         });
+    }
+
+    /// The work of [`Dispatcher::dead_letter_orphan`], awaited: dead letter `rejected` (with the
+    /// ordering key of an ordered event), then its receipt.
+    pub async fn dead_letter_orphaned(
+        &self,
+        event: &Event,
+        subscription: uuid::Uuid,
+        prior: Prior,
+        ordering_key: Option<&[u8]>,
+    ) {
+        let id = subscription.to_string();
+        let last =
+            AttemptResult::Refused(format!("subscription {id} no longer exists or is disabled"));
+        tracing::info!(subscription = %id, event_id = %event.id, "retry for a missing or disabled subscription; dead-lettering");
+        let failure = Failure::of(event, &id, prior, &last, ordering_key);
+        self.publisher
+            .publish_dead(&failure, DlqReason::Rejected)
+            .await;
+        self.receipt_of_dead(&failure, None, DlqReason::Rejected)
+            .await;
     }
 
     async fn to_tier(&self, failure: &Failure<'_>, tier: usize, local: bool) {

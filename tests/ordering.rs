@@ -61,18 +61,23 @@ fn index_of(webhook_id: &str) -> usize {
         .unwrap_or_else(|| panic!("unexpected webhook-id {webhook_id}"))
 }
 
+/// The receiver's acknowledgements in the order it answered them, as (event index, key, rank).
+fn acks(log: &[common::Received], keys: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    log.iter()
+        .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+        .map(move |r| {
+            let i = index_of(&r.webhook_id);
+            (i, i % keys, i / keys)
+        })
+}
+
 /// Checks the receiver's acknowledgements, in the order it answered them: per key, no event is
 /// acknowledged after a later event of its key was (a repeat of the latest one is allowed). Returns the
 /// number of repeated acknowledgements.
 fn assert_in_order(log: &[common::Received], keys: usize) -> usize {
     let mut latest: HashMap<usize, usize> = HashMap::new();
     let mut repeats = 0;
-    for r in log
-        .iter()
-        .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
-    {
-        let i = index_of(&r.webhook_id);
-        let (key, rank) = (i % keys, i / keys);
+    for (i, key, rank) in acks(log, keys) {
         match latest.get(&key) {
             Some(&l) if rank < l => panic!(
                 "key k{key}: evt-{i:05} (rank {rank}) acknowledged after rank {l} of the same key"
@@ -261,12 +266,7 @@ async fn a_held_key_waits_for_its_release() {
 fn assert_first_acks_in_order(log: &[common::Received], keys: usize) -> usize {
     let mut next: HashMap<usize, usize> = HashMap::new();
     let mut repeats = 0;
-    for r in log
-        .iter()
-        .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
-    {
-        let i = index_of(&r.webhook_id);
-        let (key, rank) = (i % keys, i / keys);
+    for (i, key, rank) in acks(log, keys) {
         let n = next.entry(key).or_insert(0);
         if rank < *n {
             repeats += 1;

@@ -88,6 +88,30 @@ impl<J> Lane<J> {
         }
     }
 
+    /// Marks the lane parked (since `now`, if it was not) and takes its queued source jobs out, in
+    /// order, as redirects behind what is parked: they count as outstanding until read back.
+    fn park(&mut self, key: &LaneKey, now: u64, out: &mut Vec<Action<J>>)
+    where
+        J: Job,
+    {
+        if !self.parked {
+            self.parked = true;
+            self.parked_at = now;
+        }
+        let sources: Vec<i64> = self
+            .queue
+            .iter()
+            .filter(|(_, j)| !j.parked())
+            .map(|(o, _)| *o)
+            .collect();
+        for o in sources {
+            if let Some(j) = self.queue.remove(&o) {
+                self.outstanding.insert(o);
+                out.push(Action::Redirect(key.clone(), o, j));
+            }
+        }
+    }
+
     fn idle(&self) -> bool {
         self.running.is_none()
             && self.held.is_none()
@@ -201,22 +225,7 @@ impl<J: Job> Lanes<J> {
                 continue;
             };
             if lane.queue.values().any(Job::parked) {
-                if !lane.parked {
-                    lane.parked = true;
-                    lane.parked_at = now;
-                }
-                let sources: Vec<i64> = lane
-                    .queue
-                    .iter()
-                    .filter(|(_, j)| !j.parked())
-                    .map(|(o, _)| *o)
-                    .collect();
-                for o in sources {
-                    if let Some(j) = lane.queue.remove(&o) {
-                        lane.outstanding.insert(o);
-                        out.push(Action::Redirect(key.clone(), o, j));
-                    }
-                }
+                lane.park(&key, now, &mut out);
             }
             out.extend(self.next(&key));
         }
@@ -241,25 +250,10 @@ impl<J: Job> Lanes<J> {
         match how {
             Finish::Continue => lane.finished = lane.finished.max(offset),
             Finish::Park => {
-                lane.outstanding.insert(offset);
-                if !lane.parked {
-                    lane.parked = true;
-                    lane.parked_at = now;
-                }
                 // Everything queued behind it follows it to the parked topic (parked jobs already are
                 // there and stay queued).
-                let sources: Vec<i64> = lane
-                    .queue
-                    .iter()
-                    .filter(|(_, j)| !j.parked())
-                    .map(|(o, _)| *o)
-                    .collect();
-                for o in sources {
-                    if let Some(j) = lane.queue.remove(&o) {
-                        lane.outstanding.insert(o);
-                        out.push(Action::Redirect(key.clone(), o, j));
-                    }
-                }
+                lane.outstanding.insert(offset);
+                lane.park(key, now, &mut out);
             }
         }
         out.extend(self.next(key));

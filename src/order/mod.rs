@@ -403,20 +403,17 @@ impl PartitionOrder {
                 done.done();
             }
             (Verdict::Dead(reason), p) => {
-                let mut f = d.failure(&event, &sub, p, &a);
-                f.ordering_key = Some(&lane.1);
-                d.dead_letter(&f, &sub, reason).await;
-                self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
-                    .await;
+                self.dead(&lane, offset, &event, &sub, p, reason, &a).await;
                 done.done();
             }
         }
     }
 
-    /// After a dead letter: the key continues, or (`on_dead_letter: hold`) a hold marker takes the
-    /// event's place and the key waits for an operator.
+    /// A terminal failure of the key's head: dead letter (with its ordering key), then the key
+    /// continues, or (`on_dead_letter: hold`) a hold marker takes the event's place and the key waits
+    /// for an operator.
     #[allow(clippy::too_many_arguments)]
-    async fn after_dead_letter(
+    async fn dead(
         self: &Arc<Self>,
         lane: &LaneKey,
         offset: i64,
@@ -424,10 +421,13 @@ impl PartitionOrder {
         sub: &Subscription,
         p: Prior,
         reason: DlqReason,
-        last: &AttemptResult,
+        a: &crate::dispatch::Attempted,
     ) {
-        let hold = reason != DlqReason::Skipped && sub.ordering.as_ref().is_some_and(|o| o.hold);
-        if !hold {
+        let d = &self.ctx.dispatcher;
+        let mut f = d.failure(event, sub, p, a);
+        f.ordering_key = Some(&lane.1);
+        d.dead_letter(&f, sub, reason).await;
+        if !sub.ordering.as_ref().is_some_and(|o| o.hold) {
             return self.finished(lane, offset, Finish::Continue);
         }
         self.finished(lane, offset, Finish::Park);
@@ -438,7 +438,7 @@ impl PartitionOrder {
             p,
             now_ms(),
             &format!("hold:{}", reason.as_str()),
-            Some(last),
+            Some(&a.result),
         )
         .await;
     }
@@ -472,20 +472,8 @@ impl PartitionOrder {
                     break;
                 }
                 // Deleted or disabled meanwhile: dead-letter it (replayable), the key continues.
-                let id = subscription.to_string();
-                let last = AttemptResult::Refused(format!(
-                    "subscription {id} no longer exists or is disabled"
-                ));
-                let f = crate::retry::publish::Failure {
-                    event: &event,
-                    subscription_id: &id,
-                    attempts: prior.attempts,
-                    deferrals: prior.deferrals,
-                    first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
-                    last: &last,
-                    ordering_key: Some(&lane.1),
-                };
-                d.publisher.publish_dead(&f, DlqReason::Rejected).await;
+                d.dead_letter_orphaned(&event, subscription, prior, Some(&lane.1))
+                    .await;
                 done.done();
                 self.finished(&lane, offset, Finish::Continue);
                 break;
@@ -495,15 +483,13 @@ impl PartitionOrder {
                 Woken::Skipped => {
                     tracing::info!(subscription = %sub.id_str, offset, "parked head skipped by an operator; dead-lettering");
                     let last = AttemptResult::Refused("skipped by an operator".into());
-                    let f = crate::retry::publish::Failure {
-                        event: &event,
-                        subscription_id: &sub.id_str,
-                        attempts: prior.attempts,
-                        deferrals: prior.deferrals,
-                        first_failure_ms: prior.first_failure_ms.unwrap_or_else(now_ms),
-                        last: &last,
-                        ordering_key: Some(&lane.1),
-                    };
+                    let f = crate::retry::publish::Failure::of(
+                        &event,
+                        &sub.id_str,
+                        prior,
+                        &last,
+                        Some(&lane.1),
+                    );
                     d.dead_letter(&f, &sub, DlqReason::Skipped).await;
                     done.done();
                     self.finished(&lane, offset, Finish::Continue);
@@ -541,11 +527,7 @@ impl PartitionOrder {
                     }
                 }
                 (Verdict::Dead(reason), p) => {
-                    let mut f = d.failure(&event, &sub, p, &a);
-                    f.ordering_key = Some(&lane.1);
-                    d.dead_letter(&f, &sub, reason).await;
-                    self.after_dead_letter(&lane, offset, &event, &sub, p, reason, &a.result)
-                        .await;
+                    self.dead(&lane, offset, &event, &sub, p, reason, &a).await;
                     done.done();
                     break;
                 }

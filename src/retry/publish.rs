@@ -68,6 +68,28 @@ pub struct Failure<'a> {
     pub ordering_key: Option<&'a [u8]>,
 }
 
+impl<'a> Failure<'a> {
+    /// The failure of a delivery with history `prior` (attempts, deferrals, first failure — now when
+    /// it had none) whose last result is `last`.
+    pub fn of(
+        event: &'a Event,
+        subscription_id: &'a str,
+        prior: crate::model::Prior,
+        last: &'a AttemptResult,
+        ordering_key: Option<&'a [u8]>,
+    ) -> Failure<'a> {
+        Failure {
+            event,
+            subscription_id,
+            attempts: prior.attempts,
+            deferrals: prior.deferrals,
+            first_failure_ms: prior.first_failure_ms.unwrap_or_else(crate::clock::now_ms),
+            last,
+            ordering_key,
+        }
+    }
+}
+
 pub struct Publisher {
     producer: FutureProducer,
     /// `source.max_event_bytes`.
