@@ -150,6 +150,11 @@ pub async fn subscriptions(config: &Config, cmd: SubscriptionsCommand) -> Result
                 return Err(RunError::Runtime(format!("no subscription {id}")));
             };
             spec.enabled = enable;
+            if enable {
+                // As through the API: why hookline had disabled it no longer applies.
+                spec.disabled_reason = None;
+                spec.disabled_at = None;
+            }
             spec.updated_at = Some(rfc3339_ms(now_ms()));
             store.put(&spec).await.map_err(RunError::runtime)?;
             let _ = write!(out, "{id} {}", if enable { "enabled" } else { "disabled" });

@@ -61,39 +61,36 @@ impl Registry {
         }
     }
 
-    /// Operational events go through `r` from now on.
+    /// Operational events go through `r` from now on: hookline's own disabling here, and every change
+    /// of `enabled` by an operator's hand (API, CLI, another writer of the store) through the cache,
+    /// which sees them all: one `endpoint.disabled` (reason `operator`) or `endpoint.enabled` per
+    /// change. Every instance that sees a change claims the same key (the new version's id and
+    /// `updated_at`), so the group reports it once.
     pub fn set_reporter(&self, r: Arc<Reporter>) {
+        let observer = Arc::clone(&r);
+        self.cache
+            .on_toggle(Box::new(move |after: &SubscriptionSpec| {
+                let (kind, data) = if after.enabled {
+                    (Kind::EndpointEnabled, serde_json::json!({}))
+                } else {
+                    (
+                        Kind::EndpointDisabled,
+                        serde_json::json!({"reason": "operator"}),
+                    )
+                };
+                observer.report(
+                    kind,
+                    occurrence(after),
+                    &after.id.to_string(),
+                    after.tenant.as_deref(),
+                    data,
+                );
+            }));
         let _ = self.reporter.set(r);
     }
 
     pub fn reporter(&self) -> Option<&Arc<Reporter>> {
         self.reporter.get()
-    }
-
-    /// Reports a change of `enabled` made through the API or CLI (`before` → `after`): one
-    /// `endpoint.disabled` (reason `operator`) or `endpoint.enabled` per change.
-    pub fn report_toggle(&self, before: &SubscriptionSpec, after: &SubscriptionSpec) {
-        let Some(r) = self.reporter() else {
-            return;
-        };
-        if before.enabled == after.enabled {
-            return;
-        }
-        let (kind, data) = if after.enabled {
-            (Kind::EndpointEnabled, serde_json::json!({}))
-        } else {
-            (
-                Kind::EndpointDisabled,
-                serde_json::json!({"reason": "operator"}),
-            )
-        };
-        r.report(
-            kind,
-            occurrence(before),
-            &before.id.to_string(),
-            before.tenant.as_deref(),
-            data,
-        );
     }
 
     /// Stores `spec` (insert or replace) and applies it to the local cache.
@@ -199,7 +196,8 @@ impl Registry {
     }
 }
 
-/// The occurrence key of a change to `spec`: its id and the version (`updated_at`) that was changed.
+/// The occurrence key of a change to `spec`: its id and a version (`updated_at`) every instance knows
+/// alike — the one hookline disabled, or the one an operator's change made.
 fn occurrence(spec: &SubscriptionSpec) -> String {
     format!("{}:{}", spec.id, spec.updated_at.as_deref().unwrap_or("-"))
 }

@@ -420,3 +420,95 @@ async fn a_breaker_episode_is_one_opened_and_one_closed_event_with_two_instances
     a.wait_exit(Duration::from_secs(20));
     b.wait_exit(Duration::from_secs(20));
 }
+
+/// An operator's change of `enabled` is one event whichever way it is made: through the CLI (which
+/// writes the store directly; both instances find the change at their next load) or through the API
+/// (which applies it to one instance's cache at once; the other finds it at its next load). Each
+/// change is `endpoint.disabled` with reason `operator` or `endpoint.enabled`, exactly once with two
+/// instances running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_toggles_through_the_cli_and_the_api_are_one_event_each() {
+    let env = SqliteEnv::new(2);
+    let cfg = env.cfg.clone() + "[operational]\nenabled = true\n";
+    let prefix = prefix_of(&cfg);
+    let events_topic = format!("{prefix}.events");
+    let (mut a, mut b, _dir_b) = two_instances(&env, &cfg).await;
+    let api = Api::new(&b, TOKEN);
+    let (st, s) = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": "http://127.0.0.1:9/h", "event_types": ["t"]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().unwrap().to_string();
+    // Both instances' caches load the new subscription (refresh_interval is 500 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cli_cfg = env.dir.path().join("cli.toml");
+    std::fs::write(
+        &cli_cfg,
+        format!(
+            "[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:1\"\n[source]\ntopics = [\"{}\"]\n{}",
+            env.topic,
+            sqlite_store(&env.db)
+        ),
+    )
+    .unwrap();
+    let cli = |verb: &str| {
+        let r = hookline_cli(
+            &[
+                "subscriptions",
+                verb,
+                &id,
+                "--config",
+                cli_cfg.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(r.code, 0, "{}", r.all());
+    };
+    cli("disable");
+    events(env.broker, &events_topic, 1, Duration::from_secs(20)).await;
+    cli("enable");
+    events(env.broker, &events_topic, 2, Duration::from_secs(20)).await;
+    let (st, s) = api
+        .patch(
+            &format!("/v1/subscriptions/{id}"),
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{s}");
+    let got = events(env.broker, &events_topic, 3, Duration::from_secs(20)).await;
+    // Both caches have loaded the last change (and would have reported a duplicate by now).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = env.broker.read_all(&events_topic);
+    assert_eq!(last.len(), got.len(), "no duplicate came later");
+    let kinds: Vec<(String, String, Value)> = got
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["data"]["subscription_id"].as_str().unwrap().to_string(),
+                e["data"]["reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("endpoint.disabled".into(), id.clone(), json!("operator")),
+            ("endpoint.enabled".into(), id.clone(), Value::Null),
+            ("endpoint.disabled".into(), id.clone(), json!("operator")),
+        ],
+        "{got:?}"
+    );
+    let distinct: std::collections::HashSet<&str> =
+        got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), 3, "each change has its own id");
+    let seen = |h: &Hookline| h.log().matches("operational event published").count();
+    assert_eq!(seen(&a) + seen(&b), 3);
+    a.sigterm();
+    b.sigterm();
+    a.wait_exit(Duration::from_secs(20));
+    b.wait_exit(Duration::from_secs(20));
+}

@@ -899,7 +899,6 @@ async fn update(
     s.validate(&spec).await?;
     spec.updated_at = Some(rfc3339_ms(now_ms()));
     s.registry.put(spec.clone()).await?;
-    s.registry.report_toggle(&before, &spec);
     tracing::info!(subscription = %id, "subscription updated");
     Ok(ok(
         StatusCode::OK,

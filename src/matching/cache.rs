@@ -25,6 +25,9 @@ pub enum LoadError {
     Spec { id: uuid::Uuid, err: SpecError },
 }
 
+/// Told of an operator's change of a subscription's `enabled` (see [`Cache::on_toggle`]).
+pub type ToggleObserver = Box<dyn Fn(&SubscriptionSpec) + Send + Sync>;
+
 pub struct Cache {
     index: ArcSwap<Index>,
     defaults: Defaults,
@@ -41,6 +44,12 @@ pub struct Cache {
     /// The operator's webhook (`[operational] webhook_url`): a subscription outside the store and the
     /// index, fed only by the operational events topic.
     operator: std::sync::OnceLock<Arc<Subscription>>,
+    /// Ids of the store's disabled subscriptions at the last load or direct update: with the index (the
+    /// enabled ones) they are what a load compares with to find the subscriptions whose `enabled` an
+    /// operator changed.
+    disabled: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Told of each such change (see [`Cache::on_toggle`]).
+    toggled: std::sync::OnceLock<ToggleObserver>,
 }
 
 impl Cache {
@@ -55,6 +64,31 @@ impl Cache {
             swap: tokio::sync::Mutex::new(()),
             metrics,
             operator: std::sync::OnceLock::new(),
+            disabled: std::sync::Mutex::default(),
+            toggled: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Calls `f` with the new version of every subscription whose `enabled` changed by an operator's
+    /// hand — through the API, the CLI or any other writer of the store — as this instance sees it:
+    /// at a direct update, or at the load that finds the store changed. (hookline's own disabling, for
+    /// a 410 or `delivery.disable_after`, carries a `disabled_reason` and is reported where it happens.)
+    /// Several instances see one change; `f` must make its report once per change itself. Changes
+    /// made and undone between two loads are not seen. Set once, at start.
+    pub fn on_toggle(&self, f: ToggleObserver) {
+        let _ = self.toggled.set(f);
+    }
+
+    /// Reports `spec` to the toggle observer when its `enabled` differs from what this instance knew of
+    /// it: in the index (`was_enabled`) or among the disabled ones (`was_disabled`).
+    fn observe(&self, spec: &SubscriptionSpec, was_enabled: bool, was_disabled: bool) {
+        let toggled = if spec.enabled {
+            was_disabled
+        } else {
+            was_enabled && spec.disabled_reason.is_none()
+        };
+        if toggled && let Some(f) = self.toggled.get() {
+            f(spec);
         }
     }
 
@@ -133,13 +167,23 @@ impl Cache {
         let previous: HashMap<uuid::Uuid, &Arc<Subscription>> =
             old.subscriptions().iter().map(|s| (s.id, s)).collect();
         let mut subs = Vec::with_capacity(specs.len());
+        // The first load has nothing to compare with: it reports no change.
+        let first = !self.loaded();
+        let mut disabled = std::collections::HashSet::new();
+        let mut known = lock(&self.disabled);
         for spec in specs {
+            let prev = previous.get(&spec.id).copied();
+            if !first {
+                self.observe(&spec, prev.is_some(), known.contains(&spec.id));
+            }
             if !spec.enabled {
+                disabled.insert(spec.id);
                 continue;
             }
-            let prev = previous.get(&spec.id).copied();
             subs.push(self.prepared(spec, prev)?);
         }
+        *known = disabled;
+        drop(known);
         let n = self.install(Index::build(subs));
         *lock(&self.revision) = rev;
         let now = now_ms();
@@ -191,6 +235,15 @@ impl Cache {
         let old = self.index.load();
         let prev = old.get(&spec.id);
         let id = spec.id;
+        let was_disabled = {
+            let mut known = lock(&self.disabled);
+            if spec.enabled {
+                known.remove(&id)
+            } else {
+                !known.insert(id)
+            }
+        };
+        self.observe(&spec, prev.is_some(), was_disabled);
         let new = if spec.enabled {
             Some(self.prepared(spec, prev.as_ref())?)
         } else {
@@ -210,6 +263,7 @@ impl Cache {
     pub async fn remove(&self, id: uuid::Uuid) {
         let _swap = self.swap.lock().await;
         *lock(&self.revision) = None;
+        lock(&self.disabled).remove(&id);
         let old = self.index.load();
         if old.get(&id).is_none() {
             return;
