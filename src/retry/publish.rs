@@ -14,7 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::Topics;
 use super::headers as h;
-use super::receipt::Receipt;
+use super::receipt::{Ack, Receipt};
 use crate::config::Config;
 use crate::deliver::outcome::{AttemptResult, truncate};
 use crate::kafka::topic_partitions;
@@ -101,6 +101,8 @@ pub struct Publisher {
     pub local_tiers: Arc<LocalTiers>,
     metrics: Arc<Metrics>,
     tier_counters: Vec<prometheus_client::metrics::counter::Counter>,
+    /// Receipts' own producer, when `[receipts] enabled`.
+    receipts: Option<super::receipt::Receipts>,
 }
 
 pub fn producer_config(config: &Config) -> ClientConfig {
@@ -128,6 +130,14 @@ impl Publisher {
             .with_receipts(&config.retry.topic_prefix, config.receipts.enabled)
             .with_events(&config.retry.topic_prefix, config.operational.enabled);
         let producer: FutureProducer = producer_config(config).create()?;
+        let receipts = match &topics.receipts {
+            Some(topic) => Some(super::receipt::Receipts::new(
+                producer_config(config),
+                topic.clone(),
+                metrics.receipts.clone(),
+            )?),
+            None => None,
+        };
         let tier_counters = config
             .retry
             .tiers
@@ -146,6 +156,7 @@ impl Publisher {
             topics,
             metrics,
             tier_counters,
+            receipts,
         })
     }
 
@@ -315,14 +326,25 @@ impl Publisher {
 
     /// Whether terminal outcomes get a receipt (`[receipts] enabled`).
     pub fn receipts(&self) -> bool {
-        self.topics.receipts.is_some()
+        self.receipts.is_some()
     }
 
     /// Publishes the receipt of a terminal outcome (see [`super::receipt`]); returns once Kafka
     /// acknowledged it. A no-op when receipts are off.
     pub async fn publish_receipt(&self, r: &Receipt<'_>) {
-        let Some(topic) = &self.topics.receipts else {
-            return;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.publish_receipt_then(r, Ack::Notify(tx)).await {
+            // The sender is only dropped unsent when the producer is gone (shutdown).
+            let _ = rx.await;
+        }
+    }
+
+    /// Publishes the receipt of a terminal outcome; `ack` is settled once Kafka acknowledged it.
+    /// Returns at once when receipts are off (false; `ack` is dropped unsettled), else once the
+    /// receipt is queued (true).
+    pub async fn publish_receipt_then(&self, r: &Receipt<'_>, ack: Ack) -> bool {
+        let Some(receipts) = &self.receipts else {
+            return false;
         };
         let hs =
             origin_headers(OwnedHeaders::new_with_capacity(5), &r.event.origin).insert(Header {
@@ -330,9 +352,10 @@ impl Publisher {
                 value: Some(r.subscription_id.as_bytes()),
             });
         let value = super::receipt::value(r);
-        self.send(topic, Some(r.subscription_id.as_bytes()), None, &value, hs)
+        receipts
+            .send(r.subscription_id.as_bytes(), &value, hs, ack)
             .await;
-        self.metrics.receipts.inc();
+        true
     }
 
     /// Dead-letters a record that is not a valid event: original bytes and headers, reason `invalid_event`.
@@ -428,6 +451,9 @@ impl Publisher {
     pub fn flush(&self, timeout: Duration) {
         if let Err(e) = self.producer.flush(timeout) {
             tracing::warn!(error = %e, "retry producer flush incomplete");
+        }
+        if let Some(r) = &self.receipts {
+            r.flush(timeout);
         }
     }
 }
