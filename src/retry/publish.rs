@@ -332,11 +332,13 @@ impl Publisher {
     /// Publishes the receipt of a terminal outcome (see [`super::receipt`]); returns once Kafka
     /// acknowledged it. A no-op when receipts are off.
     pub async fn publish_receipt(&self, r: &Receipt<'_>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.publish_receipt_then(r, Ack::Notify(tx)).await {
-            // The sender is only dropped unsent when the producer is gone (shutdown).
-            let _ = rx.await;
+        if !self.receipts() {
+            return;
         }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.publish_receipt_then(r, Ack::Notify(tx)).await;
+        // The sender is only dropped unsent when the producer is gone (shutdown).
+        let _ = rx.await;
     }
 
     /// Publishes the receipt of a terminal outcome; `ack` is settled once Kafka acknowledged it.
